@@ -1,0 +1,57 @@
+"""The `spo` command.
+
+Each area of the project contributes its commands through a `register(app)` function in its own
+`commands` module. Those modules import only typer and the standard library at import time and load
+heavy dependencies (torch, transformers) inside the command bodies, so `spo validate` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+
+import typer
+
+COMMAND_MODULES = (
+    "spo_align.recipe.commands",
+    "spo_align.train.commands",
+    "spo_align.eval.commands",
+)
+
+app = typer.Typer(
+    name="spo",
+    help="Declarative preference fine-tuning recipes built around Stable Preference Optimization.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name).register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
