@@ -116,3 +116,155 @@ def write_tiny_model(out_dir: Path, shape: TinyModelShape = TinyModelShape(), se
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("wrote tiny model (%d parameters) to %s", n_params, out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------- the task: 2-digit addition
+
+OPERAND_MIN = 10
+OPERAND_MAX = 99
+
+
+@dataclass(frozen=True)
+class AdditionProblem:
+    """`a+b=` with both operands in [OPERAND_MIN, OPERAND_MAX]."""
+
+    a: int
+    b: int
+
+    def __post_init__(self) -> None:
+        for value in (self.a, self.b):
+            if not OPERAND_MIN <= value <= OPERAND_MAX:
+                raise ValueError(f"operand {value} outside [{OPERAND_MIN}, {OPERAND_MAX}]")
+
+    @property
+    def prompt(self) -> str:
+        """The user turn, e.g. `23+58=`."""
+        return f"{self.a}+{self.b}="
+
+    @property
+    def answer(self) -> str:
+        """The correct assistant turn, e.g. `81`."""
+        return str(self.a + self.b)
+
+    @property
+    def needs_carry(self) -> bool:
+        """True when the units digits sum to 10 or more, so a 1 carries into the tens."""
+        return self.a % 10 + self.b % 10 >= 10
+
+    @property
+    def carry_dropped(self) -> str:
+        """The teacher's consistent mistake: the sum with the units carry forgotten (23+58 -> 71).
+
+        Only defined for problems that need a carry (otherwise it would be the right answer).
+        """
+        if not self.needs_carry:
+            raise ValueError(f"{self.prompt} needs no carry")
+        return str(self.a + self.b - 10)
+
+    @classmethod
+    def parse(cls, prompt: str) -> "AdditionProblem":
+        """Read `23+58=` back into a problem."""
+        left, plus, right = prompt.removesuffix("=").partition("+")
+        if not plus or not prompt.endswith("="):
+            raise ValueError(f"not an addition prompt: {prompt!r}")
+        return cls(int(left), int(right))
+
+
+def all_problems() -> list[AdditionProblem]:
+    """Every problem of the task (90 x 90 = 8,100), in a fixed order."""
+    span = range(OPERAND_MIN, OPERAND_MAX + 1)
+    return [AdditionProblem(a, b) for a in span for b in span]
+
+
+# ---------------------------------------------------------------- the task's data (scripts/make_tiny_data.py)
+
+
+@dataclass(frozen=True)
+class TinyDataSpec:
+    """How the shipped data in `data/tiny/` is made; the defaults are what is committed.
+
+    The teacher has one consistent mistake: on carry problems it drops the carry `carry_drop_rate` of
+    the time, and any answer is replaced by a plausible wrong one `noise_rate` of the time. SFT learns
+    the majority answer (carry dropped), which leaves preference learning something to fix.
+    """
+
+    seed: int = 0
+    test_carry: int = 90
+    test_no_carry: int = 110
+    sft_draws_per_prompt: int = 3
+    n_pairs: int = 4000
+    carry_drop_rate: float = 0.7
+    noise_rate: float = 0.05
+
+
+def perturb(problem: AdditionProblem, rng) -> str:
+    """A plausible wrong answer: off by 10 either way, or one digit changed (never the right answer)."""
+    correct = problem.a + problem.b
+    while True:
+        if rng.random() < 0.5:
+            candidate = correct + rng.choice((-10, 10))
+        else:
+            digits = list(str(correct))
+            i = rng.randrange(len(digits))
+            choices = [d for d in "0123456789" if d != digits[i] and not (i == 0 and d == "0")]
+            digits[i] = rng.choice(choices)
+            candidate = int("".join(digits))
+        if candidate != correct and candidate >= 0:
+            return str(candidate)
+
+
+def teacher_answer(problem: AdditionProblem, spec: TinyDataSpec, rng) -> str:
+    """One answer from the flawed teacher."""
+    if rng.random() < spec.noise_rate:
+        return perturb(problem, rng)
+    if problem.needs_carry and rng.random() < spec.carry_drop_rate:
+        return problem.carry_dropped
+    return problem.answer
+
+
+def rejected_answer(problem: AdditionProblem, rng) -> str:
+    """What a pair rejects: the carry-dropped answer (what the SFT model says) where there is a carry."""
+    return problem.carry_dropped if problem.needs_carry else perturb(problem, rng)
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def make_tiny_data(spec: TinyDataSpec = TinyDataSpec()) -> dict[str, list[dict]]:
+    """The three files of `data/tiny/`, as rows, fully determined by `spec`.
+
+    - `test.jsonl`: held-out prompts (`id`, `prompt`, `reference`, `carry`), disjoint from training.
+    - `sft_train.jsonl`: `messages` conversations, `sft_draws_per_prompt` teacher answers per training prompt.
+    - `pairs_train.jsonl`: `prompt`/`chosen`/`rejected` message lists; chosen is always right.
+    """
+    import random
+
+    rng = random.Random(spec.seed)
+    problems = all_problems()
+    carry = [p for p in problems if p.needs_carry]
+    no_carry = [p for p in problems if not p.needs_carry]
+    test = rng.sample(carry, spec.test_carry) + rng.sample(no_carry, spec.test_no_carry)
+    rng.shuffle(test)
+    held_out = set(test)
+    train = [p for p in problems if p not in held_out]
+
+    test_rows = [
+        {"id": f"t{i:03d}", "prompt": p.prompt, "reference": p.answer, "carry": p.needs_carry}
+        for i, p in enumerate(test)
+    ]
+    sft_rows = [
+        {"messages": _user(p.prompt) + _assistant(teacher_answer(p, spec, rng))}
+        for p in train
+        for _ in range(spec.sft_draws_per_prompt)
+    ]
+    rng.shuffle(sft_rows)
+    pair_rows = [
+        {"prompt": _user(p.prompt), "chosen": _assistant(p.answer), "rejected": _assistant(rejected_answer(p, rng))}
+        for p in rng.sample(train, spec.n_pairs)
+    ]
+    return {"test.jsonl": test_rows, "sft_train.jsonl": sft_rows, "pairs_train.jsonl": pair_rows}
