@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class Section(BaseModel):
     """Base of every recipe section: frozen, unknown keys refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- model
@@ -27,7 +27,10 @@ DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 class ModelSection(Section):
     name_or_path: str = Field(
-        description="Hugging Face model id or local folder (an earlier stage's output folder is a local folder)."
+        min_length=1,
+        description="Hugging Face model id or local folder (an earlier stage's output folder is a local folder). "
+        "Paths that start with ./ or ../ or contain outputs/ are local and, like output.dir, relative to the "
+        "working directory at run time (not to the recipe file).",
     )
     tokenizer: str | None = Field(None, description="Tokenizer id or folder; defaults to the model's.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
@@ -62,7 +65,11 @@ class ColumnMap(Section):
 
 
 class DatasetSource(Section):
-    path: str = Field(description="Hub dataset id, local dataset folder, or a .jsonl/.json/.parquet file.")
+    path: str = Field(
+        min_length=1,
+        description="Hub dataset id, local dataset folder, or a .jsonl/.json/.parquet file. Local paths are "
+        "relative to the recipe file that writes them.",
+    )
     split: str = Field("train", description="Split to read (e.g. train_sft, train_prefs).")
     name: str | None = Field(None, description="Dataset configuration name, if the dataset has several.")
     revision: str | None = Field(None, description="Hub revision to pin.")
@@ -170,8 +177,10 @@ Loss = Annotated[Union[SPOLoss, DPOLoss, IPOLoss, KTOLoss], Field(discriminator=
 class ReferenceSection(Section):
     model: str | None = Field(
         None,
+        min_length=1,
         description="Reference model; default: the starting model (with LoRA, the adapter is disabled "
-        "instead of loading a second copy).",
+        "instead of loading a second copy). Local paths (./, ../, outputs/) are relative to the working "
+        "directory at run time.",
     )
     precompute: bool = Field(
         False,
@@ -237,9 +246,13 @@ class DistributedSection(Section):
         None, description="DeepSpeed JSON config, relative to the recipe file (see deepspeed_configs/)."
     )
     launcher: Launcher = Field(
-        "auto", description="How multi-process runs are started. auto: deepspeed if a config is set, else torchrun."
+        "auto",
+        description="How the run is started. auto: in-process for one process without DeepSpeed, deepspeed if "
+        "a config is set, else torchrun.",
     )
-    hostfile: Path | None = Field(None, description="DeepSpeed hostfile for multi-node runs.")
+    hostfile: Path | None = Field(
+        None, description="DeepSpeed hostfile for multi-node runs, relative to the recipe file."
+    )
 
 
 ReportTo = Literal["tensorboard", "wandb", "none"]
@@ -261,7 +274,11 @@ Stage = Literal["sft", "preference"]
 class Recipe(Section):
     """A whole recipe. `stage: sft` takes no loss; `stage: preference` needs one."""
 
-    extends: str | None = Field(None, description="Recipe this one deep-merges onto (path relative to this file).")
+    extends: str | None = Field(
+        None,
+        description="Base recipe this one is deep-merged onto (path relative to this file): mappings merge key "
+        "by key, lists and values replace. The base's own file paths stay relative to the base.",
+    )
     description: str | None = Field(None, description="What this recipe is for.")
     stage: Stage
     model: ModelSection
@@ -272,3 +289,19 @@ class Recipe(Section):
     training: TrainingSection
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     output: OutputSection
+
+
+# ---------------------------------------------------------------- JSON Schema
+
+SCHEMA_ID = "https://github.com/spo-align/spo-align/blob/main/recipe.schema.json"
+
+
+def recipe_json_schema() -> dict[str, object]:
+    """The JSON Schema of a recipe file, as committed in recipe.schema.json (editor autocompletion)."""
+    schema: dict[str, object] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+    }
+    schema.update(Recipe.model_json_schema(mode="validation"))
+    schema["title"] = "spo-align recipe"
+    return schema

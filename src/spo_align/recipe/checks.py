@@ -1,0 +1,224 @@
+"""Every cross-field check of a recipe, in one place.
+
+The schema (schema.py) checks each value on its own: types, ranges, closed sets. The checks here need
+more than one value, or a file on disk. Each returns findings `(key path, message)`; `load.py` turns
+them into errors located at the YAML line of that key. A message says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Union
+
+from spo_align.recipe.schema import KTOLoss, Recipe
+
+KeyPath = tuple[Union[str, int], ...]
+Finding = tuple[KeyPath, str]
+Check = Callable[[Recipe, Path], Iterator[Finding]]
+
+
+class DeepSpeedConfigError(ValueError):
+    """A DeepSpeed config file that is missing or is not a JSON object."""
+
+
+def read_deepspeed_config(path: Path) -> dict[str, Any]:
+    """Parse a DeepSpeed JSON config; raise `DeepSpeedConfigError` with a message a person can act on."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} not found (paths are relative to the recipe file)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DeepSpeedConfigError(f"cannot read DeepSpeed config {path}: {exc}") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DeepSpeedConfigError(
+            f"DeepSpeed config {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    if not isinstance(config, dict):
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} must be a JSON object")
+    return config
+
+
+def zero_stage_of(config: dict[str, Any]) -> int:
+    section = config.get("zero_optimization")
+    stage = section.get("stage", 0) if isinstance(section, dict) else 0
+    return stage if isinstance(stage, int) else -1
+
+
+def _deepspeed(recipe: Recipe, base_dir: Path) -> dict[str, Any] | None:
+    if recipe.distributed.deepspeed is None:
+        return None
+    try:
+        return read_deepspeed_config(base_dir / recipe.distributed.deepspeed)
+    except DeepSpeedConfigError:
+        return None
+
+
+# ---------------------------------------------------------------- stage and loss
+
+
+def stage_and_loss(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    if recipe.stage == "sft" and recipe.loss is not None:
+        yield ("loss",), "stage 'sft' takes no loss; remove 'loss' or set 'stage: preference'"
+    if recipe.stage == "preference" and recipe.loss is None:
+        yield ("stage",), "stage 'preference' needs a 'loss' section (type: spo, dpo, ipo or kto)"
+    if recipe.stage == "sft" and recipe.reference.precompute:
+        yield ("reference", "precompute"), "SFT has no reference model; precompute applies to preference stages"
+    if recipe.stage == "sft" and recipe.reference.model is not None:
+        yield ("reference", "model"), "SFT has no reference model; remove 'reference.model'"
+
+
+def data_formats(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    is_kto = isinstance(recipe.loss, KTOLoss)
+    for split in ("train", "eval"):
+        for index, source in enumerate(getattr(recipe.data, split)):
+            where = ("data", split, index, "format")
+            if recipe.stage == "sft" and source.format not in ("auto", "messages"):
+                yield where, f"SFT reads conversations; format '{source.format}' holds preference rows (use 'messages')"
+            if recipe.stage == "preference" and source.format == "messages":
+                yield where, "a preference stage needs prompt/chosen/rejected rows, not 'messages' conversations"
+            if source.format == "kto" and not is_kto:
+                yield where, "unpaired 'kto' rows (prompt/completion/label) can only train loss type 'kto'"
+
+
+def kto_batch(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    if isinstance(recipe.loss, KTOLoss) and recipe.training.per_device_batch_size < 2:
+        yield ("training", "per_device_batch_size"), (
+            "KTO needs per_device_batch_size >= 2: its KL reference point pairs each completion with "
+            "another example's prompt from the same micro-batch"
+        )
+
+
+def packing(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    data = recipe.data
+    if data.pack_length is not None and not data.packing:
+        yield ("data", "pack_length"), "pack_length has no effect without 'packing: true'"
+    if data.packing and data.pack_length is not None and data.pack_length < data.max_length:
+        yield ("data", "pack_length"), (
+            f"pack_length {data.pack_length} is below max_length {data.max_length}: a full-length "
+            "sequence would not fit a packed row"
+        )
+    if data.packing and isinstance(recipe.loss, KTOLoss):
+        yield ("data", "packing"), (
+            "packing is not supported with loss 'kto': its KL term mixes completions and prompts across "
+            "the batch, which packed rows do not keep; set 'packing: false'"
+        )
+
+
+def evaluation(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    if recipe.training.eval_steps is not None and not recipe.data.eval:
+        yield ("training", "eval_steps"), "eval_steps is set but data.eval lists no dataset"
+
+
+# ---------------------------------------------------------------- model, adapter, precision
+
+
+def precision(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    model = recipe.model
+    if model.attention == "flash_attention_2" and model.dtype == "float32":
+        yield ("model", "attention"), (
+            "flash_attention_2 runs only in bfloat16/float16; use dtype bfloat16 or attention sdpa"
+        )
+    if recipe.adapter is not None and recipe.adapter.type == "qlora" and model.dtype == "float32":
+        yield ("model", "dtype"), "QLoRA computes in bfloat16/float16 over a 4-bit base; float32 is not supported"
+
+
+def adapter(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    lora = recipe.adapter
+    if lora is None:
+        if recipe.output.save_merged:
+            yield ("output", "save_merged"), "save_merged needs an adapter (there is nothing to merge)"
+        return
+    if isinstance(lora.target_modules, list) and not lora.target_modules:
+        yield ("adapter", "target_modules"), "target_modules is empty; list module names or use 'all-linear'"
+    if lora.type == "qlora":
+        stage = zero_stage_of(_deepspeed(recipe, base_dir) or {})
+        if stage == 3:
+            yield ("adapter", "type"), (
+                "QLoRA with ZeRO-3 is refused: ZeRO-3 partitions every parameter across GPUs, and this "
+                "runner loads the 4-bit bitsandbytes base unpartitioned; use ZeRO-2 "
+                "(deepspeed_configs/zero2.json) with QLoRA, or plain LoRA with ZeRO-3"
+            )
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def _is_auto(value: Any) -> bool:
+    return value == "auto"
+
+
+def distributed(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    dist = recipe.distributed
+    if dist.deepspeed is not None:
+        try:
+            config = read_deepspeed_config(base_dir / dist.deepspeed)
+        except DeepSpeedConfigError as exc:
+            yield ("distributed", "deepspeed"), str(exc)
+            config = None
+        if config is not None:
+            yield from _deepspeed_agrees(recipe, config)
+    elif dist.launcher == "deepspeed":
+        yield ("distributed", "launcher"), "launcher 'deepspeed' needs a DeepSpeed config in 'distributed.deepspeed'"
+    if dist.hostfile is not None:
+        if dist.num_nodes == 1:
+            yield ("distributed", "hostfile"), "a hostfile is for multi-node runs; set num_nodes or remove it"
+        elif not (base_dir / dist.hostfile).is_file():
+            yield ("distributed", "hostfile"), f"hostfile {base_dir / dist.hostfile} not found"
+    uses_deepspeed = dist.launcher == "deepspeed" or (dist.launcher == "auto" and dist.deepspeed is not None)
+    if dist.num_nodes > 1 and uses_deepspeed and dist.hostfile is None:
+        yield ("distributed", "num_nodes"), "a multi-node DeepSpeed launch needs 'distributed.hostfile'"
+
+
+def _deepspeed_agrees(recipe: Recipe, config: dict[str, Any]) -> Iterator[Finding]:
+    """Numbers the DeepSpeed file fixes must match the recipe's (the recipe is their one source)."""
+    training = recipe.training
+    where = ("distributed", "deepspeed")
+    micro = config.get("train_micro_batch_size_per_gpu")
+    if micro is not None and not _is_auto(micro) and micro != training.per_device_batch_size:
+        yield where, (
+            f"the DeepSpeed config fixes train_micro_batch_size_per_gpu={micro} but "
+            f"training.per_device_batch_size is {training.per_device_batch_size}; set it to \"auto\""
+        )
+    accum = config.get("gradient_accumulation_steps")
+    if accum is not None and not _is_auto(accum) and accum != training.gradient_accumulation_steps:
+        yield where, (
+            f"the DeepSpeed config fixes gradient_accumulation_steps={accum} but the recipe says "
+            f"{training.gradient_accumulation_steps}; set it to \"auto\""
+        )
+    dtype = recipe.model.dtype
+    for key, wrong in (("fp16", "bfloat16"), ("bf16", "float16")):
+        section = config.get(key)
+        if isinstance(section, dict) and section.get("enabled") is True and dtype == wrong:
+            yield where, f"the DeepSpeed config enables {key} but model.dtype is {dtype}; use \"enabled\": \"auto\""
+    if zero_stage_of(config) not in (0, 1, 2, 3):
+        yield where, "zero_optimization.stage must be 0, 1, 2 or 3"
+
+
+def output(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    report = recipe.output.report_to
+    if "none" in report and len(report) > 1:
+        yield ("output", "report_to"), "'none' cannot be combined with other loggers"
+    if len(set(report)) != len(report):
+        yield ("output", "report_to"), "a logger is listed twice"
+
+
+CHECKS: tuple[Check, ...] = (
+    stage_and_loss,
+    data_formats,
+    kto_batch,
+    packing,
+    evaluation,
+    precision,
+    adapter,
+    distributed,
+    output,
+)
+
+
+def check_recipe(recipe: Recipe, base_dir: Path) -> list[Finding]:
+    """Run every check; `base_dir` is the recipe file's folder (DeepSpeed and hostfile paths are relative to it)."""
+    return [finding for check in CHECKS for finding in check(recipe, base_dir)]

@@ -1,0 +1,136 @@
+"""`spo validate`, `spo resolve`, `spo schema`, `spo new`: recipe commands that never import torch.
+
+Exit codes: 0 success, 1 invalid recipe(s), 2 usage error (missing path, bad option, taken destination).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+DEFAULT_ROOTS = (Path("recipes"), Path("spo_recipes"))
+
+
+class ErrorFormatOption(str, enum.Enum):
+    text = "text"
+    github = "github"
+
+
+class DeviceOption(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ResolveFormat(str, enum.Enum):
+    yaml = "yaml"
+    json = "json"
+
+
+def _usage_error(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def validate(
+    paths: Optional[list[Path]] = typer.Argument(
+        None, help="Recipe files or folders (searched recursively for *.yaml, *.yml). Default: recipes/ spo_recipes/."
+    ),
+    fmt: ErrorFormatOption = typer.Option(
+        ErrorFormatOption.text, "--format", help="text: path:line:col: key: message. github: ::error annotations."
+    ),
+) -> None:
+    """Check recipes: schema, cross-field checks, referenced files. Prints every error of every file."""
+    from spo_align.recipe.load import find_recipe_files, validate_files
+
+    roots = list(paths) if paths else [root for root in DEFAULT_ROOTS if root.exists()]
+    if not roots:
+        raise _usage_error("no paths given and neither recipes/ nor spo_recipes/ exists here")
+    files, missing = find_recipe_files(roots)
+    if missing:
+        raise _usage_error("no such file or folder: " + ", ".join(str(m) for m in missing))
+    if not files:
+        raise _usage_error("no *.yaml or *.yml recipe found under " + ", ".join(str(r) for r in roots))
+    valid, errors = validate_files(files)
+    for error in errors:
+        typer.echo(error.format(fmt.value))
+    invalid = len(files) - valid
+    if invalid:
+        typer.echo(f"{invalid} of {len(files)} recipe(s) invalid, {len(errors)} error(s)", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"{len(files)} recipe(s) valid", err=True)
+
+
+def resolve(
+    recipe: Path = typer.Argument(..., help="Recipe file."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key: --set loss.beta=0.2 (repeatable)."),
+    device: Optional[DeviceOption] = typer.Option(
+        None, "--device", help="Resolve device-dependent defaults (pack length) for cpu or cuda; default shows both."
+    ),
+    fmt: ResolveFormat = typer.Option(ResolveFormat.yaml, "--format", help="yaml (with derived values) or json."),
+    error_format: ErrorFormatOption = typer.Option(ErrorFormatOption.text, "--error-format"),
+) -> None:
+    """Print the fully resolved recipe: defaults filled, derived values (IPO tau, global batch, pack length)."""
+    from spo_align.recipe.errors import RecipeErrors
+    from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.resolve import resolve as resolve_plan
+
+    if not recipe.is_file():
+        raise _usage_error(f"{recipe}: no such recipe file")
+    try:
+        plan = resolve_plan(load_recipe(recipe, overrides), recipe, device.value if device else None)
+    except RecipeErrors as exc:
+        typer.echo(exc.format(error_format.value))
+        raise typer.Exit(code=1) from None
+    if fmt is ResolveFormat.json:
+        typer.echo(json.dumps(plan.to_dict(), indent=2))
+    else:
+        typer.echo(plan.to_yaml(), nl=False)
+
+
+def schema(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+) -> None:
+    """Print the recipe JSON Schema (the committed recipe.schema.json; editors use it to autocomplete)."""
+    from spo_align.recipe.schema import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+def new(
+    src: Path = typer.Argument(..., help="Recipe to start from."),
+    dest: Path = typer.Argument(..., help="New recipe file (or a folder to copy into)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite DEST if it exists."),
+) -> None:
+    """Copy a recipe for editing; relative paths in it (extends, deepspeed, local data) are rewritten to stay right."""
+    from spo_align.recipe.errors import RecipeErrors
+    from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.new import CopyRecipeError, copy_recipe
+
+    try:
+        written = copy_recipe(src, dest, overwrite=force)
+    except CopyRecipeError as exc:
+        raise _usage_error(str(exc)) from None
+    typer.echo(f"wrote {written}")
+    try:
+        load_recipe(written)
+    except RecipeErrors as exc:
+        typer.echo(exc.format("text"))
+        typer.echo(f"{written} is not valid yet (copied from an invalid recipe)", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"next: edit it, then `spo validate {written}` and `spo train {written}`", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("validate")(validate)
+    app.command("resolve")(resolve)
+    app.command("schema")(schema)
+    app.command("new")(new)

@@ -1,0 +1,222 @@
+"""Load a recipe: YAML with positions, `extends` deep merge, `--set` overrides, schema, cross-field checks.
+
+`load_recipe` either returns a valid, frozen `Recipe` or raises `RecipeErrors` holding every error it
+found, each with the file, line and column of the YAML node it concerns.
+
+Paths inside a recipe are relative to the file that writes them. When a recipe `extends` a base in
+another folder, the base's DeepSpeed/hostfile paths and local dataset paths are rewritten relative to
+the extending recipe, so the merged recipe reads them relative to its own folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from pydantic import ValidationError
+
+from spo_align.recipe.checks import check_recipe
+from spo_align.recipe.errors import RecipeError, RecipeErrors
+from spo_align.recipe.locate import findings_to_errors, make_error, validation_errors
+from spo_align.recipe.schema import Recipe
+from spo_align.recipe.yaml_positions import KeyPath, Loc, Positions, dotted, read_yaml_file
+
+if TYPE_CHECKING:
+    from spo_align.recipe.resolve import RunPlan
+
+logger = logging.getLogger(__name__)
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+# ---------------------------------------------------------------- extends
+
+
+def _deep_merge(base: Any, child: Any, base_pos: Positions, child_pos: Positions, at: KeyPath) -> Any:
+    """Child wins; mappings merge key by key; lists and scalars replace (with their positions)."""
+    if isinstance(base, dict) and isinstance(child, dict):
+        merged = dict(base)
+        for key, value in child.items():
+            if key in base:
+                merged[key] = _deep_merge(base[key], value, base_pos, child_pos, at + (key,))
+            else:
+                merged[key] = value
+        return merged
+    for path in [p for p in base_pos if p[: len(at)] == at and len(p) > len(at)]:
+        del base_pos[path]
+    return child
+
+
+def _rebase(value: Any, from_dir: Path, to_dir: Path, must_exist: bool) -> Any:
+    if not isinstance(value, str) or not value or os.path.isabs(value):
+        return value
+    target = from_dir / value
+    if must_exist and not target.exists():
+        return value
+    return os.path.relpath(target, to_dir)
+
+
+def _rebase_paths(data: dict[str, Any], from_dir: Path, to_dir: Path) -> None:
+    """Rewrite a base recipe's file paths so they stay correct when read from `to_dir`."""
+    if from_dir.resolve() == to_dir.resolve():
+        return
+    distributed = data.get("distributed")
+    if isinstance(distributed, dict):
+        for key in ("deepspeed", "hostfile"):
+            distributed[key] = _rebase(distributed.get(key), from_dir, to_dir, must_exist=False)
+            if distributed[key] is None:
+                del distributed[key]
+    section = data.get("data")
+    if isinstance(section, dict):
+        for split in ("train", "eval"):
+            sources = section.get(split)
+            if isinstance(sources, list):
+                for source in sources:
+                    if isinstance(source, dict) and "path" in source:
+                        source["path"] = _rebase(source["path"], from_dir, to_dir, must_exist=True)
+
+
+def _load_tree(path: Path, chain: tuple[Path, ...]) -> tuple[Any, Positions, list[RecipeError]]:
+    data, positions, errors = read_yaml_file(path)
+    if not isinstance(data, dict):
+        return data, positions, errors
+    parent = data.get("extends")
+    if parent is None or errors:
+        return data, positions, errors
+    file = str(path)
+    if not isinstance(parent, str) or not parent.strip():
+        return data, positions, [make_error(("extends",), "extends must be a path to another recipe", positions, file)]
+    base_path = (path.parent / parent).resolve()
+    if base_path in chain or base_path == path.resolve():
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve(), base_path))
+        return data, positions, [make_error(("extends",), f"extends cycle: {cycle}", positions, file)]
+    if not base_path.is_file():
+        return data, positions, [make_error(("extends",), f"base recipe {parent!r} not found ({base_path})", positions, file)]
+    base, base_positions, base_errors = _load_tree(base_path, (*chain, path.resolve()))
+    if base_errors:
+        return data, positions, base_errors
+    if not isinstance(base, dict):
+        return data, positions, [make_error(("extends",), f"base recipe {parent!r} is not a mapping", positions, file)]
+    base = copy.deepcopy(base)
+    _rebase_paths(base, base_path.parent, path.parent)
+    merged = _deep_merge(base, data, base_positions, positions, ())
+    return merged, {**base_positions, **positions}, []
+
+
+# ---------------------------------------------------------------- --set overrides
+
+
+def _parse_override(raw: str) -> tuple[list[str], Any]:
+    key, sep, value = raw.partition("=")
+    if not sep or not key.strip():
+        raise ValueError("expected key.path=value")
+    parts = key.strip().split(".")
+    if any(not part for part in parts):
+        raise ValueError(f"bad key path {key.strip()!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"cannot read value {value!r} as YAML: {getattr(exc, 'problem', exc)}") from None
+    return parts, parsed
+
+
+def apply_overrides(data: dict[str, Any], positions: Positions, overrides: Sequence[str], file: str) -> list[RecipeError]:
+    """Set each `key.path=value` (value read as YAML) in place; the schema then checks it like any key."""
+    errors: list[RecipeError] = []
+    for raw in overrides:
+        try:
+            parts, value = _parse_override(raw)
+        except ValueError as exc:
+            errors.append(RecipeError(file, None, None, "", f"--set {raw!r}: {exc}"))
+            continue
+        node: Any = data
+        path: KeyPath = ()
+        failed = None
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            key: str | int = part
+            if isinstance(node, list):
+                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                    failed = f"'{dotted(path)}' is a list of {len(node)}; '{part}' is not an index in it"
+                    break
+                key = int(part) % len(node)
+            elif not isinstance(node, dict):
+                failed = f"'{dotted(path)}' is a single value, it has no key '{part}'"
+                break
+            path = path + (key,)
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+        if failed:
+            errors.append(RecipeError(file, None, None, ".".join(parts), f"--set {raw!r}: {failed}"))
+            continue
+        for stale in [p for p in positions if p[: len(path)] == path]:
+            del positions[stale]
+        positions[path] = Loc(file, None, None, override=raw)
+    return errors
+
+
+# ---------------------------------------------------------------- public API
+
+
+def load_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, merge, override, validate and check one recipe; raise `RecipeErrors` with every error."""
+    path = Path(path)
+    file = str(path)
+    data, positions, errors = _load_tree(path, ())
+    if not isinstance(data, dict):
+        raise RecipeErrors(errors)
+    errors += apply_overrides(data, positions, overrides, file)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeErrors(errors + validation_errors(exc, data, positions, file)) from None
+    errors += findings_to_errors(check_recipe(recipe, path.resolve().parent), positions, file)
+    if errors:
+        raise RecipeErrors(errors)
+    return recipe
+
+
+def find_recipe_files(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """Recipe files under `paths` (folders searched recursively), and the paths that do not exist."""
+    found: list[Path] = []
+    missing: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix in RECIPE_SUFFIXES and p.is_file()))
+        elif path.is_file():
+            found.append(path)
+        else:
+            missing.append(path)
+    return list(dict.fromkeys(found)), missing
+
+
+def validate_files(files: Iterable[Path]) -> tuple[int, list[RecipeError]]:
+    """Load every file; return how many were valid and the errors of the others."""
+    valid = 0
+    errors: list[RecipeError] = []
+    for file in files:
+        try:
+            load_recipe(file)
+        except RecipeErrors as exc:
+            errors.extend(exc.errors)
+        else:
+            valid += 1
+    return valid, errors
+
+
+def save_resolved(plan: "RunPlan", path: Path) -> None:
+    """Write the resolved recipe (loadable again with `load_recipe`) beside a run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(plan.to_yaml(), encoding="utf-8")
+    tmp.replace(path)

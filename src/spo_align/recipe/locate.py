@@ -1,0 +1,184 @@
+"""Turn pydantic validation errors and check findings into located `RecipeError`s.
+
+Pydantic's error locations name union members (`loss.spo.beta`, `target_modules.list[str]`) that are
+not keys of the YAML file; they are stripped here so the key path is the one the user wrote, and the
+line is taken from the nearest YAML node on that path.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from spo_align.recipe.errors import RecipeError, did_you_mean
+from spo_align.recipe.schema import Recipe
+from spo_align.recipe.yaml_positions import KeyPath, Loc, Positions, dotted
+
+
+def locate(path: KeyPath, positions: Positions, fallback_file: str) -> Loc:
+    """Position of `path`, or of its nearest ancestor that has one, or the top of the file."""
+    for end in range(len(path), 0, -1):
+        loc = positions.get(path[:end])
+        if loc is not None:
+            return loc
+    return Loc(fallback_file, 1, 1)
+
+
+def make_error(path: KeyPath, message: str, positions: Positions, fallback_file: str) -> RecipeError:
+    loc = locate(path, positions, fallback_file)
+    if loc.override is not None:
+        message = f"{message} [from --set {loc.override}]"
+    return RecipeError(loc.file, loc.line, loc.col, dotted(path), message)
+
+
+# ---------------------------------------------------------------- schema walking (for did-you-mean)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """BaseModel classes an annotation can hold, looking through Optional, Union, Annotated, list."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found.extend(_models_in(arg))
+    return found
+
+
+def _type_tag(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("type")
+    if field is None:
+        return None
+    args = typing.get_args(field.annotation)
+    return args[0] if len(args) == 1 and isinstance(args[0], str) else None
+
+
+def model_at(path: KeyPath, data: Any) -> type[BaseModel] | None:
+    """The schema model that validates the mapping at `path` in `data` (None when unknown)."""
+    model: type[BaseModel] = Recipe
+    node = data
+    for part in path:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and -len(node) <= part < len(node) else None
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        node = node.get(part) if isinstance(node, dict) else None
+        candidates = _models_in(field.annotation)
+        if not candidates:
+            return None
+        if len(candidates) > 1:
+            tag = node.get("type") if isinstance(node, dict) else None
+            tagged = [c for c in candidates if _type_tag(c) == tag]
+            candidates = tagged or candidates
+        model = candidates[0]
+    return model
+
+
+# ---------------------------------------------------------------- pydantic errors
+
+
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> KeyPath:
+    """Drop the parts of a pydantic location that are union-member labels, not keys of the data."""
+    cleaned: list[str | int] = []
+    node = data
+    for index, part in enumerate(loc):
+        last = index == len(loc) - 1
+        if isinstance(node, dict):
+            if part in node:
+                cleaned.append(part)
+                node = node[part]
+                continue
+            if isinstance(part, str) and (part == node.get("type") or _looks_like_type_label(part)):
+                continue
+            cleaned.append(part)
+            node = None
+        elif isinstance(node, list) and isinstance(part, int):
+            cleaned.append(part)
+            node = node[part] if -len(node) <= part < len(node) else None
+        elif isinstance(part, str) and _looks_like_type_label(part) and not last:
+            continue
+        elif isinstance(part, str) and _looks_like_type_label(part) and cleaned:
+            continue
+        else:
+            cleaned.append(part)
+            node = None
+    return tuple(cleaned)
+
+
+_TYPE_LABELS = {"str", "int", "float", "bool", "none", "list", "dict", "path"}
+
+
+def _looks_like_type_label(part: str) -> bool:
+    return "[" in part or part.lower() in _TYPE_LABELS or part.startswith(("function-", "lax-", "json-or-"))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _message(err: dict[str, Any], path: KeyPath, data: Any) -> tuple[KeyPath, str]:
+    kind = err["type"]
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        parent = model_at(path[:-1], data)
+        valid = sorted(parent.model_fields) if parent else []
+        hint = did_you_mean(str(path[-1]), valid)
+        where = f"in '{dotted(path[:-1])}'" if path[:-1] else "at the top level"
+        return path, f"unknown key '{path[-1]}' {where}{hint}; valid keys: {', '.join(valid)}"
+    if kind == "missing":
+        return path, f"required key '{path[-1]}' is missing"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tags = err.get("ctx", {}).get("expected_tags", "")
+        if kind == "union_tag_not_found":
+            return path, f"needs a 'type' key, one of: {tags}"
+        tag = err.get("ctx", {}).get("tag", "")
+        hint = did_you_mean(str(tag), [t.strip(" '") for t in str(tags).split(",")])
+        return path + ("type",), f"unknown type '{tag}'{hint}; expected one of: {tags}"
+    if kind == "model_type" or kind == "model_attributes_type" or kind == "dict_type":
+        return path, f"expected a mapping of keys, got {_short(given)}"
+    message = str(err["msg"])
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if kind == "literal_error" and isinstance(given, str):
+        expected = err.get("ctx", {}).get("expected", "")
+        choices = [c.strip(" '") for c in str(expected).replace(" or ", ",").split(",") if c.strip(" '")]
+        message += did_you_mean(given, choices)
+    if kind != "value_error" and not isinstance(given, (dict, list)) and "input" in err:
+        message += f" (got {_short(given)})"
+    return path, message
+
+
+def validation_errors(
+    exc: ValidationError, data: Any, positions: Positions, fallback_file: str
+) -> list[RecipeError]:
+    merged: dict[KeyPath, list[str]] = {}
+    for err in exc.errors(include_url=False):
+        path, message = _message(err, _clean_loc(tuple(err["loc"]), data), data)
+        merged.setdefault(path, [])
+        if message not in merged[path]:
+            merged[path].append(message)
+    return [make_error(path, _join_alternatives(messages), positions, fallback_file) for path, messages in merged.items()]
+
+
+def _join_alternatives(messages: list[str]) -> str:
+    """Union members each report a message; say the shared '(got ...)' once and drop repeated 'Input should be'."""
+    if len(messages) == 1:
+        return messages[0]
+    suffixes = {m[m.rfind(" (got ") :] if " (got " in m else "" for m in messages}
+    suffix = suffixes.pop() if len(suffixes) == 1 else ""
+    bodies = [m[: len(m) - len(suffix)] if suffix else m for m in messages]
+    prefix = "Input should be "
+    if all(b.startswith(prefix) for b in bodies):
+        bodies = [bodies[0]] + [b[len(prefix) :] for b in bodies[1:]]
+    return " or ".join(bodies) + suffix
+
+
+def findings_to_errors(
+    findings: Iterable[tuple[KeyPath, str]], positions: Positions, fallback_file: str
+) -> list[RecipeError]:
+    return [make_error(path, message, positions, fallback_file) for path, message in findings]
