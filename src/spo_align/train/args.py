@@ -1,0 +1,111 @@
+"""The recipe's training section as Hugging Face `TrainingArguments` (or a TRL config subclass of it).
+
+One function, so that SFT, KTO and the preference stage read the same numbers the same way and
+`spo train --dry-run` can print exactly what a run would use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from spo_align.recipe.resolve import RunPlan
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def report_to(plan: "RunPlan") -> list[str]:
+    """The recipe's loggers that are installed here (tensorboard only if importable; `none` wins)."""
+    wanted = list(plan.recipe.output.report_to)
+    if "none" in wanted:
+        return []
+    available: list[str] = []
+    for name in wanted:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
+        if importlib.util.find_spec(module) is None:
+            logger.info("output.report_to: %s is not installed; skipping it", name)
+            continue
+        available.append(name)
+    return available
+
+
+def on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def training_kwargs(plan: "RunPlan", output_dir: Path | str) -> dict[str, Any]:
+    """Keyword arguments for `TrainingArguments` from the resolved plan (no side effects)."""
+    from spo_align.train.model import resolve_dtype
+
+    import torch
+
+    t = plan.recipe.training
+    cuda = on_cuda()
+    dtype = resolve_dtype(plan)
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": t.per_device_batch_size,
+        "per_device_eval_batch_size": t.per_device_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps in transformers 5
+        "num_train_epochs": t.num_epochs,
+        "max_steps": t.max_steps if t.max_steps is not None else -1,
+        "optim": t.optimizer,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "logging_strategy": "steps",
+        "logging_steps": t.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "eval_strategy": "steps" if (t.eval_steps and plan.recipe.data.eval) else "no",
+        "eval_steps": t.eval_steps,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "report_to": report_to(plan) or "none",
+        "disable_tqdm": True,  # one progress bar: callbacks.ProgressCallback
+        "use_cpu": not cuda,
+        "bf16": cuda and dtype == torch.bfloat16,
+        "fp16": cuda and dtype == torch.float16,
+        "deepspeed": plan.deepspeed_config,
+        "ddp_backend": None if cuda else ("gloo" if plan.world_size > 1 else None),
+        "save_only_model": False,
+    }
+    if t.gradient_checkpointing:
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    return kwargs
+
+
+def apply_threads(plan: "RunPlan") -> None:
+    """torch intra-op threads from training.cpu_threads (CPU runs only; torch's choice when unset)."""
+    import torch
+
+    threads = plan.recipe.training.cpu_threads
+    if threads is not None and not on_cuda():
+        torch.set_num_threads(threads)
+
+
+def build_training_args(plan: "RunPlan", output_dir: Path | str, cls: type[T] | None = None, **extra: Any) -> T:
+    """`cls(**training_kwargs(plan, output_dir), **extra)`; `cls` defaults to `TrainingArguments`.
+
+    `extra` overrides or adds fields of the TRL config class (e.g. `max_length`, `beta`).
+    Sets torch's thread count from training.cpu_threads as a side effect.
+    """
+    if cls is None:
+        from transformers import TrainingArguments
+
+        cls = TrainingArguments  # type: ignore[assignment]
+    apply_threads(plan)
+    kwargs = training_kwargs(plan, output_dir)
+    kwargs.update(extra)
+    return cls(**kwargs)  # type: ignore[misc,operator]

@@ -1,0 +1,175 @@
+"""Trainer callbacks every stage attaches: metrics.jsonl and the progress bar.
+
+Both act on the main process only. `metrics.jsonl` gets one JSON object per `Trainer.log` call
+(every logging step, plus the final summary), with `step`, `epoch` and wall time added. On resume, records
+past the checkpoint's step (logged by the killed run after its last checkpoint) are dropped, so the file of a
+resumed run reads like the file of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+# What the progress bar shows when a stage logs it, in this order, with a short label.
+PROGRESS_FIELDS: tuple[tuple[str, str], ...] = (
+    ("loss", "loss"),
+    ("learning_rate", "lr"),
+    ("rewards/margins", "margin"),
+    ("rewards/accuracies", "acc"),
+    ("logps/chosen", "logp_c"),
+    ("logps/rejected", "logp_r"),
+)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
+    records: list[dict[str, Any]] = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("skipping a torn line in %s", path)
+    return records
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Append every logged record to `path` as one JSON line (main process only)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._started = time.monotonic()
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if not state.is_world_process_zero:
+            return
+        self._started = time.monotonic()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if state.global_step > 0 and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= state.global_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        elif state.global_step == 0 and self.path.exists():
+            self.path.unlink()
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch}
+        record.update({k: _jsonable(v) for k, v in logs.items()})
+        record["elapsed_s"] = round(time.monotonic() - self._started, 3)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+class ProgressBar:
+    """The project's one progress bar: steps done, ETA, and a short line of the latest values."""
+
+    def __init__(self, total: int, description: str = "train"):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[values]}"),
+            transient=False,
+        )
+        self._task = self._progress.add_task(description, total=total, values="")
+        self._progress.start()
+
+    def update(self, completed: int, values: dict[str, float] | None = None) -> None:
+        fields: dict[str, Any] = {"completed": completed}
+        if values is not None:
+            fields["values"] = format_values(values)
+        self._progress.update(self._task, **fields)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def format_values(values: dict[str, Any]) -> str:
+    parts = []
+    for key, label in PROGRESS_FIELDS:
+        value = values.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{label} {value:.3g}")
+    return "  ".join(parts)
+
+
+class ProgressCallback(TrainerCallback):
+    """Drive `ProgressBar` from the Trainer (main process only)."""
+
+    def __init__(self, description: str = "train"):
+        self.description = description
+        self._bar: ProgressBar | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if state.is_world_process_zero:
+            self._bar = ProgressBar(state.max_steps, self.description)
+            self._bar.update(state.global_step)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._bar is not None:
+            self._bar.update(state.global_step)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        if self._bar is not None and logs:
+            self._bar.update(state.global_step, logs)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def default_callbacks(output_dir: Path, description: str) -> list[TrainerCallback]:
+    from spo_align.train.outputs import METRICS
+
+    return [MetricsJsonlCallback(Path(output_dir) / METRICS), ProgressCallback(description)]
+
+
+def quiet_trainer(trainer: Any) -> Any:
+    """Drop the Trainer's own `PrinterCallback` (it prints every log dict); our callbacks report instead."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer

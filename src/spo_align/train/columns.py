@@ -1,0 +1,51 @@
+"""Dataset columns a stage needs, checked against the recipe with the recipe line in the message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Sequence
+
+from spo_align.data.sources import DataSourceError
+
+if TYPE_CHECKING:
+    import datasets
+
+    from spo_align.recipe.resolve import RunPlan
+
+Split = Literal["train", "eval"]
+
+
+class MissingColumnError(DataSourceError):
+    """A dataset lacks a column the recipe (or its defaults) says it holds."""
+
+
+def recipe_location(recipe_path: Path, key_path: tuple[str | int, ...]) -> str:
+    """`file:line` of `key_path` in the recipe, or of its nearest ancestor written there (else the file)."""
+    from spo_align.recipe.locate import locate
+    from spo_align.recipe.yaml_positions import read_yaml_file
+
+    file = str(recipe_path)
+    try:
+        _, positions, _ = read_yaml_file(Path(recipe_path))
+    except OSError:
+        return file
+    loc = locate(key_path, positions, file)
+    return f"{loc.file}:{loc.line}" if loc.line is not None else f"{loc.file} (--set {loc.override})"
+
+
+def require_columns(
+    plan: "RunPlan", split: Split, index: int, ds: "datasets.Dataset", fields: Sequence[str]
+) -> None:
+    """Raise `MissingColumnError` naming the column, the recipe key and its line if a mapped column is absent."""
+    source = getattr(plan.recipe.data, split)[index]
+    for field in fields:
+        column = getattr(source.columns, field)
+        if column in ds.column_names:
+            continue
+        key = ("data", split, index, "columns", field)
+        where = recipe_location(plan.recipe_path, key)
+        raise MissingColumnError(
+            f"{where}: data.{split}[{index}].columns.{field}: dataset {source.path!r} (split {source.split!r}) "
+            f"has no column {column!r}; its columns are {ds.column_names}. Map the right one with "
+            f"columns: {{{field}: <column>}}"
+        )
