@@ -1,0 +1,204 @@
+"""Fixtures for the evaluation tests: a tiny Llama with a character-level chat tokenizer, and a
+local OpenAI-compatible server that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<u>{{ m['content'] }}"
+    "{% else %}<a>{{ m['content'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<a>{% endif %}"
+)
+CHARS = list("0123456789+= abcdefghijklmnopqrstuvwxyz?")
+SPECIALS = ["<pad>", "</s>", "<unk>", "<u>", "<a>"]
+
+
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised 2-layer Llama (hidden 32) and its character tokenizer to `path`."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<u>", "<a>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=vocab["<pad>"],
+        eos_token_id=vocab["</s>"],
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    torch.set_num_threads(1)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+# ---------------------------------------------------------------- fake OpenAI-compatible server
+
+_ANSWER_RE = re.compile(
+    r"\[User Question\]\n(?P<q>.*?)\n\n\[The Start of Assistant A's Answer\]\n(?P<a>.*?)\n"
+    r"\[The End of Assistant A's Answer\]\n\n\[The Start of Assistant B's Answer\]\n(?P<b>.*?)\n"
+    r"\[The End of Assistant B's Answer\]",
+    re.DOTALL,
+)
+
+
+@dataclass
+class FakeJudgeServer:
+    """Answers /v1/chat/completions like a judge that prefers the longer answer (equal length: tie).
+
+    Faults are chosen by words in the question, per (question, answer A, answer B):
+    `rate` 429 twice, `crash` 500 once, `slow` sleeps past the client timeout once, `garbled`
+    one reply without a verdict, `hopeless` never a verdict, `down` always 503, `biased` always
+    [[A]] (so the verdict flips with the order), `leak` a 400 whose body echoes the Authorization
+    header. Requests without `Bearer <expected_key>` get 401.
+    """
+
+    expected_key: str
+    slow_s: float = 1.0
+    delay_s: float = 0.0
+    attempts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    verdicts_served: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    requested: list[tuple[str, str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+
+    def reply(self, headers: dict[str, str], body: dict) -> tuple[int, dict, dict[str, str]]:
+        if headers.get("authorization") != f"Bearer {self.expected_key}":
+            return 401, {"error": {"message": "bad key", "type": "invalid_request_error"}}, {}
+        user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        match = _ANSWER_RE.search(user)
+        assert match, "unexpected prompt shape"
+        q, a, b = match["q"], match["a"], match["b"]
+        key = (q, a, b)
+        with self.lock:
+            self.attempts[key] += 1
+            n = self.attempts[key]
+            self.requested.append(key)
+        if "leak" in q:
+            return 400, {"error": {"message": f"cannot use {headers.get('authorization')}"}}, {}
+        if "rate" in q and n <= 2:
+            return 429, {"error": {"message": "slow down"}}, {"retry-after": "0"}
+        if "crash" in q and n == 1:
+            return 500, {"error": {"message": "boom"}}, {}
+        if "down" in q:
+            return 503, {"error": {"message": "overloaded"}}, {}
+        if "slow" in q and n == 1:
+            time.sleep(self.slow_s)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if "hopeless" in q or ("garbled" in q and n == 1):
+            text = "Both answers have merit. Verdict: A"
+        else:
+            if "biased" in q:
+                verdict = "A"
+            else:
+                verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "C"
+            text = f"Reason: compared lengths.\n[[{verdict}]]"
+            with self.lock:
+                self.verdicts_served[key] += 1
+        completion = {
+            "id": "cmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(user) // 4, "completion_tokens": 7, "total_tokens": len(user) // 4 + 7},
+        }
+        return 200, completion, {}
+
+
+def _handler(server_state: FakeJudgeServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep test output clean
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                self.send_error(404)
+                return
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            status, payload, extra = server_state.reply(headers, body)
+            data = json.dumps(payload).encode()
+            try:
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (timeout); that is the point of `slow`
+
+    return Handler
+
+
+@pytest.fixture
+def judge_server() -> Iterator[FakeJudgeServer]:
+    state = FakeJudgeServer(expected_key="sk-test-d41d8cd98f00b204e980")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def write_generations(gen_dir: Path, answers: dict[str, dict[str, str]], questions: dict[str, str],
+                      references: dict[str, str] | None = None) -> Path:
+    """Hand-made generation files: answers[model][prompt_id]."""
+    from spo_align.eval.records import GenerationRecord, write_generation_file
+
+    for model, by_prompt in answers.items():
+        write_generation_file(
+            gen_dir / f"{model}.jsonl",
+            [
+                GenerationRecord(model, pid, questions[pid], text, (references or {}).get(pid), {"max_new_tokens": 8})
+                for pid, text in by_prompt.items()
+            ],
+        )
+    return gen_dir
