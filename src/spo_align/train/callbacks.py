@@ -17,6 +17,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from spo_align.train.outputs import METRICS, read_metrics
+
 logger = logging.getLogger(__name__)
 
 # What the progress bar shows when a stage logs it, in this order, with a short label.
@@ -36,23 +38,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
-    records: list[dict[str, Any]] = []
-    path = Path(path)
-    if not path.exists():
-        return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("skipping a torn line in %s", path)
-    return records
 
 
 class MetricsJsonlCallback(TrainerCallback):
@@ -162,8 +147,6 @@ class ProgressCallback(TrainerCallback):
 
 
 def default_callbacks(output_dir: Path, description: str) -> list[TrainerCallback]:
-    from spo_align.train.outputs import METRICS
-
     return [MetricsJsonlCallback(Path(output_dir) / METRICS), ProgressCallback(description)]
 
 

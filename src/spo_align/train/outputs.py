@@ -122,6 +122,23 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> Pa
     return checkpoint
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
+    records: list[dict[str, Any]] = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("skipping a torn line in %s", path)
+    return records
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,93 @@
+"""`spo train` and `spo plot`. Thin: parse, call the library, print. torch is imported inside the bodies.
+
+Exit codes: 0 success; 1 bad input (recipe errors printed exactly like `spo validate`, or one `error:` line
+for data, model, output-folder and launch problems); a failed launcher's own exit code otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (recipe, data, model set-up, output folder): one line, no traceback."""
+    from spo_align.data.sources import DataSourceError
+    from spo_align.train.model import ModelSetupError
+    from spo_align.train.outputs import OutputFolderError
+    from spo_align.train.sft import ChatTemplateError
+
+    errors: list[type[BaseException]] = [DataSourceError, ModelSetupError, OutputFolderError, ChatTemplateError]
+    try:
+        from spo_align.data.policies import RowPolicyError
+        from spo_align.data.tokenize import TemplateError
+
+        errors += [RowPolicyError, TemplateError]
+    except ImportError:  # the preference data modules are optional for sft-only installs of this tree
+        pass
+    return tuple(errors)
+
+
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe file."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key: --set training.max_steps=10 (repeatable)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the launch command and the trainer arguments; load nothing, train nothing."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in output.dir from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished (or unfinished) run in output.dir."),
+) -> None:
+    """Train: SFT, preference (SPO/DPO/IPO) or KTO, as the recipe says; in-process or under its launcher."""
+    from spo_align.recipe.errors import RecipeErrors
+    from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.resolve import resolve
+    from spo_align.train.launch import LaunchError, dry_run_report, launch
+
+    import torch
+
+    if not recipe.is_file():
+        typer.echo(f"error: no such recipe file: {recipe}", err=True)
+        raise typer.Exit(code=1)
+    try:
+        plan = resolve(load_recipe(recipe, overrides), recipe, "cuda" if torch.cuda.is_available() else "cpu")
+    except RecipeErrors as exc:
+        typer.echo(exc.format("text"))
+        raise typer.Exit(code=1) from None
+
+    bad_input = _input_errors()
+    try:
+        if dry_run:
+            report = dry_run_report(plan, recipe, overrides)
+            typer.echo(f"launch: {report.pop('command')}")
+            typer.echo(json.dumps(report, indent=2, default=str))
+            return
+        output_dir = launch(plan, recipe, overrides, resume=resume, overwrite=overwrite)
+    except bad_input as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    except LaunchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=exc.returncode) from None
+    typer.echo(f"done: {output_dir}")
+
+
+def plot(
+    output_dir: Path = typer.Argument(..., help="A spo train output folder (holds metrics.jsonl)."),
+    out: Path = typer.Option(None, "--out", help="PNG to write (default: OUTPUT_DIR/metrics.png)."),
+) -> None:
+    """Draw a run's training curves (loss, learning rate, rewards, margins, log-probs, ...) to PNG."""
+    from spo_align.train.plot import PlotError, plot_run
+
+    try:
+        path = plot_run(output_dir, out)
+    except PlotError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(str(path))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("plot")(plot)

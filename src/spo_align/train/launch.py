@@ -1,0 +1,194 @@
+"""Start a run: in this process, or re-launched under torchrun / accelerate launch / deepspeed.
+
+A plan with one process and no DeepSpeed config runs in-process (`run.run`). Otherwise this process
+claims the output folder once (so ranks never race on it), materialises a `tiny:` model once, and then
+starts the launcher, which runs `python -m spo_align.train.launch RECIPE --set ... [--resume-from CKPT]`
+on every rank; each rank re-reads the same recipe with the same overrides and calls `run.execute`.
+Multi-node: see docs/launch.md (torchrun reads SPO_NODE_RANK/MASTER_ADDR/MASTER_PORT; deepspeed a hostfile;
+accelerate its own config plus the same variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from spo_align.recipe.resolve import RunPlan
+
+logger = logging.getLogger(__name__)
+
+WORKER_MODULE = "spo_align.train.launch"
+DEFAULT_MASTER_PORT = "29500"
+
+
+class LaunchError(RuntimeError):
+    """The launcher could not be started or a rank failed (its exit code is kept)."""
+
+    def __init__(self, message: str, returncode: int = 1):
+        super().__init__(message)
+        self.returncode = returncode
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """How a plan is started: `command` is None for an in-process run."""
+
+    launcher: str
+    command: list[str] | None
+
+    def describe(self) -> str:
+        return "in-process (no re-launch)" if self.command is None else shlex.join(self.command)
+
+
+def worker_args(recipe_path: Path, overrides: Sequence[str], resume_from: str | None) -> list[str]:
+    args = [str(Path(recipe_path).resolve())]
+    for override in overrides:
+        args += ["--set", override]
+    if resume_from is not None:
+        args += ["--resume-from", resume_from]
+    return args
+
+
+def _node_env() -> tuple[str, str, str]:
+    return (
+        os.environ.get("SPO_NODE_RANK", os.environ.get("NODE_RANK", "0")),
+        os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT),
+    )
+
+
+def launch_command(
+    plan: "RunPlan", recipe_path: Path, overrides: Sequence[str], resume_from: str | None = None
+) -> LaunchSpec:
+    """The exact command a plan starts with (None for in-process)."""
+    dist = plan.recipe.distributed
+    if plan.launcher == "inprocess":
+        return LaunchSpec("inprocess", None)
+    tail = worker_args(recipe_path, overrides, resume_from)
+    nproc, nnodes = dist.num_processes, dist.num_nodes
+    node_rank, master_addr, master_port = _node_env()
+    if plan.launcher == "torchrun":
+        cmd = ["torchrun", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
+        if nnodes == 1:
+            cmd.append("--standalone")  # a free local port, so parallel runs on one machine never collide
+        else:
+            cmd += [f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}"]
+        return LaunchSpec("torchrun", [*cmd, "-m", WORKER_MODULE, *tail])
+    if plan.launcher == "accelerate":
+        cmd = ["accelerate", "launch", f"--num_processes={nproc * nnodes}", f"--num_machines={nnodes}"]
+        if plan.device == "cpu":
+            cmd.append("--cpu")
+        elif nproc * nnodes > 1:
+            cmd.append("--multi_gpu")
+        if nnodes > 1:
+            cmd += [f"--machine_rank={node_rank}", f"--main_process_ip={master_addr}", f"--main_process_port={master_port}"]
+        return LaunchSpec("accelerate", [*cmd, "-m", WORKER_MODULE, *tail])
+    if plan.launcher == "deepspeed":
+        cmd = ["deepspeed", f"--num_gpus={nproc}"]
+        if dist.hostfile is not None:
+            hostfile = (plan.base_dir / dist.hostfile).resolve()
+            cmd += [f"--hostfile={hostfile}", f"--num_nodes={nnodes}", f"--master_addr={master_addr}"]
+        cmd += [f"--master_port={master_port}"]
+        return LaunchSpec("deepspeed", [*cmd, "--module", WORKER_MODULE, *tail])
+    raise LaunchError(f"unknown launcher {plan.launcher!r}")
+
+
+def dry_run_report(plan: "RunPlan", recipe_path: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """What `spo train --dry-run` prints: the launch command and the trainer arguments (no model is loaded)."""
+    from spo_align.train.args import training_kwargs
+    from spo_align.train.model import resolve_attention, resolve_dtype
+    from spo_align.train.run import stage_name
+
+    spec = launch_command(plan, recipe_path, overrides)
+    trainer_args = training_kwargs(plan, plan.output_dir)
+    stage = stage_name(plan)
+    if stage == "sft":
+        from spo_align.train.sft import sft_config_kwargs
+
+        trainer_args.update(sft_config_kwargs(plan))
+    elif stage == "kto":
+        from spo_align.train.kto import kto_config_kwargs
+
+        trainer_args.update(kto_config_kwargs(plan))
+    return {
+        "stage": stage,
+        "launcher": spec.launcher,
+        "command": spec.describe(),
+        "model": plan.model_path,
+        "attention": resolve_attention(plan),
+        "dtype": str(resolve_dtype(plan)).removeprefix("torch."),
+        "adapter": plan.recipe.adapter.type if plan.recipe.adapter is not None else "full",
+        "trainer_args": trainer_args,
+    }
+
+
+def _materialise_models(plan: "RunPlan") -> None:
+    """Write `tiny:` models once, here, before the ranks start and would race on the cache folder."""
+    from spo_align.train.model import TINY_PREFIX, resolve_model_path
+
+    for path in (plan.model_path, plan.reference_model_path, plan.recipe.model.tokenizer):
+        if path is not None and path.startswith(TINY_PREFIX):
+            resolve_model_path(path)
+
+
+def launch(
+    plan: "RunPlan", recipe_path: Path, overrides: Sequence[str], *, resume: bool, overwrite: bool
+) -> Path:
+    """Run the plan to completion, in-process or under its launcher; returns the output folder."""
+    from spo_align.train.model import check_model_setup
+    from spo_align.train.run import claim_output, run
+
+    if plan.launcher == "inprocess":
+        return run(plan, resume=resume, overwrite=overwrite)
+    check_model_setup(plan)
+    resume_from = claim_output(plan, resume=resume, overwrite=overwrite)
+    _materialise_models(plan)
+    spec = launch_command(plan, recipe_path, overrides, resume_from)
+    assert spec.command is not None
+    logger.info("launching: %s", spec.describe())
+    try:
+        completed = subprocess.run(spec.command, check=False)
+    except FileNotFoundError as exc:
+        raise LaunchError(f"launcher {spec.command[0]!r} not found on PATH: {exc}") from exc
+    if completed.returncode != 0:
+        raise LaunchError(f"{spec.launcher} exited with code {completed.returncode}", completed.returncode)
+    return Path(plan.output_dir)
+
+
+# ---------------------------------------------------------------- worker entry point (one per rank)
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """One rank: re-read the recipe with the parent's overrides, then run the stage (folder already claimed)."""
+    from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.resolve import resolve
+    from spo_align.train.run import execute
+
+    parser = argparse.ArgumentParser(prog=f"python -m {WORKER_MODULE}")
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--resume-from", default=None)
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    import torch
+
+    plan = resolve(load_recipe(args.recipe, args.overrides), args.recipe, "cuda" if torch.cuda.is_available() else "cpu")
+    execute(plan, args.resume_from)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
