@@ -86,26 +86,28 @@ def _load_tree(path: Path, chain: tuple[Path, ...]) -> tuple[Any, Positions, lis
     if not isinstance(data, dict):
         return data, positions, errors
     parent = data.get("extends")
-    if parent is None or errors:
+    if parent is None:
         return data, positions, errors
     file = str(path)
+    # A base that cannot be found or read stops here: validating half a recipe would only add noise.
     if not isinstance(parent, str) or not parent.strip():
-        return data, positions, [make_error(("extends",), "extends must be a path to another recipe", positions, file)]
-    base_path = (path.parent / parent).resolve()
-    if base_path in chain or base_path == path.resolve():
-        cycle = " -> ".join(str(p) for p in (*chain, path.resolve(), base_path))
-        return data, positions, [make_error(("extends",), f"extends cycle: {cycle}", positions, file)]
+        return None, positions, errors + [make_error(("extends",), "extends must be a path to another recipe", positions, file)]
+    base_path = Path(os.path.normpath(path.parent / parent))
+    if base_path.resolve() in chain or base_path.resolve() == path.resolve():
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve(), base_path.resolve()))
+        return None, positions, errors + [make_error(("extends",), f"extends cycle: {cycle}", positions, file)]
     if not base_path.is_file():
-        return data, positions, [make_error(("extends",), f"base recipe {parent!r} not found ({base_path})", positions, file)]
+        message = f"base recipe {parent!r} not found ({base_path.resolve()})"
+        return None, positions, errors + [make_error(("extends",), message, positions, file)]
     base, base_positions, base_errors = _load_tree(base_path, (*chain, path.resolve()))
-    if base_errors:
-        return data, positions, base_errors
     if not isinstance(base, dict):
-        return data, positions, [make_error(("extends",), f"base recipe {parent!r} is not a mapping", positions, file)]
+        if not base_errors:
+            base_errors = [make_error(("extends",), f"base recipe {parent!r} is not a mapping", positions, file)]
+        return None, positions, errors + base_errors
     base = copy.deepcopy(base)
     _rebase_paths(base, base_path.parent, path.parent)
     merged = _deep_merge(base, data, base_positions, positions, ())
-    return merged, {**base_positions, **positions}, []
+    return merged, {**base_positions, **positions}, errors + base_errors
 
 
 # ---------------------------------------------------------------- --set overrides

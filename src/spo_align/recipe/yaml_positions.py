@@ -127,6 +127,21 @@ def _tab_errors(text: str, file: str) -> list[RecipeError]:
     return errors
 
 
+def _unclosed_bracket(text: str) -> tuple[int, int] | None:
+    """Line and column of the last '[' or '{' left open at the end of its line (ignoring comments)."""
+    found = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        depth: list[int] = []
+        for col, char in enumerate(line.split(" #")[0], start=1):
+            if char in "[{":
+                depth.append(col)
+            elif char in "]}" and depth:
+                depth.pop()
+        if depth:
+            found = (number, depth[0])
+    return found
+
+
 def parse_yaml(text: str, file: str) -> tuple[Any, Positions, list[RecipeError]]:
     """Data, positions and errors of one YAML document. Data is None when errors prevent reading it."""
     errors = _tab_errors(text, file)
@@ -140,8 +155,14 @@ def parse_yaml(text: str, file: str) -> tuple[Any, Positions, list[RecipeError]]
             node = loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
+            message = f"YAML syntax error: {_problem(exc)}"
             line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-            return None, {}, [RecipeError(file, line, col, "", f"YAML syntax error: {_problem(exc)}")]
+            opened = _unclosed_bracket(text) if mark is not None and mark.index >= len(text.rstrip()) else None
+            if opened is not None:
+                # The file ended inside a bracket: point at where it was opened.
+                line, col = opened
+                message += " (a bracket opened here is never closed)"
+            return None, {}, [RecipeError(file, line, col, "", message)]
         except yaml.YAMLError as exc:
             return None, {}, [RecipeError(file, None, None, "", f"YAML error: {_problem(exc)}")]
         if node is None:
