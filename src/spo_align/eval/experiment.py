@@ -1,0 +1,588 @@
+"""`spo experiment`: one declarative file for the paper's whole experiment, resumable stage by stage.
+
+An experiment names an SFT recipe, the preference recipes that start from its output, the seeds, and
+how to evaluate. For each seed it trains SFT, then every preference recipe from that seed's SFT
+output, then generates every model's answers to the test prompts and judges every pair of models;
+finally it writes the win-rate matrix (averaged over seeds) and, where the prompts have reference
+answers, an accuracy table broken down by a field of the prompt file (the tiny task's `carry`).
+
+Layout under `output_dir`:
+
+    seed<S>/<stage>/          one training run per stage (the recipe's output.dir is overridden)
+    seed<S>/generations/      <model>.jsonl answers (eval.generate)
+    seed<S>/judgments.jsonl   pairwise judgments (eval.judge)
+    win_rates.{md,csv,png}    the matrix pooled over seeds; win_rates_seed<S>.md per seed
+    accuracy.{md,csv}         model x group accuracy, mean over seeds (reference answers only)
+
+Nothing finished is redone: a stage whose folder holds the runner's completion marker is skipped,
+an unfinished one resumes from its last checkpoint, generation files that already answer these
+prompts with these settings are kept, and judgments already recorded are not asked for again.
+
+Python API:
+
+    experiment = load_experiment(Path("experiments/tiny.yaml"), overrides=["seeds=[0]"])
+    steps = plan_stages(experiment)           # validates every recipe; no torch
+    result = run_experiment(experiment)       # trains, generates, judges, tabulates
+
+The file is read like a recipe (duplicate keys, unknown keys with did-you-mean, `--set key=value`)
+and errors are `RecipeErrors` with `file:line:col`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+import time
+import typing
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
+from spo_align.recipe.locate import make_error
+from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
+
+logger = logging.getLogger(__name__)
+
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class ExperimentError(ValueError):
+    """The experiment cannot go on (a stage failed, a file is inconsistent); the message says where."""
+
+
+# ---------------------------------------------------------------- schema
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+class StageSpec(_Section):
+    """One training run of the experiment."""
+
+    name: str = Field(description="Name of the run: its folder under seed<S>/ and its label in the tables.")
+    recipe: Path = Field(description="Recipe file, relative to the experiment file.")
+    set: list[str] = Field(
+        default_factory=list,
+        description="`key.path=value` overrides for this recipe, applied after `recipe_set` (like `spo train --set`).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not STAGE_NAME.match(value):
+            raise ValueError("must start with a letter or digit and use only letters, digits, '.', '_', '+', '-'")
+        return value
+
+
+class GenerationSection(_Section):
+    """How every model answers the test prompts (the seed is the experiment's seed)."""
+
+    max_new_tokens: int = Field(512, gt=0)
+    batch_size: int = Field(8, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    engine: Literal["transformers", "vllm"] = Field("transformers", description="vllm only when installed.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto")
+
+
+class JudgeSection(_Section):
+    """Who decides which of two answers is better."""
+
+    type: Literal["reference", "openai"] = Field(
+        description="reference: a right answer beats a wrong one, else a tie (needs reference answers; offline). "
+        "openai: any OpenAI-compatible chat API."
+    )
+    model: str | None = Field(None, description="openai: the judge model, e.g. gpt-4o.")
+    base_url: str | None = Field(None, description="openai: API base URL for a local or other compatible server.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    concurrency: int = Field(8, gt=0, description="openai: judge calls in flight at once.")
+
+    @model_validator(mode="after")
+    def _fields_match_type(self) -> "JudgeSection":
+        if self.type == "openai" and not self.model:
+            raise ValueError("judge type 'openai' needs 'model' (e.g. gpt-4o)")
+        if self.type == "reference" and (self.model is not None or self.base_url is not None):
+            raise ValueError("judge type 'reference' takes no 'model' or 'base_url'")
+        return self
+
+
+class EvalSection(_Section):
+    prompts: str = Field(
+        description="Test prompts: a JSONL file (id, prompt, optional reference; relative to the experiment "
+        "file) or a hub dataset as name:split, e.g. HuggingFaceH4/ultrafeedback_binarized:test_prefs."
+    )
+    n: int | None = Field(200, gt=0, description="Use the first n prompts; null for all.")
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    judge: JudgeSection
+    accuracy_by: str | None = Field(
+        None,
+        description="Field of the JSONL prompt file to break reference accuracy down by (true/false fields "
+        "give columns '<field>' and 'no-<field>'). Needs reference answers.",
+    )
+    n_bootstrap: int = Field(1000, gt=0, description="Bootstrap resamples for the win-rate intervals.")
+
+
+class Experiment(_Section):
+    """A whole experiment file."""
+
+    description: str | None = Field(None, description="What this experiment is for.")
+    output_dir: Path = Field(description="Where everything goes (relative to the working directory).")
+    seeds: list[int] = Field(min_length=1, description="Each seed trains every stage once (training.seed).")
+    sft: StageSpec = Field(description="The SFT run every preference run starts from.")
+    preference: list[StageSpec] = Field(
+        min_length=1, description="Preference runs; each starts from the same seed's SFT output."
+    )
+    recipe_set: list[str] = Field(
+        default_factory=list,
+        description="`key.path=value` overrides applied to every recipe (e.g. fewer steps for a quick check).",
+    )
+    eval: EvalSection
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Experiment":
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        names = [self.sft.name, *(p.name for p in self.preference)]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"stage names must be distinct; repeated: {', '.join(repeated)}")
+        if "generations" in names:
+            raise ValueError("'generations' is reserved for the answers folder; rename that stage")
+        return self
+
+
+@dataclass(frozen=True)
+class LoadedExperiment:
+    """A valid experiment and where it was read from (recipe and prompt paths are relative to it)."""
+
+    spec: Experiment
+    path: Path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.resolve().parent
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.spec.output_dir).expanduser().resolve()
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.output_dir / f"seed{seed}"
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [self.spec.sft.name, *(p.name for p in self.spec.preference)]
+
+    def prompts_source(self) -> str:
+        """A local prompt file as an absolute path, else the dataset id as written."""
+        local = self.base_dir / self.spec.eval.prompts
+        return str(local) if local.is_file() else self.spec.eval.prompts
+
+
+# ---------------------------------------------------------------- loading (errors with file:line)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _model_at(path: KeyPath) -> type[BaseModel] | None:
+    model: type[BaseModel] = Experiment
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field_info = model.model_fields.get(part)
+        candidates = _models_in(field_info.annotation) if field_info else []
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def _errors_from(exc: ValidationError, positions: Positions, file: str) -> list[RecipeError]:
+    errors = []
+    for err in exc.errors(include_url=False):
+        path: KeyPath = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(path[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            where = f"in '{dotted(path[:-1])}'" if path[:-1] else "at the top level"
+            message = f"unknown key '{path[-1]}' {where}{did_you_mean(str(path[-1]), valid)}; valid keys: {', '.join(valid)}"
+        elif err["type"] == "missing":
+            message = f"required key '{path[-1]}' is missing"
+        elif err["type"] == "literal_error" and isinstance(err.get("input"), str):
+            choices = [c.strip(" '") for c in str(err.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")]
+            message += did_you_mean(err["input"], [c for c in choices if c])
+        errors.append(make_error(path, message, positions, file))
+    return errors
+
+
+def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperiment:
+    """Read and validate an experiment file; raise `RecipeErrors` with every problem and its line."""
+    from spo_align.recipe.load import apply_overrides
+
+    path = Path(path)
+    file = str(path)
+    data, positions, errors = read_yaml_file(path)
+    if errors:
+        raise RecipeErrors(errors)
+    if not isinstance(data, dict):
+        raise RecipeErrors([RecipeError(file, 1, 1, "", "an experiment must be a YAML mapping")])
+    errors = apply_overrides(data, positions, overrides, file)
+    if errors:
+        raise RecipeErrors(errors)
+    try:
+        spec = Experiment.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeErrors(_errors_from(exc, positions, file)) from None
+    loaded = LoadedExperiment(spec, path)
+    findings: list[tuple[KeyPath, str]] = []
+    for key, stage in [(("sft",), spec.sft), *((("preference", i), p) for i, p in enumerate(spec.preference))]:
+        if not (loaded.base_dir / stage.recipe).is_file():
+            findings.append((key + ("recipe",), f"recipe file not found: {loaded.base_dir / stage.recipe}"))
+    prompts = spec.eval.prompts
+    looks_local = prompts.endswith((".jsonl", ".json")) or prompts.startswith((".", "/"))
+    if looks_local and not (loaded.base_dir / prompts).is_file():
+        findings.append((("eval", "prompts"), f"prompt file not found: {loaded.base_dir / prompts}"))
+    if spec.eval.accuracy_by is not None and not looks_local:
+        findings.append((("eval", "accuracy_by"), "accuracy_by reads a field of a local JSONL prompt file"))
+    if findings:
+        raise RecipeErrors([make_error(key, message, positions, file) for key, message in findings])
+    return loaded
+
+
+# ---------------------------------------------------------------- the stages
+
+
+@dataclass(frozen=True)
+class StageStep:
+    """One training run: which recipe, with which overrides, into which folder."""
+
+    seed: int
+    name: str
+    recipe_path: Path
+    overrides: tuple[str, ...]
+    output_dir: Path
+
+    @property
+    def command(self) -> str:
+        """The equivalent `spo train` command line (what a user would type to run this step alone)."""
+        sets = " ".join(f"--set '{o}'" for o in self.overrides)
+        return f"spo train {self.recipe_path} {sets} --resume"
+
+
+def plan_stages(experiment: LoadedExperiment) -> list[StageStep]:
+    """Every training run in order (per seed: SFT, then each preference run), each recipe validated.
+
+    Raises `RecipeErrors` for a recipe that does not load with its overrides, before anything runs."""
+    from spo_align.recipe.load import load_recipe
+
+    spec = experiment.spec
+    steps: list[StageStep] = []
+    errors: list[RecipeError] = []
+    for seed in spec.seeds:
+        sft_dir = experiment.seed_dir(seed) / spec.sft.name
+        for stage in [spec.sft, *spec.preference]:
+            out = experiment.seed_dir(seed) / stage.name
+            overrides = [*spec.recipe_set, *stage.set, f"training.seed={seed}", f"output.dir={out}"]
+            if stage is not spec.sft:
+                overrides.append(f"model.name_or_path={sft_dir}")
+            recipe_path = (experiment.base_dir / stage.recipe).resolve()
+            try:
+                recipe = load_recipe(recipe_path, overrides)
+            except RecipeErrors as exc:
+                errors.extend(exc.errors)
+                continue
+            if stage is spec.sft and recipe.stage != "sft":
+                errors.append(RecipeError(str(recipe_path), None, None, "stage", "the experiment's sft recipe must have stage: sft"))
+            if stage is not spec.sft and recipe.stage != "preference":
+                errors.append(RecipeError(str(recipe_path), None, None, "stage", f"preference run '{stage.name}' needs stage: preference"))
+            steps.append(StageStep(seed, stage.name, recipe_path, tuple(overrides), out))
+    if errors:
+        raise RecipeErrors(errors)
+    return steps
+
+
+def stage_is_complete(output_dir: Path) -> bool:
+    """True when the runner has marked the folder as a finished run."""
+    from spo_align.train.outputs import is_complete
+
+    return is_complete(output_dir)
+
+
+def _device() -> Literal["cpu", "cuda"]:
+    from spo_align.train.model import cuda_available
+
+    return "cuda" if cuda_available() else "cpu"
+
+
+def run_stage(step: StageStep) -> float:
+    """Train one stage (resuming an unfinished folder); returns the seconds it took, 0 when skipped."""
+    if stage_is_complete(step.output_dir):
+        logger.info("seed %d %s: finished run in %s, skipping", step.seed, step.name, step.output_dir)
+        return 0.0
+    from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.resolve import resolve
+
+    plan = resolve(load_recipe(step.recipe_path, step.overrides), step.recipe_path, _device())
+    started = time.perf_counter()
+    logger.info("seed %d %s: training (%s)", step.seed, step.name, step.command)
+    if plan.launcher == "inprocess":
+        from spo_align.train.run import run
+
+        run(plan, resume=True, overwrite=False)
+    else:
+        _run_launched(step)
+    if not stage_is_complete(step.output_dir):
+        raise ExperimentError(f"seed {step.seed} {step.name}: the run ended without marking {step.output_dir} finished")
+    return time.perf_counter() - started
+
+
+def _run_launched(step: StageStep) -> None:
+    """Multi-process recipes (DeepSpeed, torchrun) go through `spo train`, which starts the launcher."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "spo_align.cli", "train", str(step.recipe_path), "--resume"]
+    for override in step.overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        raise ExperimentError(f"seed {step.seed} {step.name}: `spo train` exited with {result.returncode}")
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _judge(section: JudgeSection) -> Any:
+    if section.type == "reference":
+        from spo_align.eval.reference_judge import ReferenceJudge
+
+        return ReferenceJudge()
+    from spo_align.eval.judge_client import OpenAIJudge
+
+    assert section.model is not None
+    return OpenAIJudge(section.model, base_url=section.base_url, api_key_env=section.api_key_env)
+
+
+def evaluate_seed(experiment: LoadedExperiment, seed: int, prompts: Sequence[Any], judge: Any) -> Path:
+    """Generate every model's answers for one seed and judge every pair; returns the judgments file."""
+    from spo_align.eval.generate import GenerationSettings, ModelSpec, generate
+    from spo_align.eval.judge import judge_all
+
+    spec = experiment.spec
+    g = spec.eval.generation
+    settings = GenerationSettings(
+        max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, temperature=g.temperature, top_p=g.top_p,
+        seed=seed, engine=g.engine, dtype=g.dtype,
+    )
+    seed_dir = experiment.seed_dir(seed)
+    models = [ModelSpec(str(seed_dir / name), name) for name in experiment.stage_names]
+    generate(models, prompts, settings, seed_dir / "generations")
+    out = seed_dir / "judgments.jsonl"
+    summary = judge_all(seed_dir / "generations", judge, out, models=experiment.stage_names,
+                        concurrency=spec.eval.judge.concurrency)
+    if summary.errors or summary.errors_kept:
+        logger.warning("seed %d: %d judgments failed (rerun the experiment to retry them)", seed,
+                       summary.errors + summary.errors_kept)
+    return out
+
+
+@dataclass(frozen=True)
+class AccuracyRow:
+    model: str
+    seed: int
+    group: str
+    correct: int
+    n: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n
+
+
+def read_prompt_groups(path: Path, field_name: str) -> dict[str, str]:
+    """Prompt id -> group label from one field of a JSONL prompt file (`x`/`no-x` for a boolean field x)."""
+    groups: dict[str, str] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if field_name not in row:
+            raise ExperimentError(f"{path}:{number}: no field '{field_name}' (eval.accuracy_by)")
+        value = row[field_name]
+        groups[str(row["id"])] = (field_name if value else f"no-{field_name}") if isinstance(value, bool) else str(value)
+    return groups
+
+
+def accuracy_rows(experiment: LoadedExperiment, groups: dict[str, str] | None) -> list[AccuracyRow]:
+    """Exact-match accuracy of each model, seed and group (and `all`) from the generation files."""
+    from spo_align.eval.records import read_generation_file
+    from spo_align.eval.reference_judge import exact_match
+
+    rows: list[AccuracyRow] = []
+    for seed in experiment.spec.seeds:
+        for name in experiment.stage_names:
+            records = read_generation_file(experiment.seed_dir(seed) / "generations" / f"{name}.jsonl")
+            tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+            for record in records:
+                if record.reference is None:
+                    return []
+                right = int(exact_match(record.response, record.reference))
+                labels = ["all"] + ([groups[record.prompt_id]] if groups and record.prompt_id in groups else [])
+                for label in labels:
+                    tally[label][0] += right
+                    tally[label][1] += 1
+            rows += [AccuracyRow(name, seed, label, c, n) for label, (c, n) in tally.items()]
+    return rows
+
+
+def accuracy_markdown(rows: Sequence[AccuracyRow], models: Sequence[str], seeds: Sequence[int]) -> str:
+    """Model x group table of mean accuracy over seeds, with the per-seed range."""
+    groups = sorted({r.group for r in rows} - {"all"}) + ["all"]
+    by_key: dict[tuple[str, str], list[AccuracyRow]] = defaultdict(list)
+    for row in rows:
+        by_key[(row.model, row.group)].append(row)
+    lines = [
+        f"Held-out exact-match accuracy (%), mean over {len(seeds)} seed(s) ({', '.join(map(str, seeds))})"
+        + ("; [min, max] over seeds." if len(seeds) > 1 else "."),
+        "",
+        "| model | " + " | ".join(f"{g} (n={by_key[(models[0], g)][0].n})" for g in groups) + " |",
+        "|---" * (len(groups) + 1) + "|",
+    ]
+    for model in models:
+        cells = []
+        for group in groups:
+            accs = [100 * r.accuracy for r in by_key[(model, group)]]
+            cell = f"{statistics.fmean(accs):.1f}"
+            if len(accs) > 1:
+                cell += f" [{min(accs):.1f}, {max(accs):.1f}]"
+            cells.append(cell)
+        lines.append(f"| **{model}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_accuracy(rows: Sequence[AccuracyRow], experiment: LoadedExperiment) -> list[Path]:
+    out = experiment.output_dir
+    md = out / "accuracy.md"
+    md.write_text(accuracy_markdown(rows, experiment.stage_names, experiment.spec.seeds), encoding="utf-8")
+    csv_path = out / "accuracy.csv"
+    lines = ["model,seed,group,correct,n,accuracy"]
+    lines += [f"{r.model},{r.seed},{r.group},{r.correct},{r.n},{r.accuracy:.6f}" for r in rows]
+    csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [md, csv_path]
+
+
+def write_win_rates(experiment: LoadedExperiment, judge: Any) -> tuple[Any, list[Path]]:
+    """The matrix pooled over seeds (each seed's prompts count once per seed), plus one table per seed."""
+    from spo_align.eval.judge_store import read_judgments
+    from spo_align.eval.table import (
+        combine_orders,
+        to_markdown,
+        win_rate_table_from_outcomes,
+        write_csv,
+        write_heatmap,
+    )
+
+    spec = experiment.spec
+    models = experiment.stage_names
+    out = experiment.output_dir
+    pooled: list[Any] = []
+    incomplete = 0
+    written: list[Path] = []
+    for seed in spec.seeds:
+        records = [
+            r for r in read_judgments(experiment.seed_dir(seed) / "judgments.jsonl")
+            if r.judge_model == judge.model and r.prompt_version == judge.prompt_version
+        ]
+        outcomes, missing = combine_orders(records, group=f"seed{seed}")
+        pooled += outcomes
+        incomplete += missing
+        per_seed = win_rate_table_from_outcomes(
+            outcomes, models, judge_model=judge.model, prompt_version=judge.prompt_version,
+            n_bootstrap=spec.eval.n_bootstrap, incomplete=missing,
+        )
+        path = out / f"win_rates_seed{seed}.md"
+        path.write_text(f"Seed {seed} only.\n\n" + to_markdown(per_seed), encoding="utf-8")
+        written.append(path)
+    table = win_rate_table_from_outcomes(
+        pooled, models, judge_model=judge.model, prompt_version=judge.prompt_version,
+        n_bootstrap=spec.eval.n_bootstrap, incomplete=incomplete,
+    )
+    seeds = ", ".join(map(str, spec.seeds))
+    header = (
+        f"Averaged over {len(spec.seeds)} seed(s) ({seeds}): each cell pools every seed's prompts, "
+        f"so n = prompts x seeds and the cell is the mean of the per-seed win rates.\n\n"
+    )
+    md = out / "win_rates.md"
+    md.write_text(header + to_markdown(table), encoding="utf-8")
+    written += [md, write_csv(table, out / "win_rates.csv")]
+    title = f"Win rate (%) of row vs column, judge {judge.model}, mean of {len(spec.seeds)} seed(s)"
+    written.append(write_heatmap(table, out / "win_rates.png", title=title))
+    return table, written
+
+
+# ---------------------------------------------------------------- the whole experiment
+
+
+@dataclass
+class ExperimentResult:
+    output_dir: Path
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
+    """Train every stage, then generate, judge and tabulate; resumable at every step."""
+    from spo_align.eval.generate import load_prompts
+
+    started = time.perf_counter()
+    spec = experiment.spec
+    steps = plan_stages(experiment)  # every recipe checked before the first step runs
+    prompts = load_prompts(experiment.prompts_source(), spec.eval.n)
+    judge = _judge(spec.eval.judge)
+    if judge.needs_reference and any(p.reference is None for p in prompts):
+        raise ExperimentError(f"{experiment.path}: eval.judge 'reference' needs a reference answer for every prompt")
+    groups = None
+    if spec.eval.accuracy_by is not None:
+        groups = read_prompt_groups(Path(experiment.prompts_source()), spec.eval.accuracy_by)
+    result = ExperimentResult(experiment.output_dir)
+    experiment.output_dir.mkdir(parents=True, exist_ok=True)
+    for seed in spec.seeds:
+        for step in (s for s in steps if s.seed == seed):
+            label = f"seed{seed}/{step.name}"
+            seconds = run_stage(step)
+            (result.trained if seconds else result.skipped).append(label)
+            result.stage_seconds[label] = seconds
+        evaluate_seed(experiment, seed, prompts, judge)
+    _, result.files = write_win_rates(experiment, judge)
+    rows = accuracy_rows(experiment, groups)
+    if rows:
+        result.files += write_accuracy(rows, experiment)
+    result.wall_seconds = time.perf_counter() - started
+    summary = {
+        "experiment": str(experiment.path),
+        "seeds": spec.seeds,
+        "trained": result.trained,
+        "skipped": result.skipped,
+        "stage_seconds": result.stage_seconds,
+        "wall_seconds": round(result.wall_seconds, 1),
+    }
+    (experiment.output_dir / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    logger.info("experiment done in %.0f s: %d stages trained, %d skipped; tables in %s",
+                result.wall_seconds, len(result.trained), len(result.skipped), experiment.output_dir)
+    return result

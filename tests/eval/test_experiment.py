@@ -1,0 +1,195 @@
+"""`spo experiment`: the experiment file (errors with lines), the stage plan, the tables, and a
+scaled-down tiny experiment run end to end twice (the second run must skip everything)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spo_align.eval.experiment import (
+    AccuracyRow,
+    accuracy_markdown,
+    load_experiment,
+    plan_stages,
+    read_prompt_groups,
+)
+from spo_align.recipe.errors import RecipeErrors
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "experiments" / "tiny.yaml"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+GOOD = f"""\
+output_dir: out
+seeds: [0, 1]
+sft: {{name: sft, recipe: {ROOT}/recipes/tiny/sft.yaml}}
+preference:
+  - {{name: spo, recipe: {ROOT}/recipes/tiny/spo.yaml}}
+eval:
+  prompts: {ROOT}/data/tiny/test.jsonl
+  judge: {{type: reference}}
+"""
+
+
+def _messages(exc: pytest.ExceptionInfo[RecipeErrors]) -> str:
+    return exc.value.format("text")
+
+
+def test_unknown_key_is_reported_with_its_line_and_a_suggestion(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD.replace("  judge: {type: reference}", "  judge: {type: reference}\n  n_bootstrp: 10"))
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(path)
+    assert f"{path}:9:3: eval.n_bootstrp: unknown key 'n_bootstrp' in 'eval' (did you mean 'n_bootstrap'?)" in _messages(exc)
+
+
+def test_openai_judge_needs_a_model_and_reference_judge_takes_none(tmp_path: Path) -> None:
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, GOOD.replace("{type: reference}", "{type: openai}")))
+    assert ":8:" in _messages(exc) and "needs 'model'" in _messages(exc)
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, GOOD.replace("{type: reference}", "{type: reference, model: gpt-4o}")))
+    assert "takes no 'model'" in _messages(exc)
+
+
+def test_missing_recipe_and_repeated_names_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, GOOD.replace("tiny/spo.yaml", "tiny/nope.yaml")))
+    assert f"{tmp_path / 'exp.yaml'}:5:" in _messages(exc) and "recipe file not found" in _messages(exc)
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, GOOD.replace("name: spo", "name: sft")))
+    assert "stage names must be distinct; repeated: sft" in _messages(exc)
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, GOOD), ["seeds=[3, 3]"])
+    assert "seeds must be distinct" in _messages(exc)
+
+
+def test_set_overrides_apply_and_are_named_in_errors(tmp_path: Path) -> None:
+    experiment = load_experiment(_write(tmp_path, GOOD), ["seeds=[7]", "eval.n=5"])
+    assert experiment.spec.seeds == [7] and experiment.spec.eval.n == 5
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, GOOD), ["eval.n=0"])
+    assert "[from --set eval.n=0]" in _messages(exc)
+
+
+def test_plan_points_every_preference_run_at_its_seeds_sft_output(tmp_path: Path) -> None:
+    experiment = load_experiment(_write(tmp_path, GOOD), ["recipe_set=[training.max_steps=3]"])
+    steps = plan_stages(experiment)
+    assert [(s.seed, s.name) for s in steps] == [(0, "sft"), (0, "spo"), (1, "sft"), (1, "spo")]
+    out = experiment.output_dir
+    spo1 = steps[3]
+    assert spo1.output_dir == out / "seed1" / "spo"
+    assert f"model.name_or_path={out / 'seed1' / 'sft'}" in spo1.overrides
+    assert {"training.max_steps=3", "training.seed=1", f"output.dir={out / 'seed1' / 'spo'}"} <= set(spo1.overrides)
+    assert not any(o.startswith("model.name_or_path") for o in steps[2].overrides)
+
+
+def test_a_recipe_override_error_names_the_recipe_before_anything_runs(tmp_path: Path) -> None:
+    experiment = load_experiment(_write(tmp_path, GOOD), ["recipe_set=[training.learning_rat=1]"])
+    with pytest.raises(RecipeErrors) as exc:
+        plan_stages(experiment)
+    assert "recipes/tiny/sft.yaml" in _messages(exc) and "did you mean 'learning_rate'" in _messages(exc)
+    assert not experiment.output_dir.exists()
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "paper-qwen2.5-7b.yaml", "paper-llama-3.1-8b.yaml"])
+def test_shipped_experiments_and_their_recipes_validate(name: str) -> None:
+    experiment = load_experiment(ROOT / "experiments" / name)
+    steps = plan_stages(experiment)
+    assert len(steps) == len(experiment.spec.seeds) * 5
+    assert [s.name for s in steps[:5]] == ["sft", "dpo", "kto", "ipo", "spo"]
+
+
+def test_tiny_experiment_has_several_seeds_and_the_carry_breakdown() -> None:
+    spec = load_experiment(TINY).spec
+    assert len(spec.seeds) > 1 and spec.eval.judge.type == "reference" and spec.eval.accuracy_by == "carry"
+
+
+def test_boolean_field_groups_prompts_as_field_and_no_field() -> None:
+    groups = read_prompt_groups(ROOT / "data" / "tiny" / "test.jsonl", "carry")
+    assert len(groups) == 200
+    assert sorted(set(groups.values())) == ["carry", "no-carry"]
+    assert list(groups.values()).count("carry") == 90
+
+
+def test_accuracy_table_averages_seeds_and_shows_their_range() -> None:
+    rows = [
+        AccuracyRow("sft", 0, "carry", 1, 10), AccuracyRow("sft", 1, "carry", 3, 10),
+        AccuracyRow("sft", 0, "all", 11, 20), AccuracyRow("sft", 1, "all", 13, 20),
+        AccuracyRow("spo", 0, "carry", 9, 10), AccuracyRow("spo", 1, "carry", 10, 10),
+        AccuracyRow("spo", 0, "all", 19, 20), AccuracyRow("spo", 1, "all", 20, 20),
+    ]
+    text = accuracy_markdown(rows, ["sft", "spo"], [0, 1])
+    assert "mean over 2 seed(s) (0, 1)" in text
+    assert "| model | carry (n=10) | all (n=20) |" in text
+    assert "| **sft** | 20.0 [10.0, 30.0] | 60.0 [55.0, 65.0] |" in text
+    assert "| **spo** | 95.0 [90.0, 100.0] | 97.5 [95.0, 100.0] |" in text
+
+
+# ---------------------------------------------------------------- end to end
+
+
+QUICK = [
+    "output_dir={out}",
+    "eval.n=24",
+    "eval.n_bootstrap=50",
+    # A few steps on a few rows: the plumbing, not the learning, is under test here.
+    "recipe_set=[training.max_steps=4, training.per_device_batch_size=8, training.save_steps=2, "
+    "training.logging_steps=1, data.train.0.max_samples=64]",
+]
+
+
+def _judgment_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from spo_align.eval.experiment import run_experiment
+
+    torch.set_num_threads(1)
+    out = tmp_path / "exp"
+    experiment = load_experiment(TINY, [o.format(out=out) for o in QUICK])
+    stages = [f"seed{s}/{n}" for s in (0, 1) for n in ("sft", "dpo", "kto", "ipo", "spo")]
+
+    first = run_experiment(experiment)
+    assert first.trained == stages and first.skipped == []
+    for seed in (0, 1):
+        for name in ("sft", "dpo", "kto", "ipo", "spo"):
+            assert (out / f"seed{seed}" / name / "COMPLETE").is_file()
+            assert (out / f"seed{seed}" / "generations" / f"{name}.jsonl").is_file()
+        # 10 pairs of models x 24 prompts x 2 orders
+        assert len(_judgment_lines(out / f"seed{seed}" / "judgments.jsonl")) == 10 * 24 * 2
+    win_rates = (out / "win_rates.md").read_text(encoding="utf-8")
+    assert "Averaged over 2 seed(s) (0, 1)" in win_rates and "n=48" in win_rates
+    assert (out / "win_rates.png").stat().st_size > 0 and (out / "win_rates_seed1.md").is_file()
+    accuracy = (out / "accuracy.md").read_text(encoding="utf-8")
+    assert "carry (n=" in accuracy and "no-carry (n=" in accuracy and "all (n=24)" in accuracy
+    csv_rows = (out / "accuracy.csv").read_text(encoding="utf-8").splitlines()
+    assert len(csv_rows) == 1 + 2 * 5 * 3  # header + seeds x models x {carry, no-carry, all}
+
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("seed*/generations/*.jsonl")}
+    judged = {s: _judgment_lines(out / f"seed{s}" / "judgments.jsonl") for s in (0, 1)}
+    second = run_experiment(experiment)
+    assert second.trained == [] and second.skipped == stages
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert {s: _judgment_lines(out / f"seed{s}" / "judgments.jsonl") for s in (0, 1)} == judged
+    assert (out / "win_rates.md").read_text(encoding="utf-8") == win_rates
+
+    # An interrupted stage (no completion marker) is trained again, and only it; no judgment is asked twice.
+    (out / "seed1" / "spo" / "COMPLETE").unlink()
+    (out / "seed1" / "generations" / "spo.jsonl").unlink()
+    third = run_experiment(experiment)
+    assert third.trained == ["seed1/spo"]
+    assert _judgment_lines(out / "seed0" / "judgments.jsonl") == judged[0]
+    keys = [tuple(json.loads(line)[k] for k in ("prompt_id", "model_a", "model_b"))
+            for line in _judgment_lines(out / "seed1" / "judgments.jsonl")]
+    assert len(keys) == len(set(keys)) == 10 * 24 * 2
