@@ -1,0 +1,155 @@
+"""Per-sequence log-probs of a collated pair batch: decoder body, then the LM head on scored positions only.
+
+The model is unwrapped down to the causal-LM module (DeepSpeed engine / DDP `.module`, peft's
+`get_base_model()`: LoRA layers are injected in place, so the base model's decoder carries them and
+`disable_adapter()` still applies). Its decoder runs with ``use_cache=False`` (transformers derives the
+packed per-sequence mask only without a cache) and returns the final hidden states; then
+`spo_align.losses.sequence_logps` applies the head at labelled positions, chunked, in fp32.
+
+ZeRO-3 partitions every weight outside its module's forward, so ``lm_head.weight`` cannot be read
+directly. The head is therefore always entered through the lm_head module's own ``__call__`` (whose
+DeepSpeed hooks gather the weight for the forward and again for the backward) with a forward that
+computes the sequence log-probs: `_HeadCall`. Tied embeddings need nothing special: the head's weight is
+the embedding parameter, gathered by the same hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from spo_align.losses import DEFAULT_CHUNK_SIZE, sequence_logps
+
+
+class ModelLayoutError(TypeError):
+    """The model does not expose a decoder and a plain linear LM head."""
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The `*ForCausalLM` module under DeepSpeed/DDP wrappers and a peft `PeftModel`."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+    raise ModelLayoutError("could not unwrap the model (wrappers nested too deep)")
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    decoder: nn.Module
+    lm_head: nn.Linear
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    causal = unwrap_causal_lm(model)
+    decoder = causal.get_decoder() if hasattr(causal, "get_decoder") else None
+    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
+    if decoder is None or head is None:
+        raise ModelLayoutError(f"{type(causal).__name__} has no decoder / output embeddings")
+    if hasattr(head, "base_layer") or not isinstance(head, nn.Linear):
+        raise ModelLayoutError(
+            f"the LM head is a {type(head).__name__}: only a plain nn.Linear head is supported "
+            "(do not put a LoRA adapter on lm_head)"
+        )
+    if head.bias is not None:
+        raise ModelLayoutError("LM heads with a bias are not supported")
+    config = getattr(causal, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        raise ModelLayoutError(f"{type(causal).__name__} scales or softcaps its logits; not supported yet")
+    return ModelParts(decoder=decoder, lm_head=head)
+
+
+def _head_forward(
+    self: nn.Linear,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    num_segments: int | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    return sequence_logps(
+        hidden, self.weight, labels, segment_ids=segment_ids, num_segments=num_segments, chunk_size=chunk_size
+    )
+
+
+def head_logps(
+    lm_head: nn.Linear,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    segment_ids: torch.Tensor | None = None,
+    num_segments: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """`sequence_logps` through the head module's `__call__`, so ZeRO-3 gathers its weight (see module doc)."""
+    lm_head.forward = _head_forward.__get__(lm_head)  # type: ignore[method-assign]
+    try:
+        return lm_head(hidden, labels, segment_ids, num_segments, chunk_size)
+    finally:
+        del lm_head.forward
+
+
+def _hidden(decoder: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    return decoder(**inputs, use_cache=False).last_hidden_state
+
+
+def logps_from_parts(parts: ModelParts, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Summed completion log-probs of the batch's 2B sequences (chosen then rejected), fp32 [2B].
+
+    Padded batches carry an attention mask. Packed batches carry flat ``[1, total]`` tensors split by
+    ``row_lengths`` (one forward per row), or ``[R, L]`` stacked rows (one forward; the padding tail of
+    each row is a segment of its own, so it is never attended to by real tokens).
+    """
+    num_sequences = 2 * int(batch["pair_index"].shape[0])
+    if "attention_mask" in batch:
+        hidden = _hidden(parts.decoder, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return head_logps(parts.lm_head, hidden, batch["labels"], chunk_size=chunk_size)
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    lengths = [int(n) for n in batch["row_lengths"].tolist()]
+    if ids.shape[0] > 1 or len(lengths) == 1:
+        hidden = _hidden(parts.decoder, input_ids=ids, position_ids=pos)
+    else:
+        hidden = torch.cat(
+            [
+                _hidden(parts.decoder, input_ids=i, position_ids=p)
+                for i, p in zip(ids.split(lengths, dim=1), pos.split(lengths, dim=1))
+            ],
+            dim=1,
+        )
+    return head_logps(
+        parts.lm_head,
+        hidden,
+        batch["labels"],
+        segment_ids=batch["segment_ids"],
+        num_segments=num_sequences,
+        chunk_size=chunk_size,
+    )
+
+
+def batch_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """`logps_from_parts`, entered through the outermost wrapper's forward.
+
+    DDP and DeepSpeed do per-step bookkeeping in their own ``forward`` (DDP prepares the gradient
+    reducer; DeepSpeed 0.19 registers the backward prologue of ZeRO on the outputs), so the call must go
+    through them. The causal LM's ``forward`` is swapped for the log-prob computation for the duration
+    of the call; the wrappers (and peft, whose LoRA tuner calls ``model.forward``) pass through to it.
+    """
+    causal = unwrap_causal_lm(model)
+    parts = model_parts(causal)
+
+    def forward(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+        return logps_from_parts(parts, batch, chunk_size=chunk_size)
+
+    causal.forward = forward  # type: ignore[method-assign]
+    try:
+        return model(input_ids=batch["input_ids"])
+    finally:
+        del causal.forward

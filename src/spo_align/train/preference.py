@@ -1,0 +1,173 @@
+"""The preference stage (spo, dpo, ipo): data -> pairs -> tokens -> row policy -> layout -> trainer.
+
+`run_preference(plan, ctx)` is what `train/run.py` calls. Reported into ``ctx.run_info``: the row-policy
+counts, the batch layout and its padding share (padded vs packed, over the training data as it will be
+batched), the reference mode, and the real (non-pad) tokens per second of the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from spo_align.data.pairs import load_pair_dataset
+from spo_align.data.policies import PolicyCounts, apply_pair_policy
+from spo_align.data.tokenize import tokenize_pairs
+from spo_align.recipe.schema import DataSection, DatasetSource, DPOLoss, IPOLoss, SPOLoss
+from spo_align.train.collate import Layout, LayoutStats, PairCollator, choose_layout, layout_stats
+
+if TYPE_CHECKING:
+    import datasets
+
+    from spo_align.recipe.resolve import RunPlan
+    from spo_align.train.context import RunContext
+    from spo_align.train.preference_trainer import PairLossFn
+
+logger = logging.getLogger(__name__)
+
+
+class PreferenceSetupError(ValueError):
+    """The recipe cannot run as a pairwise preference stage."""
+
+
+def make_pair_loss(loss: Any, ipo_tau: float | None = None) -> "PairLossFn":
+    """The `spo_align.losses` function for the recipe's loss section, with its hyperparameters bound."""
+    from spo_align import losses
+
+    if isinstance(loss, SPOLoss):
+        return functools.partial(losses.spo_loss, beta=loss.beta, alpha=loss.alpha, z_floor=loss.z_floor)
+    if isinstance(loss, DPOLoss):
+        return functools.partial(losses.dpo_loss, beta=loss.beta, label_smoothing=loss.label_smoothing)
+    if isinstance(loss, IPOLoss):
+        return functools.partial(losses.ipo_loss, tau=ipo_tau if ipo_tau is not None else loss.resolved_tau)
+    raise PreferenceSetupError(f"loss {getattr(loss, 'type', loss)!r} is not a pairwise loss (spo, dpo or ipo)")
+
+
+@dataclass(frozen=True)
+class PreparedPairs:
+    dataset: "datasets.Dataset"
+    counts: PolicyCounts
+
+
+def prepare_pairs(
+    sources: list[DatasetSource],
+    data: DataSection,
+    tokenizer: Any,
+    *,
+    base_dir: Any = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    check_columns: Any = None,
+) -> PreparedPairs:
+    """Load, convert, tokenize and apply the row policy; add ``pair_index`` (0..N-1, the training order)."""
+    ds = load_pair_dataset(sources, base_dir, shuffle=shuffle, seed=seed, check_columns=check_columns)
+    ds = tokenize_pairs(ds, tokenizer, num_proc=data.num_proc)
+    kept, counts = apply_pair_policy(ds, data.policy, data.max_length)
+    kept = kept.remove_columns([c for c in kept.column_names if c not in ("prompt_ids", "chosen_ids", "rejected_ids")])
+    kept = kept.add_column("pair_index", list(range(len(kept))))
+    return PreparedPairs(kept, counts)
+
+
+def dataset_layout_stats(ds: "datasets.Dataset", batch_size: int, pack_length: int, layout: Layout) -> LayoutStats:
+    lengths = [(len(p), len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+    return layout_stats(
+        [x[0] for x in lengths], [x[1] for x in lengths], [x[2] for x in lengths], batch_size, pack_length, layout
+    )
+
+
+def _zero3(plan: "RunPlan") -> bool:
+    return plan.zero_stage == 3
+
+
+def run_preference(plan: "RunPlan", ctx: "RunContext") -> None:
+    """Train the recipe's preference stage; save through `ctx.save_final`."""
+    import torch
+
+    from spo_align.train.args import build_training_args
+    from spo_align.train.columns import require_columns
+    from spo_align.train.model import apply_adapter, load_model, load_tokenizer, resolve_attention
+    from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
+    from spo_align.train.reference import CACHE_DIRNAME
+
+    recipe = plan.recipe
+    pair_loss = make_pair_loss(recipe.loss, plan.ipo_tau)
+    data = recipe.data
+    t = recipe.training
+
+    # TrainingArguments first: under ZeRO-3 it makes from_pretrained load the weights already sharded.
+    args = build_training_args(plan, ctx.output_dir, remove_unused_columns=False)
+    tokenizer = load_tokenizer(plan)
+
+    def checker(split: str) -> Any:
+        return lambda index, ds: require_columns(plan, split, index, ds, ["chosen", "rejected"])
+
+    train = prepare_pairs(
+        list(data.train), data, tokenizer, base_dir=plan.base_dir, seed=t.seed, shuffle=data.shuffle,
+        check_columns=checker("train"),
+    )
+    evaluation = (
+        prepare_pairs(list(data.eval), data, tokenizer, base_dir=plan.base_dir, seed=t.seed, shuffle=False,
+                      check_columns=checker("eval"))
+        if data.eval
+        else None
+    )
+    ctx.run_info["row_policy"] = train.counts.as_dict()
+    if evaluation is not None:
+        ctx.run_info["row_policy_eval"] = evaluation.counts.as_dict()
+
+    attention = resolve_attention(plan)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    layout = choose_layout(data.packing, attention, device_type, zero3=_zero3(plan))
+    pack_length = plan.pack_length or data.max_length
+    stats = dataset_layout_stats(train.dataset, t.per_device_batch_size, pack_length, layout)
+    logger.info(
+        "batch layout %s: padding share %.1f%% padded vs %.1f%% packed (%d real tokens; micro-batches of %d pairs%s)",
+        layout,
+        100 * stats.padded_share,
+        100 * stats.packed_share,
+        stats.real_tokens,
+        t.per_device_batch_size,
+        f", rows of <= {pack_length} tokens" if layout in ("packed_rows", "packed_batch") else "",
+    )
+    ctx.run_info["layout"] = {"layout": layout, "pack_length": pack_length if data.packing else None, **stats.as_dict()}
+
+    model = load_model(plan)
+    adapter = recipe.adapter is not None
+    if adapter:
+        model = apply_adapter(model, plan)
+    if recipe.reference.precompute:
+        reference = ReferenceSpec(
+            kind="precomputed",
+            cache_dir=ctx.output_dir / CACHE_DIRNAME,
+            adapter=adapter,
+            settings={"max_length": data.max_length, "layout": layout, "pack_length": pack_length},
+        )
+    elif adapter and plan.reference_model_path is None:
+        reference = ReferenceSpec(kind="adapter")
+    else:
+        reference = ReferenceSpec(kind="model", model=load_model(plan, plan.reference_model_path, for_training=False))
+    ctx.run_info["reference"] = reference.kind
+
+    trainer = PreferenceTrainer(
+        model=model,
+        args=args,
+        train_dataset=train.dataset,
+        eval_dataset=evaluation.dataset if evaluation is not None else None,
+        data_collator=PairCollator(tokenizer.pad_token_id, layout, pack_length),
+        processing_class=tokenizer,
+        callbacks=list(ctx.callbacks),
+        pair_loss=pair_loss,
+        reference=reference,
+    )
+    result = trainer.train(resume_from_checkpoint=ctx.resume_from_checkpoint)
+    tokens = torch.tensor([trainer.real_tokens], dtype=torch.long, device=args.device)
+    tokens = trainer.accelerator.reduce(tokens, reduction="sum")
+    runtime = float(result.metrics.get("train_runtime", 0.0))
+    ctx.run_info["real_tokens"] = int(tokens.item())
+    ctx.run_info["real_tokens_per_second"] = round(int(tokens.item()) / runtime, 2) if runtime > 0 else None
+    ctx.run_info["reference_forwards"] = trainer.reference_forwards
+    logger.info("real tokens/s: %s", ctx.run_info["real_tokens_per_second"])
+    if ctx.save_final is not None:
+        ctx.save_final(trainer)

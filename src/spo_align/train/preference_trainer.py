@@ -1,0 +1,261 @@
+"""The preference trainer: `transformers.Trainer` with our pair losses, padded or packed batches.
+
+Not TRL's DPOTrainer: its tokenization and batching fight packing and its loss types do not match the
+paper. The Trainer supplies the loop (optimizer, scheduler, DeepSpeed, checkpoints, resume, callbacks);
+this subclass supplies `compute_loss`, evaluation, metric averaging and the reference log-probs.
+
+Reference log-probs come from one of (`ReferenceKind`):
+- ``adapter``: the policy itself with its LoRA adapter disabled, under no_grad (no second copy);
+- ``model``: a frozen copy (under ZeRO-3 wrapped as a DeepSpeed inference engine, so it is sharded too);
+- ``precomputed``: a table computed once at train begin (same layout as training), cached under the
+  output folder and read back on resume or by a second run with the same key; no reference in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from spo_align.losses import DEFAULT_CHUNK_SIZE, PairLoss
+from spo_align.train.logps import batch_logps
+from spo_align.train.reference import (
+    CacheKey,
+    ReferenceCache,
+    ReferenceCacheError,
+    compute_reference_table,
+    make_key,
+)
+
+logger = logging.getLogger(__name__)
+
+PairLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], PairLoss]
+ReferenceKind = Literal["adapter", "model", "precomputed"]
+
+
+@dataclass
+class ReferenceSpec:
+    kind: ReferenceKind
+    model: nn.Module | None = None
+    """The frozen reference model (kind ``model``)."""
+    cache_dir: Path | None = None
+    """Where precomputed tables live (kind ``precomputed``)."""
+    adapter: bool = False
+    """Precomputed from the policy with its adapter disabled (LoRA) rather than as it starts (full FT)."""
+    settings: dict[str, Any] | None = None
+    """Layout settings that enter the cache key (max_length, layout, pack_length)."""
+
+
+class _PrecomputeAtTrainBegin(TrainerCallback):
+    """Computes missing reference tables once the model is wrapped (ZeRO-3 needs the engine's hooks)."""
+
+    def __init__(self, trainer: "PreferenceTrainer") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.ensure_reference_tables(resumed=state.global_step > 0)
+
+
+def _prepare_deepspeed_reference(model: nn.Module, accelerator: Any) -> nn.Module:
+    """Wrap a frozen reference as a DeepSpeed inference engine with the run's ZeRO config (stage 3 stays
+    sharded; other stages keep a full copy per rank, ZeRO-0)."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        config["zero_optimization"] = {"stage": 0}
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+class PreferenceTrainer(Trainer):
+    """A `Trainer` for pairwise preference losses (spo, dpo, ipo) over collated pair batches."""
+
+    def __init__(
+        self,
+        *args: Any,
+        pair_loss: PairLossFn,
+        reference: ReferenceSpec,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        # compute_loss returns the mean over the micro-batch's pairs: the Trainer must divide by the
+        # accumulation steps itself (it skips that when it thinks the model normalised by item count).
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self.pair_loss = pair_loss
+        self.reference = reference
+        self.chunk_size = chunk_size
+        self.reference_forwards = 0
+        """Reference forward passes run by this trainer (live or precompute); tests count them."""
+        self.real_tokens = 0
+        """Non-pad tokens of the policy's training forwards on this rank."""
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._tables: dict[str, torch.Tensor] = {}
+        self._keys: dict[str, CacheKey] = {}
+        if reference.kind == "model":
+            if reference.model is None:
+                raise ValueError("reference kind 'model' needs the reference model")
+            if self.is_deepspeed_enabled:
+                reference.model = _prepare_deepspeed_reference(reference.model, self.accelerator)
+            else:
+                reference.model = reference.model.to(self.args.device).eval().requires_grad_(False)
+        if reference.kind == "precomputed":
+            if reference.cache_dir is None:
+                raise ValueError("reference kind 'precomputed' needs cache_dir")
+            self.add_callback(_PrecomputeAtTrainBegin(self))
+
+    # ------------------------------------------------------------------ reference
+
+    def _splits(self) -> dict[str, Any]:
+        splits = {"train": self.train_dataset}
+        if self.eval_dataset is not None:
+            splits["eval"] = self.eval_dataset
+        return splits
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        if self.reference.kind == "precomputed":
+            # Keys are taken now, from the weights the run starts from: train() loads a checkpoint's weights.
+            self.read_reference_tables()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def read_reference_tables(self) -> None:
+        """Take the cache keys from the starting weights and read any cached tables."""
+        assert self.reference.cache_dir is not None
+        cache = ReferenceCache(self.reference.cache_dir)
+        for split, ds in self._splits().items():
+            if split in self._tables:
+                continue
+            self._keys[split] = make_key(self.model, self.processing_class, ds, self.reference.settings or {})
+            table = cache.load(self._keys[split], split)
+            if table is not None:
+                self._tables[split] = table
+
+    def ensure_reference_tables(self, *, resumed: bool) -> None:
+        """Compute (and cache) every missing table. Called at train begin, on every rank."""
+        missing = [s for s in self._splits() if s not in self._tables]
+        if not missing:
+            return
+        if resumed and not self.reference.adapter:
+            raise ReferenceCacheError(
+                f"resuming a full fine-tuning run whose reference log-probs ({', '.join(missing)}) are not in "
+                f"{self.reference.cache_dir}: the starting weights are gone, so they cannot be recomputed"
+            )
+        assert self.reference.cache_dir is not None
+        cache = ReferenceCache(self.reference.cache_dir)
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        for split in missing:
+            ds = self._splits()[split]
+            batch_size = self.args.per_device_train_batch_size if split == "train" else self.args.per_device_eval_batch_size
+            logger.info("precomputing reference log-probs for %d %s pairs", len(ds), split)
+            table = compute_reference_table(
+                model,
+                ds,
+                self.data_collator,
+                batch_size,
+                device=self.args.device,
+                disable_adapter=self.reference.adapter,
+                rank=self.args.process_index,
+                world_size=self.args.world_size,
+                on_forward=self._count_reference_forward,
+            )
+            if self.args.process_index == 0:
+                cache.save(self._keys[split], split, table)
+            self._tables[split] = table
+        self.accelerator.wait_for_everyone()
+
+    def _count_reference_forward(self) -> None:
+        self.reference_forwards += 1
+
+    def reference_logps(self, model: nn.Module, inputs: dict[str, Any], split: str) -> torch.Tensor:
+        """[2B] reference log-probs (chosen then rejected) for the batch."""
+        kind = self.reference.kind
+        if kind == "precomputed":
+            if split not in self._tables:
+                raise ReferenceCacheError(f"no precomputed reference log-probs for the {split} split")
+            rows = self._tables[split][inputs["pair_index"].cpu()]
+            return torch.cat([rows[:, 0], rows[:, 1]]).to(inputs["input_ids"].device)
+        self.reference_forwards += 1
+        with torch.no_grad():
+            if kind == "adapter":
+                from spo_align.train.reference import adapter_disabled
+
+                with adapter_disabled(model):
+                    return batch_logps(model, inputs, chunk_size=self.chunk_size)
+            assert self.reference.model is not None
+            return batch_logps(self.reference.model, inputs, chunk_size=self.chunk_size)
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        split = "train" if model.training else "eval"
+        policy = batch_logps(model, inputs, chunk_size=self.chunk_size)
+        reference = self.reference_logps(model, inputs, split).to(policy.dtype)
+        b = policy.shape[0] // 2
+        out = self.pair_loss(policy[:b], policy[b:], reference[:b], reference[b:])
+        loss = out.losses.mean()
+        if split == "train":
+            self.real_tokens += int(inputs["num_real_tokens"])
+        self._record(split, policy[:b].detach(), policy[b:].detach(), reference[:b], reference[b:], out)
+        return (loss, {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards}) if return_outputs else loss
+
+    def _record(
+        self,
+        split: str,
+        pc: torch.Tensor,
+        pr: torch.Tensor,
+        rc: torch.Tensor,
+        rr: torch.Tensor,
+        out: PairLoss,
+    ) -> None:
+        values = {
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "logps/chosen": pc,
+            "logps/rejected": pr,
+            "both_below_ref": ((pc < rc) & (pr < rr)).float(),
+        }
+        for name, term in out.terms.items():
+            values[name] = term
+        names = sorted(values)
+        stacked = torch.stack([values[n].detach().float().mean() for n in names])
+        stacked = self.accelerator.gather_for_metrics(stacked.unsqueeze(0)).mean(dim=0)
+        for name, value in zip(names, stacked.tolist()):
+            self._metrics[split][name].append(value)
+
+    def prediction_step(
+        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+    ) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for name, values in self._metrics[split].items():
+            if values:
+                logs[prefix + name] = sum(values) / len(values)
+        self._metrics[split].clear()
+        super().log(logs, start_time)

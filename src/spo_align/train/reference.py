@@ -1,0 +1,228 @@
+"""Reference log-probs: computed once before training, cached under the output folder, read back on resume.
+
+The cache file is keyed by four hashes, all of which must match for a file to be used:
+- model: its config and a fingerprint of the reference weights (per parameter: name, shape, dtype, the
+  fp64 sum and a strided sample of 1024 values; LoRA parameters are left out, since the reference is the
+  base with the adapter disabled);
+- tokenizer: its serialised vocabulary/pipeline and chat template;
+- data: the token ids of every pair, in training order;
+- settings: max_length, the pack layout and pack_length.
+Under DeepSpeed each rank computes the micro-batches ``rank, rank + world, ...`` and the tables are
+gathered; the micro-batches are the same as in a single-process pass, so the values are too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from array import array
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from spo_align.train.logps import batch_logps
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIRNAME = "reference_logps"
+_SAMPLE = 1024
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_attn_implementation", "_commit_hash")
+
+
+class ReferenceCacheError(RuntimeError):
+    """Reference log-probs are missing where they can no longer be computed correctly."""
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def _gathered(param: nn.Parameter) -> Iterator[torch.Tensor]:
+    """The full parameter (ZeRO-3: gathered for the duration, on every rank)."""
+    if _is_partitioned(param):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            yield param.data
+    else:
+        yield param.data
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the model's config and reference weights (adapter weights excluded)."""
+    from spo_align.train.logps import unwrap_causal_lm
+
+    causal = unwrap_causal_lm(model)
+    h = hashlib.sha256()
+    config = getattr(causal, "config", None)
+    if config is not None:
+        cfg = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, param in sorted(causal.named_parameters(), key=lambda kv: kv[0]):
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        with _gathered(param) as full:
+            flat = full.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLE)
+            sample = flat[::step][:_SAMPLE].to(torch.float64).cpu()
+            total = float(flat.to(torch.float64).sum())
+        h.update(f"{name}:{tuple(full.shape)}:{full.dtype}:{total!r}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return _sha((body + "\n--template--\n" + str(template)).encode())
+
+
+def data_fingerprint(ds: "datasets.Dataset") -> str:
+    h = hashlib.sha256()
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        h.update(column.encode())
+        for ids in ds[column]:
+            h.update(len(ids).to_bytes(4, "little"))
+            h.update(array("q", ids).tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    model: str
+    tokenizer: str
+    data: str
+    settings: str
+
+    @property
+    def digest(self) -> str:
+        return _sha(json.dumps(asdict(self), sort_keys=True).encode())
+
+
+def make_key(model: nn.Module, tokenizer: Any, ds: "datasets.Dataset", settings: dict[str, Any]) -> CacheKey:
+    return CacheKey(
+        model=model_fingerprint(model),
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        data=data_fingerprint(ds),
+        settings=_sha(json.dumps(settings, sort_keys=True).encode()),
+    )
+
+
+@dataclass(frozen=True)
+class ReferenceCache:
+    """A folder of reference log-prob tables, one file per key (split name in the file name)."""
+
+    directory: Path
+
+    def path(self, key: CacheKey, split: str) -> Path:
+        return self.directory / f"{split}-{key.digest[:24]}.pt"
+
+    def load(self, key: CacheKey, split: str) -> torch.Tensor | None:
+        path = self.path(key, split)
+        if not path.is_file():
+            return None
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("key") != asdict(key):
+            logger.warning("reference cache %s was written for another key; recomputing", path)
+            return None
+        logger.info("reference log-probs read from %s", path)
+        return stored["logps"]
+
+    def save(self, key: CacheKey, split: str, table: torch.Tensor) -> Path:
+        path = self.path(key, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"key": asdict(key), "logps": table.cpu()}, tmp)
+        tmp.replace(path)
+        logger.info("reference log-probs (%d pairs) written to %s", table.shape[0], path)
+        return path
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[None]:
+    """Disable the peft adapter found under DeepSpeed/DDP wrappers (the reference of a LoRA run)."""
+    inner: Any = model
+    for _ in range(4):
+        if hasattr(inner, "disable_adapter"):
+            with inner.disable_adapter():
+                yield
+            return
+        inner = getattr(inner, "module", None)
+        if inner is None:
+            break
+    raise TypeError("the model has no peft adapter to disable")
+
+
+def compute_reference_table(
+    model: nn.Module,
+    ds: "datasets.Dataset",
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    batch_size: int,
+    *,
+    device: torch.device,
+    disable_adapter: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    on_forward: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """[N, 2] float32 table of reference (chosen, rejected) log-probs, row i = pair_index i.
+
+    Micro-batches are consecutive runs of `batch_size` pairs, laid out by `collate` as in training; rank r
+    takes batches r, r + world, ... Every rank runs the same number of forwards (the last ones repeat a
+    batch and discard it), which ZeRO-3's collective weight gathering needs.
+    """
+    n = len(ds)
+    starts = list(range(0, n, batch_size))
+    per_rank = -(-len(starts) // world_size)
+    mine = [starts[i] if i < len(starts) else None for i in range(rank, per_rank * world_size, world_size)]
+    indices: list[int] = []
+    values: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    context = adapter_disabled(model) if disable_adapter else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), context:
+            for start in mine:
+                real = start is not None
+                s = start if real else starts[-1]
+                rows = [ds[i] for i in range(s, min(s + batch_size, n))]
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(rows).items()}
+                logps = batch_logps(model, batch).float().cpu()
+                if on_forward is not None:
+                    on_forward()
+                if real:
+                    b = len(rows)
+                    indices.extend(int(r["pair_index"]) for r in rows)
+                    values.append(torch.stack([logps[:b], logps[b:]], dim=1))
+    finally:
+        model.train(was_training)
+    local = (indices, torch.cat(values) if values else torch.zeros(0, 2))
+    parts = [local]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        parts = [None] * world_size  # type: ignore[list-item]
+        dist.all_gather_object(parts, local)
+    table = torch.full((n, 2), float("nan"), dtype=torch.float32)
+    for idx, vals in parts:  # type: ignore[misc]
+        if idx:
+            table[torch.tensor(idx)] = vals
+    if torch.isnan(table).any():
+        raise ReferenceCacheError("reference pass left pairs without log-probs (pair_index not 0..N-1?)")
+    return table
