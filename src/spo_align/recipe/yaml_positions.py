@@ -16,7 +16,7 @@ import yaml
 from spo_align.recipe.errors import RecipeError
 
 KeyPath = tuple[Union[str, int], ...]
-MAX_NODES = 200_000  # aliases can expand a small file into a huge tree ("billion laughs")
+MAX_NODES = 20_000  # aliases can expand a small file into a huge tree ("billion laughs")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,125 @@
+"""The recipe commands: exit codes 0/1/2, formats, schema file up to date, `spo new`, and no torch import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from spo_align.cli import app
+from spo_align.recipe.load import load_recipe
+from spo_align.recipe.schema import recipe_json_schema
+
+from recipe_paths import BROKEN, REPO, repo_recipes
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_validate_with_no_arguments_covers_both_recipe_trees(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    code, out, err = invoke("validate")
+    assert code == 0, out
+    assert f"{len(repo_recipes())} recipe(s) valid" in err
+
+
+def test_validate_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert invoke("validate", str(REPO / "recipes" / "tiny"))[0] == 0
+    code, out, _ = invoke("validate", str(BROKEN / "beta_negative.yaml"), str(REPO / "recipes"))
+    assert code == 1 and "beta_negative.yaml:11:3: loss.beta: Input should be greater than 0" in out
+    assert invoke("validate", str(tmp_path / "missing.yaml"))[0] == 2
+    assert invoke("validate", str(tmp_path))[0] == 2  # a folder without recipes
+    assert invoke("validate", "--format", "xml", str(BROKEN))[0] == 2
+    monkeypatch.chdir(tmp_path)
+    assert invoke("validate")[0] == 2  # no recipes/ or spo_recipes/ here
+
+
+def test_validate_github_annotations() -> None:
+    code, out, _ = invoke("validate", "--format", "github", str(BROKEN / "unknown_loss_type.yaml"))
+    assert code == 1
+    (line,) = out.splitlines()
+    assert line.startswith("::error file=") and ",line=10,col=3," in line
+    assert line.endswith("::loss.type: unknown type 'spoo' (did you mean 'spo'?); expected one of: 'spo', 'dpo', 'ipo', 'kto'")
+
+
+def test_resolve_shows_derived_values() -> None:
+    code, out, _ = invoke("resolve", str(REPO / "recipes" / "qwen2.5-7b-instruct" / "ipo.yaml"))
+    assert code == 0
+    assert "#   ipo_tau: 0.05" in out and "#   global_batch_size: 128" in out and "#   zero_stage: 3" in out
+    resolved = yaml.safe_load(out)
+    assert resolved["loss"] == {"type": "ipo", "tau": None, "match_spo_beta": 0.1}
+    assert resolved["training"]["warmup_ratio"] == 0.1  # defaults filled
+    code, out, _ = invoke(
+        "resolve", str(REPO / "recipes" / "qwen2.5-7b-instruct" / "sft.yaml"), "--format", "json"
+    )
+    derived = json.loads(out)["derived"]
+    assert derived["pack_length"] == {"cuda": 2048, "cpu": 1024}
+    code, out, _ = invoke(
+        "resolve", str(REPO / "recipes" / "qwen2.5-7b-instruct" / "sft.yaml"), "--device", "cpu", "--format", "json"
+    )
+    assert json.loads(out)["derived"]["pack_length"] == 1024
+
+
+def test_resolve_applies_set_and_reports_bad_overrides() -> None:
+    path = str(REPO / "spo_recipes" / "qwen2.5-7b-instruct" / "spo_lora.yaml")
+    code, out, _ = invoke("resolve", path, "--set", "training.gradient_accumulation_steps=2", "--format", "json")
+    assert code == 0 and json.loads(out)["derived"]["global_batch_size"] == 4 * 2 * 8
+    code, out, _ = invoke("resolve", path, "--set", "loss.beta=zero")
+    assert code == 1 and "loss.beta" in out and "--set loss.beta=zero" in out
+    assert invoke("resolve", "nowhere.yaml")[0] == 2
+
+
+def test_committed_json_schema_is_up_to_date() -> None:
+    committed = json.loads((REPO / "recipe.schema.json").read_text())
+    assert committed == recipe_json_schema(), "run: spo schema -o recipe.schema.json"
+    code, out, _ = invoke("schema")
+    assert code == 0 and json.loads(out) == committed
+
+
+def test_new_copies_a_recipe_keeping_comments_and_relative_paths(tmp_path: Path) -> None:
+    src = REPO / "spo_recipes" / "qwen2.5-7b-instruct" / "sweep" / "beta0.2_alpha1.yaml"
+    dest = tmp_path / "mine" / "my_sweep.yaml"
+    code, out, _ = invoke("new", str(src), str(dest))
+    assert code == 0, out
+    text = dest.read_text()
+    assert text.splitlines()[1] == src.read_text().splitlines()[1]  # comments kept
+    assert load_recipe(dest) == load_recipe(src).model_copy(update={"extends": load_recipe(dest).extends})
+    assert invoke("new", str(src), str(dest))[0] == 2  # refuses to overwrite
+    assert invoke("new", str(src), str(dest), "--force")[0] == 0
+    full = REPO / "spo_recipes" / "qwen2.5-7b-instruct" / "spo_full_zero3.yaml"
+    assert invoke("new", str(full), str(tmp_path))[0] == 0  # into a folder
+    copied = load_recipe(tmp_path / "spo_full_zero3.yaml")
+    assert (tmp_path / copied.distributed.deepspeed).resolve() == (REPO / "deepspeed_configs" / "zero3.json").resolve()
+    assert invoke("new", str(tmp_path / "none.yaml"), str(tmp_path / "x.yaml"))[0] == 2
+
+
+def test_recipe_commands_never_import_torch() -> None:
+    """`spo validate/resolve/schema/new` run where only the base install exists."""
+    code = f"""
+import sys
+from typer.testing import CliRunner
+from spo_align.cli import app
+r = CliRunner()
+for args in (["validate", "{REPO / 'recipes'}", "{REPO / 'spo_recipes'}"],
+             ["validate", "{BROKEN}"],
+             ["resolve", "{REPO / 'recipes/qwen2.5-7b-instruct/ipo.yaml'}"],
+             ["schema"]):
+    r.invoke(app, args)
+heavy = sorted(m for m in ("torch", "transformers", "trl", "peft", "datasets", "deepspeed", "accelerate") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY=\n" in result.stdout, result.stdout

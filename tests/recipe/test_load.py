@@ -1,0 +1,215 @@
+"""Loading: positions, extends, --set, YAML pitfalls, error formats. Each test names the behaviour it protects."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
+from spo_align.recipe.load import load_recipe, save_resolved, validate_files
+from spo_align.recipe.resolve import resolve
+from spo_align.recipe.schema import SPOLoss
+
+from recipe_paths import REPO
+
+VALID = """\
+stage: preference
+model:
+  name_or_path: outputs/sft
+data:
+  train:
+    - path: pairs.jsonl
+      format: pairs
+  max_length: 512
+loss:
+  type: spo
+  beta: 0.1
+training:
+  learning_rate: 1.0e-6
+output:
+  dir: outputs/run
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def errors_of(path: Path, overrides: tuple[str, ...] = ()) -> list[RecipeError]:
+    with pytest.raises(RecipeErrors) as caught:
+        load_recipe(path, overrides)
+    return caught.value.errors
+
+
+def test_valid_recipe_loads_frozen_with_defaults(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path / "r.yaml", VALID))
+    assert isinstance(recipe.loss, SPOLoss) and recipe.loss.alpha == 1.0
+    assert recipe.training.per_device_batch_size == 4
+    with pytest.raises(Exception):
+        recipe.stage = "sft"  # type: ignore[misc]
+
+
+def test_every_error_of_a_file_is_reported_at_once_with_its_line(tmp_path: Path) -> None:
+    text = VALID.replace("beta: 0.1", "beta: 0\n  alpah: 2").replace("max_length: 512", "max_length: x")
+    errors = errors_of(write(tmp_path / "r.yaml", text))
+    found = {(e.line, e.key_path) for e in errors}
+    assert found == {(8, "data.max_length"), (11, "loss.beta"), (12, "loss.alpah")}
+    assert "did you mean 'alpha'" in next(e.message for e in errors if e.key_path == "loss.alpah")
+
+
+def test_errors_of_many_files_are_collected(tmp_path: Path) -> None:
+    good = write(tmp_path / "good.yaml", VALID)
+    bad1 = write(tmp_path / "bad1.yaml", VALID.replace("beta: 0.1", "beta: -1"))
+    bad2 = write(tmp_path / "bad2.yaml", "")
+    valid, errors = validate_files([good, bad1, bad2])
+    assert valid == 1
+    assert {Path(e.file).name for e in errors} == {"bad1.yaml", "bad2.yaml"}
+
+
+def test_extends_deep_merges_mappings_and_replaces_lists(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", VALID)
+    child = write(
+        tmp_path / "child.yaml",
+        """\
+        extends: base.yaml
+        loss:
+          type: spo
+          alpha: 2.0
+        data:
+          train:
+            - path: other.jsonl
+              format: pairs
+        """,
+    )
+    recipe = load_recipe(child)
+    assert isinstance(recipe.loss, SPOLoss)
+    assert (recipe.loss.beta, recipe.loss.alpha) == (0.1, 2.0)  # beta from the base: default is 0.1 too
+    assert [s.path for s in recipe.data.train] == ["other.jsonl"]
+    assert recipe.data.max_length == 512
+
+
+def test_extends_errors_point_into_the_file_that_holds_the_key(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", VALID.replace("beta: 0.1", "beta: -3"))
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\nloss:\n  type: spo\n  alpha: 0\n")
+    errors = {(Path(e.file).name, e.line, e.key_path) for e in errors_of(child)}
+    assert errors == {("base.yaml", 11, "loss.beta"), ("child.yaml", 4, "loss.alpha")}
+
+
+def test_extends_rewrites_base_paths_relative_to_the_extending_file(tmp_path: Path) -> None:
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
+    write(tmp_path / "data" / "local.jsonl", "{}\n")
+    base_text = VALID.replace("pairs.jsonl", "data/local.jsonl") + "distributed:\n  deepspeed: ds.json\n"
+    write(tmp_path / "base.yaml", base_text)
+    child = write(tmp_path / "deep" / "er" / "child.yaml", "extends: ../../base.yaml\n")
+    recipe = load_recipe(child)
+    assert str(recipe.distributed.deepspeed) == "../../ds.json"
+    assert recipe.data.train[0].path == "../../data/local.jsonl"
+    plan = resolve(recipe, child)
+    assert plan.zero_stage == 2 and plan.deepspeed_config_path == (tmp_path / "ds.json").resolve()
+
+
+def test_extends_cycle_and_missing_base_are_errors(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", "extends: b.yaml\n" + VALID)
+    write(tmp_path / "b.yaml", "# b\nextends: a.yaml\n")
+    (error,) = errors_of(tmp_path / "a.yaml")
+    assert (Path(error.file).name, error.line, error.key_path) == ("b.yaml", 2, "extends")
+    assert "cycle" in error.message
+    (error,) = errors_of(write(tmp_path / "c.yaml", "extends: c.yaml\n"))
+    assert "cycle" in error.message
+    (error,) = errors_of(write(tmp_path / "d.yaml", "stage: sft\nextends: nowhere.yaml\n"))
+    assert (error.line, error.key_path) == (2, "extends") and "not found" in error.message
+
+
+def test_set_overrides_are_coerced_through_the_schema(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.yaml", VALID)
+    recipe = load_recipe(path, ["loss.beta=0.25", "data.train.0.split=train_prefs", "training.max_steps=10"])
+    assert isinstance(recipe.loss, SPOLoss) and recipe.loss.beta == 0.25
+    assert recipe.data.train[0].split == "train_prefs" and recipe.training.max_steps == 10
+    recipe = load_recipe(path, ["loss={type: ipo, match_spo_beta: 0.2}"])
+    assert recipe.loss is not None and recipe.loss.type == "ipo"
+
+
+@pytest.mark.parametrize(
+    ("override", "key_path", "fragment"),
+    [
+        ("loss.beta=-1", "loss.beta", "greater than 0"),
+        ("training.learning_rate=fast", "training.learning_rate", "valid number"),
+        ("training.lerning_rate=1", "training.lerning_rate", "did you mean 'learning_rate'"),
+        ("data.train.3.split=x", "data.train.3.split", "not an index"),
+        ("stage.x=1", "stage.x", "single value"),
+        ("nonsense", "", "expected key.path=value"),
+        ("loss.beta=[", "", "cannot read value"),
+    ],
+)
+def test_bad_set_override_is_an_error_naming_the_override(
+    tmp_path: Path, override: str, key_path: str, fragment: str
+) -> None:
+    errors = errors_of(write(tmp_path / "r.yaml", VALID), (override,))
+    assert any(e.key_path == key_path and fragment in e.message and override in e.message for e in errors), errors
+
+
+def test_yaml_pitfalls_are_located_errors_not_tracebacks(tmp_path: Path) -> None:
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdef", "bcdefg")
+    )
+    cases = {
+        "bomb.yaml": (laughs, "expands to over"),
+        "recursive.yaml": ("a: &x [1, *x]\n", "recursive"),
+        "tag.yaml": ("stage: !!python/object:os.system x\n", "cannot read this value"),
+        "binary.yaml": (b"\xff\xfe stage".decode("latin-1"), None),
+        "comment_only.yaml": ("# nothing\n\n", "empty"),
+        "scalar.yaml": ("just text\n", "must be a YAML mapping"),
+    }
+    for name, (text, fragment) in cases.items():
+        path = tmp_path / name
+        if name == "binary.yaml":
+            path.write_bytes(b"\xff\xfe\x00stage")
+            fragment = "not UTF-8"
+        else:
+            path.write_text(text, encoding="utf-8")
+        errors = errors_of(path)
+        assert any(fragment in e.message for e in errors), (name, errors)
+    (error,) = errors_of(tmp_path / "absent.yaml")
+    assert "not found" in error.message
+
+
+def test_yaml_merge_keys_and_norway_keys(tmp_path: Path) -> None:
+    text = VALID.replace("training:\n  learning_rate: 1.0e-6\n", "x-common: &c\n  learning_rate: 1.0e-6\ntraining:\n  <<: *c\n  seed: 3\n")
+    errors = errors_of(write(tmp_path / "merge.yaml", text))
+    assert [e.key_path for e in errors] == ["x-common"]  # the anchor holder itself is an unknown key
+    errors = errors_of(write(tmp_path / "on.yaml", VALID + "on: 1\n"))
+    assert [e.key_path for e in errors] == ["on"]  # YAML 1.1 would read the key as True
+
+
+def test_text_and_github_formats() -> None:
+    error = RecipeError("r,1.yaml", 7, 3, "loss.beta", "Input should be > 0: 100%\nsecond line")
+    assert error.format() == "r,1.yaml:7:3: loss.beta: Input should be > 0: 100%\nsecond line"
+    github = error.format("github")
+    assert github.startswith("::error file=r%2C1.yaml,line=7,col=3,")
+    assert github.endswith("::loss.beta: Input should be > 0: 100%25%0Asecond line")
+    assert RecipeError("f.yaml", None, None, "", "m").format() == "f.yaml: m"
+    errors = RecipeErrors([error, RecipeError("a.yaml", 1, 1, "", "x")])
+    assert errors.format().splitlines()[0] == "a.yaml:1:1: x"
+
+
+def test_did_you_mean() -> None:
+    assert did_you_mean("learnig_rate", ["learning_rate", "seed"]) == " (did you mean 'learning_rate'?)"
+    assert did_you_mean("zzz", ["learning_rate"]) == ""
+
+
+def test_saved_resolved_recipe_loads_back_identically_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    source = REPO / "spo_recipes" / "qwen2.5-7b-instruct" / "sweep" / "beta0.1_alpha4.yaml"
+    plan = resolve(load_recipe(source), source, device="cuda")
+    saved = tmp_path / "elsewhere" / "resolved_recipe.yaml"
+    save_resolved(plan, saved)
+    text = saved.read_text()
+    assert "global_batch_size: 128" in text and "extends" not in text
+    again = resolve(load_recipe(saved), saved, device="cuda")
+    assert again.recipe.loss == plan.recipe.loss and again.recipe.training == plan.recipe.training
+    assert again.output_dir == plan.output_dir == (tmp_path / "outputs/qwen2.5-7b-instruct/sweep/beta0.1_alpha4")
+    assert again.model_path == plan.model_path
