@@ -177,9 +177,8 @@ class JudgeSummary:
 
 
 def _pending(
-    gens: Generations, judge: Judge, existing: list[JudgmentRecord], retry_errors: bool
+    items: list[tuple[JudgmentKey, JudgeItem]], existing: list[JudgmentRecord], retry_errors: bool
 ) -> tuple[list[tuple[JudgmentKey, JudgeItem]], int, int, int]:
-    items = _all_items(gens, judge)
     held = latest_by_key(existing)
     pending, done, errors_kept = [], 0, 0
     for key, item in items:
@@ -206,7 +205,7 @@ def plan_judging(
 
     gens = load_generations(gen_dir, models, exclude=[out])
     existing = read_judgments(out) if Path(out).is_file() else []
-    pending, total, done, errors_kept = _pending(gens, judge, existing, retry_errors)
+    pending, total, done, errors_kept = _pending(_all_items(gens, judge), existing, retry_errors)
     calls = [item for _, item in pending if item.answer_a != item.answer_b]
     estimates = [judge.estimate_tokens(item) for item in calls]
     return JudgePlan(
@@ -259,8 +258,9 @@ def judge_all(
         raise EvalInputError(f"concurrency must be at least 1, got {concurrency}")
     out = Path(out)
     gens = load_generations(gen_dir, models, exclude=[out])
+    items = _all_items(gens, judge)
     with JudgmentStore(out) as store:
-        pending, total, done, errors_kept = _pending(gens, judge, store.records, retry_errors)
+        pending, total, done, errors_kept = _pending(items, store.records, retry_errors)
         logger.info(
             "%d judgments in all: %d done, %d errors kept, %d to judge with %s (%s)",
             total, done, errors_kept, len(pending), judge.model, judge.prompt_version,
