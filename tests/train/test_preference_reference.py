@@ -1,0 +1,151 @@
+"""Precomputed reference log-probs: equal to the live reference, cached, reused, invalidated."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import preference_helpers as h
+from spo_align.recipe.schema import SPOLoss
+from spo_align.train.collate import PairCollator
+from spo_align.train.logps import batch_logps
+from spo_align.train.preference import make_pair_loss
+from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
+from spo_align.train.reference import ReferenceCache, ReferenceCacheError, adapter_disabled, make_key
+
+torch.set_num_threads(1)
+REL = 1e-5
+SETTINGS = {"max_length": 128, "layout": "packed_rows", "pack_length": 128}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return h.tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ds(tok):
+    return h.tokenized_dataset(tok, 12, seed=5)
+
+
+def _trainer(tok, ds, out, model, reference, **args):
+    return PreferenceTrainer(
+        model=model,
+        args=h.training_args(out, **args),
+        train_dataset=ds,
+        data_collator=PairCollator(tok.pad_token_id, "packed_rows", pack_length=128),
+        processing_class=tok,
+        pair_loss=make_pair_loss(SPOLoss(type="spo")),
+        reference=reference,
+    )
+
+
+def _precomputed(cache_dir, adapter: bool) -> ReferenceSpec:
+    return ReferenceSpec(kind="precomputed", cache_dir=cache_dir, adapter=adapter, settings=dict(SETTINGS))
+
+
+def _live_table(model, ds, tok, adapter: bool) -> torch.Tensor:
+    """Reference log-probs as the live reference computes them, one padded batch of every pair."""
+    batch = PairCollator(tok.pad_token_id, "padded")([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        if adapter:
+            with adapter_disabled(model):
+                logps = batch_logps(model, batch)
+        else:
+            logps = batch_logps(model, batch)
+    n = len(ds)
+    return torch.stack([logps[:n], logps[n:]], dim=1)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_precomputed_equals_live_reference(tok, ds, tmp_path, adapter):
+    model = h.model(tok, spread=0.2)
+    frozen = copy.deepcopy(model).eval()
+    if adapter:
+        model = h.lora(model)
+    expected = _live_table(model if adapter else frozen, ds, tok, adapter)
+    trainer = _trainer(tok, ds, tmp_path / "run", model, _precomputed(tmp_path / "cache", adapter))
+    trainer.train()
+    table = trainer._tables["train"]
+    assert _rel(table, expected) < REL
+    if adapter:  # the adapter really changes the outputs, so disabling it mattered
+        with torch.no_grad():
+            assert _rel(_live_table(model, ds, tok, adapter=False), expected) > 1e-3
+    # Training used it: no reference model, one precompute forward per micro-batch (12 pairs / 4).
+    assert trainer.reference_forwards == 3
+    assert trainer.state.log_history[0]["both_below_ref"] >= 0.0
+
+
+def test_resume_and_second_run_read_the_cache(tok, ds, tmp_path):
+    cache = tmp_path / "cache"
+    first = _trainer(tok, ds, tmp_path / "run", h.model(tok), _precomputed(cache, False),
+                     save_strategy="steps", save_steps=1, max_steps=2)
+    first.train()
+    assert first.reference_forwards == 3
+    assert len(list(cache.iterdir())) == 1
+
+    # Resume from checkpoint-1 with a fresh model (starting weights again): reads, does not recompute.
+    resumed = _trainer(tok, ds, tmp_path / "run", h.model(tok), _precomputed(cache, False),
+                       save_strategy="steps", save_steps=1, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    assert resumed.reference_forwards == 0
+    assert resumed.state.global_step == 3
+
+    second = _trainer(tok, ds, tmp_path / "run2", h.model(tok), _precomputed(cache, False))
+    second.train()
+    assert second.reference_forwards == 0
+    assert torch.equal(second._tables["train"], first._tables["train"])
+
+
+def test_resume_without_cache_refuses_for_full_finetuning(tok, ds, tmp_path):
+    _trainer(tok, ds, tmp_path / "run", h.model(tok), _precomputed(tmp_path / "cache", False),
+             save_strategy="steps", save_steps=1, max_steps=1).train()
+    resumed = _trainer(tok, ds, tmp_path / "run", h.model(tok), _precomputed(tmp_path / "other", False), max_steps=2)
+    with pytest.raises(ReferenceCacheError, match="cannot be recomputed"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+
+
+def test_changed_data_or_max_length_invalidates(tok, ds, tmp_path):
+    model = h.model(tok)
+    key = make_key(model, tok, ds, SETTINGS)
+    assert make_key(model, tok, ds, dict(SETTINGS)) == key
+    other_data = h.tokenized_dataset(tok, 12, seed=6)
+    assert make_key(model, tok, other_data, SETTINGS).data != key.data
+    assert make_key(model, tok, ds, {**SETTINGS, "max_length": 64}).digest != key.digest
+    changed = h.model(tok)
+    with torch.no_grad():
+        next(changed.parameters())[0, 0] += 1e-3
+    assert make_key(changed, tok, ds, SETTINGS).model != key.model
+
+    cache = tmp_path / "cache"
+    _trainer(tok, ds, tmp_path / "a", h.model(tok), _precomputed(cache, False), max_steps=1).train()
+    again = _trainer(tok, other_data, tmp_path / "b", h.model(tok), _precomputed(cache, False), max_steps=1)
+    again.train()
+    assert again.reference_forwards == 3  # recomputed for the new data
+    spec = _precomputed(cache, False)
+    spec.settings = {**SETTINGS, "max_length": 64}
+    third = _trainer(tok, ds, tmp_path / "c", h.model(tok), spec, max_steps=1)
+    third.train()
+    assert third.reference_forwards == 3
+    assert len(list(cache.iterdir())) == 3
+    # A file whose stored key differs (e.g. copied over) is not trusted.
+    rc = ReferenceCache(cache)
+    path = rc.path(key, "train")
+    stored = torch.load(path, weights_only=True)
+    stored["key"]["data"] = "0" * 64
+    torch.save(stored, path)
+    assert rc.load(key, "train") is None
+
+
+def test_live_lora_reference_uses_no_second_model(tok, ds, tmp_path):
+    model = h.lora(h.model(tok, spread=0.2))
+    trainer = _trainer(tok, ds, tmp_path / "run", model, ReferenceSpec(kind="adapter"), max_steps=1)
+    trainer.train()
+    assert trainer.reference_forwards == 1
+    assert trainer.state.log_history[0]["loss"] > 0
