@@ -1,0 +1,1 @@
+"""spo-align performance bench: `python -m bench run` (see bench/README section in docs/performance.md)."""

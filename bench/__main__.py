@@ -1,0 +1,74 @@
+"""`python -m bench`: the performance bench of spo-align.
+
+    python -m bench run [--size full|toy] [--parts preference,sft,logp] [--rounds N]
+                        [--work-dir DIR] [--results-dir DIR]
+    python -m bench worker SPEC OUT      (internal: one job in a fresh process)
+
+`run` writes `<results-dir>/<size>.json` and `<results-dir>/<size>.md` (default bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("bench")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from bench.config import SIZES
+    from bench.suite import PARTS
+
+    parser = argparse.ArgumentParser(prog="python -m bench", description="spo-align performance bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the bench and write the table")
+    run.add_argument("--size", choices=sorted(SIZES), default="full", help="full: the issue-7 bench; toy: seconds")
+    run.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)"
+    )
+    run.add_argument("--rounds", type=int, default=None, help="fresh-process repetitions per run (default: size's)")
+    run.add_argument("--work-dir", type=Path, default=None, help="scratch folder (model, data, run outputs)")
+    run.add_argument("--results-dir", type=Path, default=None, help="where the JSON and Markdown go")
+    worker = sub.add_parser("worker", help="internal: run one job spec in this process")
+    worker.add_argument("spec", type=Path)
+    worker.add_argument("out", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.command == "worker":
+        from bench.worker import main as worker_main
+
+        worker_main(args.spec, args.out)
+        return 0
+
+    from bench.config import SIZES, with_dirs
+    from bench.report import build_report, write_report
+    from bench.suite import PARTS, run_bench
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        logger.error("unknown part(s) %s; choose from %s", ", ".join(unknown), ", ".join(PARTS))
+        return 2
+    if args.rounds is not None and args.rounds < 1:
+        logger.error("--rounds must be >= 1")
+        return 2
+    config = with_dirs(SIZES[args.size], args.work_dir, args.results_dir, args.rounds)
+    raw = run_bench(config, parts)  # type: ignore[arg-type]
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+    report = build_report(config, raw, command)
+    json_path, md_path = write_report(report, config.results_dir)
+    print(md_path.read_text(encoding="utf-8"))
+    logger.info("wrote %s and %s", json_path, md_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""What every bench worker process shares: thread set-up, the training-loop clock, and its own peak RSS."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch (and the BLAS/OpenMP pools it starts) to `threads` threads before any work runs."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (the kernel's high-water mark), in MB (10^6 bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
+
+
+def batch_tokens(batch: Any) -> tuple[int, int]:
+    """(real tokens, token slots the forward processes) of one collated batch, whatever its layout.
+
+    Padded batches carry an attention mask: real = its sum, slots = its size. Packed batches (position_ids,
+    no mask) hold no padding unless the collator says otherwise through ``num_real_tokens``.
+    """
+    ids = batch["input_ids"]
+    slots = int(ids.numel())
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum()), slots
+    if "num_real_tokens" in batch:
+        return int(batch["num_real_tokens"]), slots
+    return slots, slots
+
+
+@dataclass
+class LoopTimes:
+    """What a Trainer's loop did: wall-clock marks (start, end of each optimizer step, end) and, per
+    collated batch in order, its real tokens and token slots."""
+
+    begin: float | None = None
+    step_ends: list[float] = field(default_factory=list)
+    end: float | None = None
+    batch_real: list[int] = field(default_factory=list)
+    batch_slots: list[int] = field(default_factory=list)
+
+    @property
+    def loop_s(self) -> float:
+        if self.begin is None or self.end is None:
+            raise RuntimeError("the training loop did not run to its end")
+        return self.end - self.begin
+
+    @property
+    def steady_s(self) -> float | None:
+        """Seconds from the end of step 1 to the end of the last step (None with fewer than 2 steps)."""
+        if len(self.step_ends) < 2:
+            return None
+        return self.step_ends[-1] - self.step_ends[0]
+
+    def summary(self, micro_batches_per_step: int = 1) -> dict[str, Any]:
+        """Tokens and times of the steps that ran. The dataloader may fetch a batch ahead of the step it
+        feeds, so only the first steps x micro_batches_per_step batches count."""
+        steps = len(self.step_ends)
+        used = steps * micro_batches_per_step
+        real, slots = sum(self.batch_real[:used]), sum(self.batch_slots[:used])
+        if len(self.batch_real) < used:
+            raise RuntimeError(f"saw {len(self.batch_real)} batches for {steps} steps: the collator was not tracked")
+        return {
+            "steps": steps,
+            "real_tokens": real,
+            "token_slots": slots,
+            "padding_share": 1.0 - real / slots if slots else 0.0,
+            "loop_s": self.loop_s,
+            "steady_s": self.steady_s,
+            "steady_real_tokens": sum(self.batch_real[micro_batches_per_step:used]),
+        }
+
+
+def step_clock(times: LoopTimes) -> Any:
+    """A `TrainerCallback` that fills `times` (built lazily so importing this module needs no transformers).
+
+    At the start of training it wraps the train dataloader's `collate_fn` (the engine's own collator,
+    called unchanged) to count each batch's tokens; the iterator that reads it is made after this point.
+    """
+    from transformers import TrainerCallback
+
+    class _StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):  # noqa: ANN001
+            if train_dataloader is None:
+                raise RuntimeError("the Trainer passed no train_dataloader to its callbacks")
+            # accelerate's DataLoaderShard iterates its `base_dataloader`: wrap the loader that collates.
+            loader = train_dataloader
+            while getattr(loader, "base_dataloader", None) is not None:
+                loader = loader.base_dataloader
+            inner = loader.collate_fn
+
+            def counting_collate(features: Any) -> Any:
+                batch = inner(features)
+                real, slots = batch_tokens(batch)
+                times.batch_real.append(real)
+                times.batch_slots.append(slots)
+                return batch
+
+            loader.collate_fn = counting_collate
+            times.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            times.step_ends.append(time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            times.end = time.perf_counter()
+
+    return _StepClock()

@@ -1,0 +1,111 @@
+"""Bench sizes: the workload every engine runs, and how often each run is repeated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bench.pairs import LengthModel, ModelShape
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The same work for every engine: model, pairs, pairs per optimizer step, loss, optimizer."""
+
+    shape: ModelShape = field(default_factory=ModelShape)
+    lengths: LengthModel = field(default_factory=LengthModel)
+    n_pairs: int = 48
+    """One epoch over these pairs; with `pairs_per_step` this fixes the optimizer steps of every run."""
+    pairs_per_step: int = 8
+    sft_rows: int = 96
+    sft_rows_per_step: int = 16
+    learning_rate: float = 5e-6
+    beta: float = 0.1
+    seed: int = 42
+    threads: int = 2
+    pack_length: int | None = None
+    """Tokens per packed row; None: the recipe's default for the device (see `data.pack_length`)."""
+
+    @property
+    def steps(self) -> int:
+        return self.n_pairs // self.pairs_per_step
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> "Workload":
+        data = dict(data)
+        data["shape"] = ModelShape(**data["shape"])
+        data["lengths"] = LengthModel(**data["lengths"])
+        return Workload(**data)
+
+
+@dataclass(frozen=True)
+class LogpWork:
+    """The log-prob step at Qwen2.5's vocabulary: hidden states of `rows` x `length` tokens."""
+
+    vocab_size: int = 152_064
+    hidden_size: int = 128
+    rows: int = 4
+    length: int = 512
+    prompt_share: float = 0.25
+    """Leading share of each row that is prompt (not scored), as in a preference batch."""
+    chunk_size: int | None = None
+    """Tokens per LM-head chunk; None: `spo_align.losses.DEFAULT_CHUNK_SIZE`."""
+    threads: int = 2
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workload: Workload = field(default_factory=Workload)
+    logp: LogpWork = field(default_factory=LogpWork)
+    rounds: int = 3
+    """Fresh-process repetitions of every run; the table shows medians."""
+    work_dir: Path = Path("bench/results/tmp")
+    results_dir: Path = Path("bench/results")
+    name: str = "cpu"
+
+
+FULL = BenchConfig()
+
+TOY = BenchConfig(
+    workload=Workload(
+        shape=ModelShape(
+            vocab_size=512,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=256,
+        ),
+        lengths=LengthModel(prompt_median=12, response_median=24, max_length=128),
+        n_pairs=8,
+        pairs_per_step=4,
+        sft_rows=8,
+        sft_rows_per_step=4,
+        threads=1,
+    ),
+    logp=LogpWork(vocab_size=4096, hidden_size=16, rows=2, length=64, chunk_size=32, threads=1),
+    rounds=2,
+    name="toy",
+)
+
+SIZES = {"full": FULL, "toy": TOY}
+
+
+def with_dirs(config: BenchConfig, work_dir: Path | None, results_dir: Path | None, rounds: int | None) -> BenchConfig:
+    changes: dict[str, Any] = {}
+    if work_dir is not None:
+        changes["work_dir"] = Path(work_dir)
+    if results_dir is not None:
+        changes["results_dir"] = Path(results_dir)
+    if rounds is not None:
+        changes["rounds"] = rounds
+    return replace(config, **changes)

@@ -1,0 +1,296 @@
+"""Turn the raw per-run results into the bench table: medians, ratios against TRL, targets, JSON + Markdown."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.config import BenchConfig
+
+LABELS = {
+    "trl": "(a) TRL DPOTrainer, live reference",
+    "spo-padded": "(b) spo train, padded",
+    "spo-packed": "(c) spo train, packed",
+    "spo-packed-precompute": "(d) spo train, packed + precomputed reference",
+    "sft-padded": "SFT, no packing",
+    "sft-packed": "SFT, packing",
+    "logp-full": "full-tensor log_softmax",
+    "logp-chunked": "spo_align.losses.sequence_logps (chunked)",
+}
+
+# Done-when targets of issue 7 (2 CPU cores): measured against, never adjusted.
+TARGETS = {
+    "spo-packed": {"tokens_per_s_ratio_min": 3.0, "peak_rss_ratio_max": 0.5},
+    "spo-packed-precompute": {"tokens_per_s_ratio_min": 3.5, "peak_rss_ratio_max": 0.5},
+}
+LOGP_TARGET_RATIO_MAX = 0.25
+PACKED_PADDING_SHARE_MAX = 0.05
+
+
+def _median(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    for run in runs:
+        run["tokens_per_s"] = run["real_tokens"] / run["loop_s"] if run["loop_s"] > 0 else None
+        steady = run.get("steady_s")
+        run["steady_tokens_per_s"] = run["steady_real_tokens"] / steady if steady else None
+    return {
+        "name": name,
+        "label": LABELS.get(name, name),
+        "rounds": len(runs),
+        "tokens_per_s": _median([r["tokens_per_s"] for r in runs]),
+        "steady_tokens_per_s": _median([r["steady_tokens_per_s"] for r in runs]),
+        "padding_share": _median([r["padding_share"] for r in runs]),
+        "peak_rss_mb": _median([r["peak_rss_mb"] for r in runs]),
+        "sampled_peak_rss_mb": _median([r.get("sampled_peak_rss_mb") for r in runs]),
+        "loop_s": _median([r["loop_s"] for r in runs]),
+        "wall_s": _median([r["wall_s"] for r in runs]),
+        "precompute_s": _median([r.get("precompute_s") for r in runs]),
+        "real_tokens": _median([r["real_tokens"] for r in runs]),
+        "steps": _median([r["steps"] for r in runs]),
+        "per_round_tokens_per_s": [r["tokens_per_s"] for r in runs],
+        "per_round_peak_rss_mb": [r["peak_rss_mb"] for r in runs],
+    }
+
+
+def summarize_preference(results: dict[str, list[dict[str, Any]]], pair_tokens: int) -> dict[str, Any]:
+    rows = [_training_row(name, runs) for name, runs in results.items()]
+    base = next((row for row in rows if row["name"] == "trl"), None)
+    checks = []
+    for row in rows:
+        row["tokens_per_s_ratio"] = _ratio(row["tokens_per_s"], base["tokens_per_s"]) if base else None
+        row["peak_rss_ratio"] = _ratio(row["peak_rss_mb"], base["peak_rss_mb"]) if base else None
+        # Every engine trains one epoch over the same pairs, so each must have seen exactly their tokens.
+        row["tokens_match_workload"] = row["real_tokens"] == pair_tokens
+        target = TARGETS.get(row["name"])
+        if target and base:
+            checks.append(
+                {
+                    "run": row["name"],
+                    "tokens_per_s_ratio": row["tokens_per_s_ratio"],
+                    "tokens_per_s_ratio_min": target["tokens_per_s_ratio_min"],
+                    "tokens_per_s_met": (row["tokens_per_s_ratio"] or 0) >= target["tokens_per_s_ratio_min"],
+                    "peak_rss_ratio": row["peak_rss_ratio"],
+                    "peak_rss_ratio_max": target["peak_rss_ratio_max"],
+                    "peak_rss_met": row["peak_rss_ratio"] is not None
+                    and row["peak_rss_ratio"] <= target["peak_rss_ratio_max"],
+                    "padding_share": row["padding_share"],
+                    "padding_share_met": row["padding_share"] is not None
+                    and row["padding_share"] < PACKED_PADDING_SHARE_MAX,
+                }
+            )
+    return {"rows": rows, "targets": checks, "pair_tokens": pair_tokens}
+
+
+def summarize_sft(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    rows = [_training_row(name, runs) for name, runs in results.items()]
+    padded = next((row for row in rows if row["name"] == "sft-padded"), None)
+    for row in rows:
+        row["tokens_per_s_ratio"] = _ratio(row["tokens_per_s"], padded["tokens_per_s"]) if padded else None
+    return {"rows": rows}
+
+
+def summarize_logp(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    rows = []
+    for name, runs in results.items():
+        rows.append(
+            {
+                "name": name,
+                "label": LABELS.get(name, name),
+                "rounds": len(runs),
+                "step_peak_mb": _median([r["step_peak_mb"] for r in runs]),
+                "seconds": _median([r["seconds"] for r in runs]),
+                "step_set_peak": all(r["step_set_peak"] for r in runs),
+                "vocab_size": runs[0]["vocab_size"],
+                "tokens": runs[0]["tokens"],
+                "scored_tokens": runs[0]["scored_tokens"],
+                "chunk_size": runs[0]["chunk_size"],
+                "logps": runs[0]["logps"],
+            }
+        )
+    by_name = {row["name"]: row for row in rows}
+    full, chunked = by_name.get("logp-full"), by_name.get("logp-chunked")
+    summary: dict[str, Any] = {"rows": rows}
+    if full and chunked:
+        ratio = _ratio(chunked["step_peak_mb"], full["step_peak_mb"])
+        worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(full["logps"], chunked["logps"]))
+        summary.update(
+            ratio=ratio,
+            ratio_max=LOGP_TARGET_RATIO_MAX,
+            met=ratio is not None and ratio <= LOGP_TARGET_RATIO_MAX,
+            max_relative_logp_difference=worst,
+        )
+    return summary
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("torch", "transformers", "trl", "accelerate", "datasets", "spo-align"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "packages": versions}
+
+
+def build_report(config: BenchConfig, raw: dict[str, Any], command: str) -> dict[str, Any]:
+    parts = raw["parts"]
+    report: dict[str, Any] = {
+        "command": command,
+        "size": config.name,
+        "started": _dt.datetime.fromtimestamp(raw["started"], _dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": raw["seconds"],
+        "rounds": config.rounds,
+        "threads": config.workload.threads,
+        "machine": machine(),
+        "workload": asdict(config.workload),
+        "logp_work": asdict(config.logp),
+    }
+    if "preference" in parts:
+        report["preference"] = summarize_preference(parts["preference"]["results"], raw["pair_tokens"])
+        report["preference"]["seconds"] = parts["preference"]["seconds"]
+    if "sft" in parts:
+        report["sft"] = summarize_sft(parts["sft"]["results"])
+        report["sft"]["seconds"] = parts["sft"]["seconds"]
+    if "logp" in parts:
+        report["logp"] = summarize_logp(parts["logp"]["results"])
+        report["logp"]["seconds"] = parts["logp"]["seconds"]
+    report["raw"] = {part: value["results"] for part, value in parts.items()}
+    return report
+
+
+def _f(value: float | None, digits: int = 0, suffix: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    w = report["workload"]
+    lines = [
+        f"# Bench results ({report['size']})",
+        "",
+        f"- Command: `{report['command']}`",
+        f"- Started {report['started']}, took {report['seconds']:.0f} s; {report['rounds']} rounds, each run in a "
+        f"fresh process, runs interleaved by round; medians shown; {report['threads']} torch threads.",
+        f"- Machine: {m['cpu']}, {m['cpu_count']} cores visible, {m['platform']}, Python {m['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
+        f"- Model: Llama, hidden {w['shape']['hidden_size']}, {w['shape']['num_hidden_layers']} layers, "
+        f"{w['shape']['num_attention_heads']} heads, intermediate {w['shape']['intermediate_size']}, vocab "
+        f"{w['shape']['vocab_size']}, random weights, fp32, sdpa.",
+        f"- Work: {w['n_pairs']} synthetic pairs, one epoch, {w['pairs_per_step']} pairs per optimizer step, log-normal "
+        f"lengths (prompt median {w['lengths']['prompt_median']:g}, answers {w['lengths']['response_median']:g}, capped "
+        f"at max_length {w['lengths']['max_length']}); DPO sigmoid, beta {w['beta']:g}, label smoothing 0; AdamW, "
+        f"lr {w['learning_rate']:g}.",
+        "",
+    ]
+    if "preference" in report:
+        pref = report["preference"]
+        lines += [
+            "## Preference training vs TRL",
+            "",
+            f"Real tokens of the epoch: {pref['pair_tokens']:,} (every run must see exactly these). "
+            "Tokens/s = real (non-pad) tokens / training-loop seconds (first step included; the reference "
+            "precompute of (d) runs before the loop and is listed apart). Peak RSS = the process's high-water mark.",
+            "",
+            "| run | real tokens/s | vs (a) | padding share | peak RSS (MB) | vs (a) | loop (s) | ref precompute (s) | tokens match |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+        ]
+        for row in pref["rows"]:
+            lines.append(
+                f"| {row['label']} | {_f(row['tokens_per_s'])} | {_x(row['tokens_per_s_ratio'])} | "
+                f"{_pct(row['padding_share'])} | {_f(row['peak_rss_mb'])} | {_x(row['peak_rss_ratio'])} | "
+                f"{_f(row['loop_s'], 1)} | {_f(row['precompute_s'], 1)} | {'yes' if row['tokens_match_workload'] else 'NO'} |"
+            )
+        lines += ["", "Per-round real tokens/s: " + "; ".join(
+            f"{row['name']} " + ", ".join(_f(v) for v in row["per_round_tokens_per_s"]) for row in pref["rows"]
+        ), ""]
+        if pref["targets"]:
+            lines += ["Targets (issue 7, 2 CPU cores):", ""]
+            for t in pref["targets"]:
+                lines.append(
+                    f"- {t['run']}: tokens/s {_x(t['tokens_per_s_ratio'])} (target >= {t['tokens_per_s_ratio_min']:g}x: "
+                    f"{'met' if t['tokens_per_s_met'] else 'MISSED'}); peak RSS {_x(t['peak_rss_ratio'])} "
+                    f"(target <= {t['peak_rss_ratio_max']:g}x: {'met' if t['peak_rss_met'] else 'MISSED'}); padding "
+                    f"{_pct(t['padding_share'])} (target < 5%: {'met' if t['padding_share_met'] else 'MISSED'})"
+                )
+            lines.append("")
+    if "sft" in report:
+        lines += [
+            "## SFT packing",
+            "",
+            "| run | real tokens/s | vs no packing | padding share | peak RSS (MB) | loop (s) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in report["sft"]["rows"]:
+            lines.append(
+                f"| {row['label']} | {_f(row['tokens_per_s'])} | {_x(row['tokens_per_s_ratio'])} | "
+                f"{_pct(row['padding_share'])} | {_f(row['peak_rss_mb'])} | {_f(row['loop_s'], 1)} |"
+            )
+        lines.append("")
+    if "logp" in report:
+        logp = report["logp"]
+        first = logp["rows"][0]
+        lines += [
+            "## Log-prob step memory",
+            "",
+            f"Forward + backward of per-sequence log-probs, vocab {first['vocab_size']:,}, {first['tokens']:,} tokens "
+            f"({first['scored_tokens']:,} scored). Step peak = peak RSS during the step minus RSS just before it.",
+            "",
+            "| method | step peak (MB) | seconds |",
+            "| --- | ---: | ---: |",
+        ]
+        for row in logp["rows"]:
+            label = row["label"] + (f", chunk {row['chunk_size']}" if row["chunk_size"] else "")
+            lines.append(f"| {label} | {_f(row['step_peak_mb'])} | {_f(row['seconds'], 2)} |")
+        if "ratio" in logp:
+            lines += [
+                "",
+                f"Chunked / full: {_x(logp['ratio'])} (target <= {logp['ratio_max']:g}x: "
+                f"{'met' if logp['met'] else 'MISSED'}); largest relative difference of the log-probs: "
+                f"{logp['max_relative_logp_difference']:.1e}.",
+            ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], results_dir: Path) -> tuple[Path, Path]:
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / f"{report['size']}.json"
+    md_path = results_dir / f"{report['size']}.md"
+    json_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    md_path.write_text(to_markdown(report), encoding="utf-8")
+    return json_path, md_path

@@ -1,0 +1,166 @@
+"""Runs (b)-(d) and the SFT packing runs: `spo train` on the bench workload, through the project's recipe.
+
+Each run writes an ordinary recipe file, loads and resolves it as `spo train` does, and runs its stage in
+this process; the bench adds one callback (the clock and token counter) to the callbacks the runner
+attaches. The loss is DPO's sigmoid with label_smoothing 0, the loss TRL's DPOTrainer runs in run (a).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from bench.clock import LoopTimes, peak_rss_mb, step_clock
+from bench.config import Workload
+
+logger = logging.getLogger(__name__)
+
+Variant = Literal["padded", "packed", "packed_precompute"]
+VARIANTS: tuple[Variant, ...] = ("padded", "packed", "packed_precompute")
+
+
+def _training(work: Workload, batch: int) -> dict[str, Any]:
+    return {
+        "learning_rate": work.learning_rate,
+        "lr_scheduler": "constant",
+        "warmup_ratio": 0.0,
+        "num_epochs": 1,
+        "per_device_batch_size": batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": "adamw_torch",
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": work.seed,
+        "logging_steps": 1,
+        "save_steps": 1_000_000,
+        "save_total_limit": 1,
+        "cpu_threads": work.threads,
+    }
+
+
+def _model(model_dir: Path) -> dict[str, Any]:
+    return {"name_or_path": str(Path(model_dir).resolve()), "attention": "sdpa", "dtype": "float32"}
+
+
+def _data(work: Workload, path: Path, fmt: str, *, packing: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "train": [{"path": str(Path(path).resolve()), "format": fmt}],
+        "max_length": work.lengths.max_length,
+        "packing": packing,
+        "shuffle": True,
+    }
+    if packing and work.pack_length is not None:
+        data["pack_length"] = work.pack_length
+    return data
+
+
+def preference_recipe(work: Workload, variant: Variant, model_dir: Path, pairs_path: Path, out_dir: Path) -> dict[str, Any]:
+    return {
+        "description": f"bench run: DPO sigmoid (label_smoothing 0), {variant}",
+        "stage": "preference",
+        "model": _model(model_dir),
+        "data": _data(work, pairs_path, "pairs", packing=variant != "padded"),
+        "loss": {"type": "dpo", "beta": work.beta, "label_smoothing": 0.0},
+        "reference": {"precompute": variant == "packed_precompute"},
+        "training": _training(work, work.pairs_per_step),
+        "output": {"dir": str(Path(out_dir).resolve()), "report_to": ["none"]},
+    }
+
+
+def sft_recipe(work: Workload, packing: bool, model_dir: Path, rows_path: Path, out_dir: Path) -> dict[str, Any]:
+    return {
+        "description": f"bench run: SFT, packing {'on' if packing else 'off'}",
+        "stage": "sft",
+        "model": _model(model_dir),
+        "data": _data(work, rows_path, "messages", packing=packing),
+        "training": _training(work, work.sft_rows_per_step),
+        "output": {"dir": str(Path(out_dir).resolve()), "report_to": ["none"]},
+    }
+
+
+def run_recipe(recipe: dict[str, Any], recipe_path: Path) -> tuple[LoopTimes, dict[str, Any], float]:
+    """Load, resolve and run one recipe in this process with the bench's clock attached.
+
+    Returns the loop times, the run's run.json, and the seconds spent before the training loop began.
+    """
+    from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.resolve import resolve
+    from spo_align.train.model import check_model_setup
+    from spo_align.train.outputs import RUN_INFO
+    from spo_align.train.run import build_context, claim_output, stage_function
+
+    started = time.perf_counter()
+    recipe_path = Path(recipe_path)
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    plan = resolve(load_recipe(recipe_path), recipe_path, device="cpu")
+    check_model_setup(plan)
+    checkpoint = claim_output(plan, resume=False, overwrite=True)
+    ctx = build_context(plan, checkpoint)
+    times = LoopTimes()
+    ctx.callbacks.append(step_clock(times))
+    stage_function(plan)(plan, ctx)
+    info_path = Path(plan.output_dir) / RUN_INFO
+    run_info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
+    if times.begin is None:
+        raise RuntimeError(f"{recipe_path}: the stage ran no training loop")
+    return times, run_info, times.begin - started
+
+
+def _precompute_seconds(run_info: dict[str, Any]) -> float | None:
+    """The reference pass's duration where the stage reports it in run.json."""
+    for key in ("reference_precompute_s", "precompute_s"):
+        value = run_info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+    reference = run_info.get("reference")
+    if isinstance(reference, dict):
+        for key in ("precompute_s", "seconds"):
+            value = reference.get(key)
+            if isinstance(value, (int, float)):
+                return float(value)
+    return None
+
+
+def run_spo(work: Workload, variant: Variant, model_dir: Path, pairs_path: Path, out_dir: Path) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    recipe = preference_recipe(work, variant, model_dir, pairs_path, out_dir / "run")
+    times, run_info, setup_s = run_recipe(recipe, out_dir / "recipe.yaml")
+    return {
+        "engine": "spo",
+        "variant": variant,
+        **times.summary(),
+        "setup_s": setup_s,
+        "precompute_s": _precompute_seconds(run_info),
+        "peak_rss_mb": peak_rss_mb(),
+        "run_info": _reported(run_info),
+    }
+
+
+def run_sft(work: Workload, packing: bool, model_dir: Path, rows_path: Path, out_dir: Path) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    recipe = sft_recipe(work, packing, model_dir, rows_path, out_dir / "run")
+    times, run_info, setup_s = run_recipe(recipe, out_dir / "recipe.yaml")
+    return {
+        "engine": "spo-sft",
+        "variant": "packed" if packing else "padded",
+        **times.summary(),
+        "setup_s": setup_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "run_info": _reported(run_info),
+    }
+
+
+def _reported(run_info: dict[str, Any]) -> dict[str, Any]:
+    """The run.json facts worth keeping beside the bench's own measurements (tokens, padding, timing)."""
+    keep = {}
+    for key, value in run_info.items():
+        lowered = key.lower()
+        if any(word in lowered for word in ("token", "padding", "layout", "pack", "precompute", "reference")):
+            keep[key] = value
+    return keep
