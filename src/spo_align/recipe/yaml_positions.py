@@ -16,6 +16,8 @@ import yaml
 from spo_align.recipe.errors import RecipeError
 
 KeyPath = tuple[Union[str, int], ...]
+# libyaml's parser when PyYAML was built with it (10x faster); the pure-Python one otherwise.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_NODES = 20_000  # aliases can expand a small file into a huge tree ("billion laughs")
 
 
@@ -37,7 +39,7 @@ def dotted(path: KeyPath) -> str:
 
 
 class _Walker:
-    def __init__(self, loader: yaml.SafeLoader, file: str):
+    def __init__(self, loader: Any, file: str):
         self.loader = loader
         self.file = file
         self.positions: Positions = {}
@@ -149,7 +151,7 @@ def parse_yaml(text: str, file: str) -> tuple[Any, Positions, list[RecipeError]]
         return None, {}, errors
     if not text.strip() or all(not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()):
         return None, {}, [RecipeError(file, 1, 1, "", "the file is empty (a recipe is a YAML mapping)")]
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         try:
             node = loader.get_single_node()
