@@ -113,8 +113,8 @@ def spo_f(z: torch.Tensor, *, z_floor: float | None = DEFAULT_Z_FLOOR) -> torch.
     """SPO's f(z) = -z * exp(-z), in at least fp32, continued linearly below ``z_floor``.
 
     f has its minimum -1/e at z = 1 and is convex for z < 2 only. Its slope (z - 1) * exp(-z) grows
-    exponentially as z falls: f(-10) = 2.2e5, and exp(-z) overflows fp32 near z = -88 (fp16, if anyone
-    casts the result, near z = -9). Below ``z_floor`` we use the tangent at ``z_floor``: the value and
+    exponentially as z falls: f(-10) = 2.2e5, f overflows fp32 near z = -84 (exp(-z) itself near -88.7)
+    and fp16, if anyone casts the result, near z = -9. Below ``z_floor`` we use the tangent at ``z_floor``: the value and
     slope match there (C^1), the result stays convex on (-inf, 2) because f lies above its tangents there,
     and loss and gradient are finite for every finite z. The exponential branch is evaluated at
     ``max(z, z_floor)`` so no inf ever enters the graph (a ``torch.where`` over an inf branch would give
@@ -130,7 +130,7 @@ def spo_f(z: torch.Tensor, *, z_floor: float | None = DEFAULT_Z_FLOOR) -> torch.
       its batch;
     * value and slope at the floor fit fp16 (max 65504) with ~70x headroom for beta or alpha.
 
-    ``z_floor=None`` gives the paper's f exactly (inf beyond z ~ -88 in fp32). ``z_floor`` must be < 1
+    ``z_floor=None`` gives the paper's f exactly (inf below z ~ -84 in fp32). ``z_floor`` must be < 1
     so the continuation slopes downwards and the minimum at z = 1 is kept.
     """
     z = z.to(_compute_dtype(z))
@@ -220,7 +220,8 @@ def ipo_loss(
 
     TRL's ``ipo`` averages log-probs per token, which moves the optimum with response length; this one
     does not. Rewards are ``2 * tau * log-ratio``, so the reward margin is 1 at the optimum and equals
-    SPO's ``beta * log-ratio`` when ``tau = ipo_tau_matching_spo(beta)``.
+    SPO's ``beta * log-ratio`` when ``tau = ipo_tau_matching_spo(beta)``. The gradient
+    ``2 * (delta - 1/(2 tau))`` is unbounded by design: finite in fp32, beyond fp16's range for |delta| > 32k.
     """
     _require_positive("tau", tau)
     chosen, rejected = _log_ratios(
