@@ -150,7 +150,7 @@ def _handler(server_state: FakeJudgeServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:  # keep test output clean
             pass
 
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:
             if self.path.rstrip("/") != "/v1/chat/completions":
                 self.send_error(404)
                 return

@@ -15,7 +15,7 @@ from spo_align.eval.table import win_rate_table
 
 def test_verdicts_by_correctness() -> None:
     judge = ReferenceJudge()
-    item = lambda a, b: JudgeItem("p", "23+58=", a, b, "81")  # noqa: E731
+    item = lambda a, b: JudgeItem("p", "23+58=", a, b, "81")
     assert judge.judge(item(" 81\n", "71")).verdict == "A"
     assert judge.judge(item("71", "81")).verdict == "B"
     assert judge.judge(item("81", "81 ")).verdict == "C"
@@ -32,7 +32,7 @@ def test_comparison_is_a_parameter_and_names_the_judge() -> None:
 def test_pipeline_offline_gives_half_plus_half_accuracy_gap(tmp_path: Path) -> None:
     refs = {f"p{i}": str(10 + i) for i in range(10)}
     questions = {p: f"{p}?" for p in refs}
-    right = lambda p: refs[p]  # noqa: E731
+    right = lambda p: refs[p]
     answers = {
         "sft": {p: right(p) if i < 4 else "0" for i, p in enumerate(refs)},  # acc .4
         "spo": {p: right(p) if i < 9 else "1" for i, p in enumerate(refs)},  # acc .9

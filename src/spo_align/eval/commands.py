@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -41,7 +40,7 @@ def _one_line_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _split_models(text: Optional[str]) -> Optional[list[str]]:
+def _split_models(text: str | None) -> list[str] | None:
     if text is None:
         return None
     names = [m.strip() for m in text.split(",") if m.strip()]
@@ -55,7 +54,7 @@ def generate_command(
     model: list[str] = typer.Option(..., "--model", help="PATH[=NAME]; repeat for each model. LoRA outputs load on their base."),
     prompts: str = typer.Option(..., "--prompts", help="JSONL file (id, prompt[, reference]) or hub dataset NAME[:SPLIT]."),
     out: Path = typer.Option(..., "--out", help="Directory for one <name>.jsonl per model."),
-    n: Optional[int] = typer.Option(None, "--n", help="Use the first N prompts (default: all)."),
+    n: int | None = typer.Option(None, "--n", help="Use the first N prompts (default: all)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
     batch_size: int = typer.Option(8, "--batch-size"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (default); > 0 samples with --seed."),
@@ -94,10 +93,10 @@ def judge_command(
     gen_dir: Path = typer.Argument(..., help="Directory of <model>.jsonl answer files from `spo eval generate`."),
     judge_model: str = typer.Option(..., "--judge-model", help=f"Judge model id (e.g. gpt-4o), or '{REFERENCE_JUDGE}' to compare with known answers."),
     out: Path = typer.Option(..., "--out", help="Judgments JSONL; appended to and resumed from."),
-    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
+    base_url: str | None = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key."),
     prompt: str = typer.Option("pairwise_v1", "--prompt", help="Shipped judge prompt name or a prompt file."),
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated subset of models (default: all files)."),
+    models: str | None = typer.Option(None, "--models", help="Comma-separated subset of models (default: all files)."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, help="Calls in flight at once."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds per call before it is retried."),
     max_attempts: int = typer.Option(6, "--max-attempts", min=1, help="Attempts per judgment on 429/5xx/timeouts."),
@@ -160,10 +159,10 @@ def judge_command(
 @eval_app.command("table")
 def table_command(
     judgments: Path = typer.Argument(..., help="Judgments JSONL from `spo eval judge`."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for win_rates.md/.csv/.png (default: beside the judgments)."),
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated row/column order (default: alphabetical)."),
-    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Tabulate only this judge's judgments."),
-    prompt_version: Optional[str] = typer.Option(None, "--prompt-version", help="Tabulate only this prompt version."),
+    out: Path | None = typer.Option(None, "--out", help="Directory for win_rates.md/.csv/.png (default: beside the judgments)."),
+    models: str | None = typer.Option(None, "--models", help="Comma-separated row/column order (default: alphabetical)."),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="Tabulate only this judge's judgments."),
+    prompt_version: str | None = typer.Option(None, "--prompt-version", help="Tabulate only this prompt version."),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=1, help="Bootstrap resamples for the interval."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     heatmap: bool = typer.Option(True, "--heatmap/--no-heatmap", help="Also write the PNG heatmap."),

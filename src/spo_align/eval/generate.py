@@ -231,12 +231,15 @@ def load_model_and_tokenizer(spec: ModelSpec, dtype: DType = "auto") -> tuple[Pr
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[PromptRow]) -> list[str]:
     """Each prompt as one user turn through the chat template, ready for the assistant's answer."""
-    return [
-        tokenizer.apply_chat_template(
+    texts = []
+    for row in prompts:
+        text = tokenizer.apply_chat_template(
             [{"role": "user", "content": row.prompt}], tokenize=False, add_generation_prompt=True
         )
-        for row in prompts
-    ]
+        if not isinstance(text, str):
+            raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
+        texts.append(text)
+    return texts
 
 
 def _generate_transformers(spec: ModelSpec, prompts: Sequence[PromptRow], settings: GenerationSettings) -> list[str]:
@@ -262,7 +265,7 @@ def _generate_transformers(spec: ModelSpec, prompts: Sequence[PromptRow], settin
         enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
         with torch.no_grad():
-            out = model.generate(
+            out = model.generate(  # type: ignore[operator]
                 **enc,
                 max_new_tokens=settings.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,

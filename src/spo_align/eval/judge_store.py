@@ -153,11 +153,15 @@ class JudgmentStore:
         self.path = Path(path)
         self.records, good_end = _scan(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size != good_end:
+        ends_with_newline = True
+        if self.path.exists():
             with self.path.open("r+b") as fh:
-                fh.truncate(good_end)
+                fh.truncate(good_end)  # drop a line cut off by a killed run
+                if good_end:
+                    fh.seek(good_end - 1)
+                    ends_with_newline = fh.read(1) == b"\n"
         self._fh = self.path.open("ab")
-        if good_end and not self.path.read_bytes()[good_end - 1 : good_end] == b"\n":
+        if not ends_with_newline:  # a complete last record written without its newline
             self._fh.write(b"\n")
 
     def append(self, record: JudgmentRecord) -> None:

@@ -181,10 +181,14 @@ def _pct(x: float) -> str:
 def to_markdown(table: WinRateTable) -> str:
     level = round(table.confidence * 100)
     lines = [
-        f"Win rate (%) of the row model against the column model; ties count half. Judge: "
-        f"{table.judge_model} ({table.prompt_version}), each prompt judged in both orders.",
-        f"[{level}% bootstrap interval over prompts, {table.n_bootstrap} resamples, seed {table.seed}]; "
-        "n = prompts judged for the pair.",
+        (
+            "Win rate (%) of the row model against the column model; ties count half. Judge: "
+            f"{table.judge_model} ({table.prompt_version}), each prompt judged in both orders."
+        ),
+        (
+            f"[{level}% bootstrap interval over prompts, {table.n_bootstrap} resamples, seed {table.seed}]; "
+            "n = prompts judged for the pair."
+        ),
     ]
     if table.incomplete:
         lines.append(f"{table.incomplete} (prompt, pair) comparisons lacked an ok judgment in one order and are left out.")
