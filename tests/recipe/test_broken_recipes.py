@@ -8,13 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+from recipe_paths import BROKEN
 from typer.testing import CliRunner
 
 from spo_align.cli import app
 from spo_align.recipe.errors import RecipeErrors
 from spo_align.recipe.load import load_recipe
-
-from recipe_paths import BROKEN
 
 EXPECT = re.compile(r"^# expect: (?:(?P<file>[^:\s]+):)?(?P<line>\d+): (?P<fragment>.+)$")
 CASES = sorted(BROKEN.glob("*.yaml"))

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from recipe_paths import RECIPE_ROOTS, REPO, repo_recipes
 
 from spo_align.recipe.load import find_recipe_files, load_recipe
 from spo_align.recipe.resolve import resolve
 from spo_align.recipe.schema import DPOLoss, IPOLoss, KTOLoss, SPOLoss
-
-from recipe_paths import RECIPE_ROOTS, REPO, repo_recipes
 
 RECIPES = repo_recipes()
 MODELS = ("qwen2.5-7b-instruct", "llama-3.1-8b-instruct")

@@ -6,13 +6,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+from recipe_paths import REPO
 
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
 from spo_align.recipe.load import load_recipe, save_resolved, validate_files
 from spo_align.recipe.resolve import resolve
 from spo_align.recipe.schema import SPOLoss
-
-from recipe_paths import REPO
 
 VALID = """\
 stage: preference
@@ -49,7 +49,7 @@ def test_valid_recipe_loads_frozen_with_defaults(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path / "r.yaml", VALID))
     assert isinstance(recipe.loss, SPOLoss) and recipe.loss.alpha == 1.0
     assert recipe.training.per_device_batch_size == 4
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         recipe.stage = "sft"  # type: ignore[misc]
 
 

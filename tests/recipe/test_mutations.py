@@ -12,12 +12,11 @@ from typing import Any
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from recipe_paths import repo_recipes
 
 from spo_align.recipe.errors import RecipeErrors
 from spo_align.recipe.load import load_recipe
 from spo_align.recipe.resolve import resolve
-
-from recipe_paths import repo_recipes
 
 SETTINGS = settings(
     max_examples=400, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+from recipe_paths import REPO
 
 from spo_align.recipe.load import load_recipe
 from spo_align.recipe.resolve import RunPlan, resolve
-
-from recipe_paths import REPO
 
 BASE = """\
 stage: preference
@@ -97,7 +97,7 @@ def test_local_model_and_output_paths_resolve_against_the_working_directory(
 
 def test_plan_is_frozen_and_serialises(tmp_path: Path) -> None:
     plan = plan_for(tmp_path, "cpu")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         plan.world_size = 2  # type: ignore[misc]
     data = plan.to_dict()
     assert data["derived"]["ipo_tau"] == pytest.approx(0.15)

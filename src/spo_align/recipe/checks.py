@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from spo_align.recipe.schema import KTOLoss, Recipe
 
-KeyPath = tuple[Union[str, int], ...]
+KeyPath = tuple[str | int, ...]
 Finding = tuple[KeyPath, str]
 Check = Callable[[Recipe, Path], Iterator[Finding]]
 

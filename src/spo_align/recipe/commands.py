@@ -9,7 +9,6 @@ import enum
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -37,7 +36,7 @@ def _usage_error(message: str) -> typer.Exit:
 
 
 def validate(
-    paths: Optional[list[Path]] = typer.Argument(
+    paths: list[Path] | None = typer.Argument(
         None, help="Recipe files or folders (searched recursively for *.yaml, *.yml). Default: recipes/ spo_recipes/."
     ),
     fmt: ErrorFormatOption = typer.Option(
@@ -68,7 +67,7 @@ def validate(
 def resolve(
     recipe: Path = typer.Argument(..., help="Recipe file."),
     overrides: list[str] = typer.Option([], "--set", help="Override a key: --set loss.beta=0.2 (repeatable)."),
-    device: Optional[DeviceOption] = typer.Option(
+    device: DeviceOption | None = typer.Option(
         None, "--device", help="Resolve device-dependent defaults (pack length) for cpu or cuda; default shows both."
     ),
     fmt: ResolveFormat = typer.Option(ResolveFormat.yaml, "--format", help="yaml (with derived values) or json."),
@@ -93,7 +92,7 @@ def resolve(
 
 
 def schema(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
     """Print the recipe JSON Schema (the committed recipe.schema.json; editors use it to autocomplete)."""
     from spo_align.recipe.schema import recipe_json_schema

@@ -215,7 +215,7 @@ def validate_files(files: Iterable[Path]) -> tuple[int, list[RecipeError]]:
     return valid, errors
 
 
-def save_resolved(plan: "RunPlan", path: Path) -> None:
+def save_resolved(plan: RunPlan, path: Path) -> None:
     """Write the resolved recipe (loadable again with `load_recipe`) beside a run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -99,9 +99,7 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> KeyPath:
         elif isinstance(node, list) and isinstance(part, int):
             cleaned.append(part)
             node = node[part] if -len(node) <= part < len(node) else None
-        elif isinstance(part, str) and _looks_like_type_label(part) and not last:
-            continue
-        elif isinstance(part, str) and _looks_like_type_label(part) and cleaned:
+        elif isinstance(part, str) and _looks_like_type_label(part) and (not last or cleaned):
             continue
         else:
             cleaned.append(part)
@@ -142,8 +140,7 @@ def _message(err: dict[str, Any], path: KeyPath, data: Any) -> tuple[KeyPath, st
     if kind == "model_type" or kind == "model_attributes_type" or kind == "dict_type":
         return path, f"expected a mapping of keys, got {_short(given)}"
     message = str(err["msg"])
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
+    message = message.removeprefix("Value error, ")
     if kind == "literal_error" and isinstance(given, str):
         expected = err.get("ctx", {}).get("expected", "")
         choices = [c.strip(" '") for c in str(expected).replace(" or ", ",").split(",") if c.strip(" '")]

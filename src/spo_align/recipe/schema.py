@@ -8,7 +8,7 @@ Cross-field checks that involve more than one section live in `recipe/checks.py`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -154,7 +154,7 @@ class IPOLoss(Section):
     )
 
     @model_validator(mode="after")
-    def _one_of_tau(self) -> "IPOLoss":
+    def _one_of_tau(self) -> IPOLoss:
         if (self.tau is None) == (self.match_spo_beta is None):
             raise ValueError("give exactly one of 'tau' or 'match_spo_beta'")
         return self
@@ -171,7 +171,7 @@ class KTOLoss(Section):
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable (rejected) examples.")
 
 
-Loss = Annotated[Union[SPOLoss, DPOLoss, IPOLoss, KTOLoss], Field(discriminator="type")]
+Loss = Annotated[SPOLoss | DPOLoss | IPOLoss | KTOLoss, Field(discriminator="type")]
 
 
 class ReferenceSection(Section):
