@@ -31,7 +31,7 @@ PairLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], 
 
 @dataclass(frozen=True)
 class BanditLoss:
-    """A named loss: maps (policy chosen, policy rejected, ref chosen, ref rejected) log-probs to [B] losses."""
+    """A named loss: (policy chosen, policy rejected, ref chosen, ref rejected) log-probs -> [B] losses."""
 
     name: str
     fn: PairLossFn
@@ -142,12 +142,10 @@ def expected_loss_minimiser(loss: BanditLoss, *, max_iter: int = 500) -> torch.T
 
 
 def format_table(losses: list[BanditLoss], snapshots: list[Snapshot]) -> str:
-    """One row per loss: pi after the last snapshot, margins at each snapshot, and the expected-loss optimum."""
+    """One row per loss: pi at the last snapshot, margins at the first and last, the expected-loss optimum."""
     first, last = snapshots[0], snapshots[-1]
-    header = (
-        f"{'loss':<24} {'pi(a)':>7} {'pi(b)':>7} {'pi(c)':>7} | margins ab/bc/ac at step {first.step:<6}"
-        f" | at step {last.step:<6} | expected-loss minimiser"
-    )
+    early_head, late_head = f"margins ab/bc/ac at step {first.step}", f"at step {last.step}"
+    header = f"{'loss':<24} {'pi(a)':>7} {'pi(b)':>7} {'pi(c)':>7} | {early_head:<30} | {late_head:<23} | expected-loss minimiser"
     rows = [header, "-" * len(header)]
     for i, loss in enumerate(losses):
         pi = " ".join(f"{p:7.4f}" for p in last.pi[i].tolist())

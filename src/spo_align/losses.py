@@ -113,12 +113,12 @@ def spo_f(z: torch.Tensor, *, z_floor: float | None = DEFAULT_Z_FLOOR) -> torch.
     """SPO's f(z) = -z * exp(-z), in at least fp32, continued linearly below ``z_floor``.
 
     f has its minimum -1/e at z = 1 and is convex for z < 2 only. Its slope (z - 1) * exp(-z) grows
-    exponentially as z falls: f(-10) = 2.2e5, f overflows fp32 near z = -84 (exp(-z) itself near -88.7)
-    and fp16, if anyone casts the result, near z = -9. Below ``z_floor`` we use the tangent at ``z_floor``: the value and
-    slope match there (C^1), the result stays convex on (-inf, 2) because f lies above its tangents there,
-    and loss and gradient are finite for every finite z. The exponential branch is evaluated at
-    ``max(z, z_floor)`` so no inf ever enters the graph (a ``torch.where`` over an inf branch would give
-    NaN gradients).
+    exponentially as z falls: f(-10) = 2.2e5; f overflows fp32 near z = -84 (exp(-z) itself near -88.7)
+    and fp16, if anyone casts the result, near z = -9. Below ``z_floor`` we use the tangent at
+    ``z_floor``: value and slope match there (C^1), the result stays convex on (-inf, 2) because f lies
+    above its tangents there, and loss and gradient are finite for every finite z. The exponential
+    branch is evaluated at ``max(z, z_floor)`` so no inf ever enters the graph (a ``torch.where`` over an
+    inf branch would give NaN gradients).
 
     Default ``z_floor = -5`` (value 5e^5 = 742, slope -6e^5 = -890):
 
