@@ -103,3 +103,13 @@ def test_plan_is_frozen_and_serialises(tmp_path: Path) -> None:
     assert data["derived"]["ipo_tau"] == pytest.approx(0.15)
     assert data["recipe"]["loss"] == {"type": "ipo", "tau": None, "match_spo_beta": 0.3}
     assert "#   ipo_tau: 0.15" in plan.to_yaml()
+
+
+def test_schema_spo_floor_default_is_the_loss_module_default() -> None:
+    """The recipe is the one source of the floor; its default must be the one losses.py justifies."""
+    losses = pytest.importorskip("spo_align.losses")
+    from spo_align.recipe.schema import SPOLoss
+
+    assert SPOLoss(type="spo").z_floor == losses.DEFAULT_Z_FLOOR
+    with pytest.raises(ValidationError):
+        SPOLoss(type="spo", z_floor=1.0)

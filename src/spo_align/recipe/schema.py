@@ -127,9 +127,11 @@ class SPOLoss(Section):
         "alpha >= beta keeps the chosen log-ratio non-negative at the optimum (1/beta - 1/alpha).",
     )
     z_floor: float | None = Field(
-        -10.0,
+        -5.0,
+        lt=1,
         description="Below this argument f(z) = -z*exp(-z) continues linearly (same value and slope) so "
-        "gradients stay finite; null gives the paper's loss exactly.",
+        "gradients stay finite; must be < 1 (f's minimum). -5 caps one pair's gradient weight at ~890x its "
+        "weight at the start (losses.DEFAULT_Z_FLOOR, see docs/losses.md); null gives the paper's loss exactly.",
     )
 
 
