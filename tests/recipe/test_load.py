@@ -213,3 +213,23 @@ def test_saved_resolved_recipe_loads_back_identically_from_anywhere(tmp_path: Pa
     assert again.recipe.loss == plan.recipe.loss and again.recipe.training == plan.recipe.training
     assert again.output_dir == plan.output_dir == (tmp_path / "outputs/qwen2.5-7b-instruct/sweep/beta0.1_alpha4")
     assert again.model_path == plan.model_path
+
+
+def test_load_positions_follow_extends(tmp_path: Path) -> None:
+    from spo_align.recipe.load import load_positions
+
+    write(tmp_path / "base.yaml", VALID)
+    child = write(tmp_path / "sub" / "child.yaml", "# child\nextends: ../base.yaml\nloss:\n  type: spo\n  beta: 0.3\n")
+    positions = load_positions(child)
+    assert (Path(positions[("loss", "beta")].file).name, positions[("loss", "beta")].line) == ("child.yaml", 5)
+    assert (Path(positions[("data", "max_length")].file).name, positions[("data", "max_length")].line) == ("base.yaml", 8)
+    assert load_positions(tmp_path / "absent.yaml") == {}
+
+
+def test_hidden_folders_are_not_searched(tmp_path: Path) -> None:
+    from spo_align.recipe.load import find_recipe_files
+
+    write(tmp_path / "r.yaml", VALID)
+    write(tmp_path / ".ipynb_checkpoints" / "r-checkpoint.yaml", "junk: [")
+    found, missing = find_recipe_files([tmp_path])
+    assert [p.name for p in found] == ["r.yaml"] and not missing

@@ -187,13 +187,28 @@ def load_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
     return recipe
 
 
+def load_positions(path: Path) -> Positions:
+    """Where each key of a recipe (after `extends`) is written: for errors found after loading, e.g. a
+    dataset column the recipe names but the dataset lacks. Empty when the file cannot be read."""
+    data, positions, _ = _load_tree(Path(path), ())
+    return positions if isinstance(data, dict) else {}
+
+
 def find_recipe_files(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
     """Recipe files under `paths` (folders searched recursively), and the paths that do not exist."""
     found: list[Path] = []
     missing: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix in RECIPE_SUFFIXES and p.is_file()))
+            found.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.suffix in RECIPE_SUFFIXES
+                    and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                )
+            )
         elif path.is_file():
             found.append(path)
         else:
