@@ -68,6 +68,14 @@ def test_bad_input_is_one_line_and_exit_1(app: typer.Typer, tmp_path: Path, monk
     assert result.exit_code == 1
     _one_line_error(result.output, f"{bad}:2: duplicate id '1'")
 
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"id": 1, "prompt": "a"}\n')
+    for model, message in ((tmp_path / "missing", "model directory not found"), (tmp_path, "cannot load model")):
+        result = runner.invoke(app, ["eval", "generate", "--model", f"{model}=m", "--prompts", str(good),
+                                     "--out", str(tmp_path / "g")])
+        assert result.exit_code == 1
+        _one_line_error(result.output, message)
+
     result = runner.invoke(app, ["eval", "judge", str(tmp_path / "nope"), "--judge-model", "reference", "--out", "j.jsonl"])
     assert result.exit_code == 1
     _one_line_error(result.output, "generation directory not found")

@@ -7,6 +7,7 @@ judgments, 2 usage error (typer's own).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,6 +111,10 @@ def judge_command(
     with _one_line_errors():
         from spo_align.eval.judge import Judge, judge_all, plan_judging
 
+        # The HTTP client logs one INFO line per request; keep them for `spo -v` only.
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            for name in ("httpx", "httpx2"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         judge: Judge
         if judge_model == REFERENCE_JUDGE:
             from spo_align.eval.reference_judge import ReferenceJudge

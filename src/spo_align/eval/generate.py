@@ -166,6 +166,9 @@ def generate(
     if not prompts:
         raise EvalInputError("no prompts given")
     check_unique_names(models)
+    for spec in models:  # before the first (possibly long) generation, not after it
+        if not Path(spec.path).exists() and spec.path.startswith(("/", ".", "~")):
+            raise EvalInputError(f"model directory not found (--model for {spec.name})", spec.path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -206,9 +209,23 @@ def _is_complete(path: Path, spec: ModelSpec, prompts: Sequence[PromptRow], sett
 def load_model_and_tokenizer(spec: ModelSpec, dtype: DType = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model for generation; a LoRA output directory is merged onto its base model."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
+    try:
+        model, tokenizer = _load(spec, torch_dtype)
+    except (OSError, ValueError) as exc:  # what from_pretrained raises for a missing or foreign model
+        raise EvalInputError(f"cannot load model {spec.name!r}: {' '.join(str(exc).split())}", spec.path) from None
+    if tokenizer.chat_template is None:
+        raise EvalInputError(f"the tokenizer of model {spec.name!r} has no chat template", spec.path)
+    model.eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model, tokenizer
+
+
+def _load(spec: ModelSpec, torch_dtype: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if spec.is_lora:
         from peft import AutoPeftModelForCausalLM, PeftConfig
 
@@ -220,13 +237,7 @@ def load_model_and_tokenizer(spec: ModelSpec, dtype: DType = "auto") -> tuple[Pr
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch_dtype)
         tokenizer_source = spec.path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    if tokenizer.chat_template is None:
-        raise EvalInputError(f"the tokenizer of {spec.path} has no chat template", spec.path)
-    model.eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
-    return model, tokenizer
+    return model, AutoTokenizer.from_pretrained(tokenizer_source)
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[PromptRow]) -> list[str]:

@@ -284,9 +284,11 @@ def judge_all(
             finished = 0
             while remaining:
                 done_now, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
+                fatal = next((f.exception() for f in done_now if f.exception() is not None), None)
                 for future in done_now:
-                    result = future.result()  # JudgeFatalError propagates from here
-                    record = _record(futures[future], result)
+                    if future.exception() is not None:
+                        continue
+                    record = _record(futures[future], future.result())
                     store.append(record)
                     finished += 1
                     if record.status == "ok":
@@ -298,6 +300,8 @@ def judge_all(
                         logger.warning("judgment %s failed: %s", tuple(record.key[:3]), record.error)
                     if finished % step == 0 or finished == len(calls):
                         logger.info("judged %d/%d (%d errors)", finished, len(calls), errors)
+                if fatal is not None:  # recorded what had arrived; the rest is cancelled
+                    raise fatal
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
     return JudgeSummary(out, total, done, errors_kept, judged, identical, errors, prompt_tokens, completion_tokens)
