@@ -156,6 +156,7 @@ def apply_overrides(data: dict[str, Any], positions: Positions, overrides: Seque
             else:
                 if isinstance(node, dict) and node.get(key) is None:
                     node[key] = {}
+                    positions[path] = Loc(file, None, None, override=raw)
                 node = node[key]
         if failed:
             errors.append(RecipeError(file, None, None, ".".join(parts), f"--set {raw!r}: {failed}"))

@@ -78,6 +78,15 @@ def model_at(path: KeyPath, data: Any) -> type[BaseModel] | None:
     return model
 
 
+def _tags_at(path: KeyPath, data: Any) -> list[str]:
+    """The `type` values a tagged union at `path` accepts (e.g. spo, dpo, ipo, kto for `loss`)."""
+    parent = model_at(path[:-1], data) if path else None
+    field = parent.model_fields.get(str(path[-1])) if parent else None
+    if field is None:
+        return []
+    return [tag for tag in (_type_tag(m) for m in _models_in(field.annotation)) if tag]
+
+
 # ---------------------------------------------------------------- pydantic errors
 
 
@@ -133,7 +142,7 @@ def _message(err: dict[str, Any], path: KeyPath, data: Any) -> tuple[KeyPath, st
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tags = err.get("ctx", {}).get("expected_tags", "")
         if kind == "union_tag_not_found":
-            return path, f"needs a 'type' key, one of: {tags}"
+            return path, f"needs a 'type' key, one of: {', '.join(_tags_at(path, data))}"
         tag = err.get("ctx", {}).get("tag", "")
         hint = did_you_mean(str(tag), [t.strip(" '") for t in str(tags).split(",")])
         return path + ("type",), f"unknown type '{tag}'{hint}; expected one of: {tags}"
