@@ -122,3 +122,17 @@ print("HEAVY=" + ",".join(heavy))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "HEAVY=\n" in result.stdout, result.stdout
+
+
+def test_editors_accept_every_shipped_recipe_and_flag_unknown_keys() -> None:
+    """yaml-language-server checks files against recipe.schema.json: shipped recipes (including ones that
+    only extend a base) must pass it, and a misspelt key must not."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / "recipe.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in repo_recipes():
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(path.read_text()))]
+        assert not errors, (path, errors)
+    bad = yaml.safe_load((BROKEN / "typo_nested_key.yaml").read_text())
+    assert any("learning_rat" in e.message for e in validator.iter_errors(bad))
+    assert any("'stage' is a required property" in e.message for e in validator.iter_errors({"model": {}}))

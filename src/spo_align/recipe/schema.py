@@ -306,4 +306,8 @@ def recipe_json_schema() -> dict[str, object]:
     }
     schema.update(Recipe.model_json_schema(mode="validation"))
     schema["title"] = "spo-align recipe"
+    # A recipe that `extends` a base may leave out top-level sections the base provides.
+    required = schema.pop("required", [])
+    schema["if"] = {"required": ["extends"]}
+    schema["else"] = {"required": required}
     return schema
