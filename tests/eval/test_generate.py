@@ -141,3 +141,24 @@ def test_settings_are_checked() -> None:
     for bad in ({"max_new_tokens": 0}, {"batch_size": 0}, {"temperature": -1.0}, {"top_p": 0.0}):
         with pytest.raises(EvalInputError):
             GenerationSettings(**bad)
+
+
+def test_dataset_source_uses_prompt_and_prompt_id_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub path (`NAME[:SPLIT]`), exercised offline with a local dataset laid out like
+    ultrafeedback_binarized (the hub itself is out of reach in tests)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    data = tmp_path / "ufb" / "data"
+    data.mkdir(parents=True)
+    rows = [{"prompt": f"question {i}", "prompt_id": f"id{i}", "score_chosen": 8.0} for i in range(5)]
+    (data / "test_prefs-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "train_prefs-00000-of-00001.jsonl").write_text(json.dumps(rows[0] | {"prompt": "other"}) + "\n")
+    prompts = load_prompts(f"{tmp_path / 'ufb'}:test_prefs", n=3)
+    assert prompts == [PromptRow(f"id{i}", f"question {i}") for i in range(3)]
+
+    other = tmp_path / "other" / "data"
+    other.mkdir(parents=True)
+    (other / "test-00000-of-00001.jsonl").write_text(json.dumps({"text": "q"}) + "\n")
+    with pytest.raises(EvalInputError, match="has no 'prompt' column"):
+        load_prompts(str(tmp_path / "other"))  # split defaults to `test`

@@ -219,7 +219,7 @@ def load_model_and_tokenizer(spec: ModelSpec, dtype: DType = "auto") -> tuple[Pr
         raise EvalInputError(f"the tokenizer of model {spec.name!r} has no chat template", spec.path)
     model.eval()
     if torch.cuda.is_available():
-        model.to("cuda")
+        model.to("cuda")  # type: ignore[arg-type]
     return model, tokenizer
 
 
