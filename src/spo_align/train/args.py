@@ -6,6 +6,7 @@ One function, so that SFT, KTO and the preference stage read the same numbers th
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from pathlib import Path
@@ -38,6 +39,23 @@ def on_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def deepspeed_config(plan: "RunPlan") -> dict[str, Any] | None:
+    """The plan's DeepSpeed config; under ZeRO-3 the weights are gathered on save unless the config says not to,
+    so the final folder holds a `from_pretrained`-loadable model rather than only sharded optimizer states."""
+    if plan.deepspeed_config is None:
+        return None
+    config = copy.deepcopy(plan.deepspeed_config)
+    zero = config.get("zero_optimization")
+    if isinstance(zero, dict) and zero.get("stage") == 3:
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+            logger.warning(
+                "ZeRO-3 config sets stage3_gather_16bit_weights_on_model_save: false; the output folder will hold "
+                "sharded weights (use zero_to_fp32.py there to recover a loadable model)"
+            )
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    return config
 
 
 def training_kwargs(plan: "RunPlan", output_dir: Path | str) -> dict[str, Any]:
@@ -77,7 +95,7 @@ def training_kwargs(plan: "RunPlan", output_dir: Path | str) -> dict[str, Any]:
         "use_cpu": not cuda,
         "bf16": cuda and dtype == torch.bfloat16,
         "fp16": cuda and dtype == torch.float16,
-        "deepspeed": plan.deepspeed_config,
+        "deepspeed": deepspeed_config(plan),
         "ddp_backend": None if cuda else ("gloo" if plan.world_size > 1 else None),
         "save_only_model": False,
     }
