@@ -162,3 +162,40 @@ def test_dataset_source_uses_prompt_and_prompt_id_columns(tmp_path: Path, monkey
     (other / "test-00000-of-00001.jsonl").write_text(json.dumps({"text": "q"}) + "\n")
     with pytest.raises(EvalInputError, match="has no 'prompt' column"):
         load_prompts(str(tmp_path / "other"))  # split defaults to `test`
+
+
+def test_vllm_engine_is_optional(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without vllm the engine is a clear error; with it (a stand-in module here, vllm is not installed in
+    tests) prompts go in as chat-templated token ids and answers come back in prompt order."""
+    import sys
+    import types
+
+    settings = GenerationSettings(engine="vllm", max_new_tokens=4)
+    spec = ModelSpec(str(tiny_model_dir), "tiny")
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(EvalInputError, match="needs the vllm package"):
+        generate([spec], PROMPTS, settings, tmp_path / "a")
+
+    seen: dict[str, object] = {}
+
+    class LLM:
+        def __init__(self, model: str, **kwargs: object) -> None:
+            seen["model"], seen["kwargs"] = model, kwargs
+
+        def generate(self, inputs: list[dict], params: object, lora_request: object = None) -> list[object]:
+            seen["inputs"], seen["params"] = inputs, params
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"answer {i}")]) for i in range(len(inputs))]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = LLM  # type: ignore[attr-defined]
+    fake.SamplingParams = lambda **kw: kw  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    [path] = generate([spec], PROMPTS, settings, tmp_path / "b")
+    assert [r.response for r in read_generation_file(path)] == [f"answer {i}" for i in range(len(PROMPTS))]
+    assert seen["model"] == str(tiny_model_dir) and seen["kwargs"] == {"dtype": "auto", "seed": 0}
+    assert seen["params"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 4, "seed": 0}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first = seen["inputs"][0]["prompt_token_ids"]  # type: ignore[index]
+    assert tok.decode(first) == "<u>23+58=<a>"

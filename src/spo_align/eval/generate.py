@@ -309,12 +309,17 @@ def _generate_vllm(spec: ModelSpec, prompts: Sequence[PromptRow], settings: Gene
     else:
         llm = LLM(model=model_path, dtype=settings.dtype, seed=settings.seed)
     tokenizer_source = spec.path if (Path(spec.path) / "tokenizer_config.json").is_file() else model_path
-    texts = render_prompts(AutoTokenizer.from_pretrained(tokenizer_source), prompts)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    # Token ids, not text: the chat template already holds any BOS, and vLLM would add another.
+    inputs: Any = [
+        {"prompt_token_ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
+        for text in render_prompts(tokenizer, prompts)
+    ]
     params = SamplingParams(
         temperature=settings.temperature,
         top_p=settings.top_p,
         max_tokens=settings.max_new_tokens,
         seed=settings.seed,
     )
-    outputs = llm.generate(texts, params, lora_request=lora_request)
+    outputs = llm.generate(inputs, params, lora_request=lora_request)
     return [o.outputs[0].text for o in outputs]
