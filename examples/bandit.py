@@ -7,7 +7,7 @@ minimum), while IPO and SPO settle at finite margins. The three pairs cannot all
 per-pair optimum (margin_ac = margin_ab + margin_bc), so they settle at the minimiser of the expected
 loss over the data, which :func:`expected_loss_minimiser` finds independently by full-batch L-BFGS.
 
-Run ``python examples/bandit.py`` (a few seconds on one CPU core).
+Run ``python examples/bandit.py`` (4000 Adam steps for five losses: about 10 s of one CPU core).
 """
 
 from __future__ import annotations
