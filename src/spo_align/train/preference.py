@@ -81,6 +81,18 @@ def _zero3(plan: "RunPlan") -> bool:
     return plan.zero_stage == 3
 
 
+def _ensure_deepspeed_comm(plan: "RunPlan", args: Any) -> None:
+    """Under DeepSpeed, set up torch.distributed (touching ``args.device``) and DeepSpeed's own comm layer
+    before any model is loaded: ZeRO-3's zero.Init in from_pretrained reads the world size from the latter
+    and otherwise assumes 1, which fails its batch-size check."""
+    if plan.deepspeed_config is None:
+        return
+    import deepspeed
+
+    _ = args.device
+    deepspeed.init_distributed(dist_backend=args.ddp_backend or "nccl")
+
+
 def run_preference(plan: "RunPlan", ctx: "RunContext") -> None:
     """Train the recipe's preference stage; save through `ctx.save_final`."""
     import torch
@@ -98,6 +110,7 @@ def run_preference(plan: "RunPlan", ctx: "RunContext") -> None:
 
     # TrainingArguments first: under ZeRO-3 it makes from_pretrained load the weights already sharded.
     args = build_training_args(plan, ctx.output_dir, remove_unused_columns=False)
+    _ensure_deepspeed_comm(plan, args)
     tokenizer = load_tokenizer(plan)
 
     def checker(split: str) -> Any:
