@@ -50,6 +50,7 @@ def test_killed_run_resumes_with_one_judgment_per_key(
             time.sleep(0.01)
         assert proc.poll() is None, "the judge finished before it could be killed: " + proc.stderr.read().decode()
         os.kill(proc.pid, signal.SIGKILL)
+        asked_at_kill = len(judge_server.requested)
     finally:
         proc.wait(timeout=30)
         proc.stdout.close()
@@ -60,6 +61,8 @@ def test_killed_run_resumes_with_one_judgment_per_key(
             fh.write(b'{"prompt_id": "p0", "model_a": "x", "mod')
     before_kill = {r.key for r in read_judgments(out)}
     assert 12 <= len(before_kill) < total
+    # Judgments reached the file as they arrived, while calls were still being made (not in one burst at the end).
+    assert asked_at_kill < total - 2
     requests_before = len(judge_server.requested)
 
     judge = OpenAIJudge("judge-x", base_url=judge_server.url, api_key_env=KEY_ENV, timeout_s=5)

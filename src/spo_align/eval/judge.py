@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -283,7 +283,7 @@ def judge_all(
             remaining = set(futures)
             finished = 0
             while remaining:
-                done_now, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
+                done_now, remaining = wait(remaining, return_when=FIRST_COMPLETED)
                 fatal = next((f.exception() for f in done_now if f.exception() is not None), None)
                 for future in done_now:
                     if future.exception() is not None:
