@@ -6,7 +6,7 @@ Nothing here imports more than the standard library. The CLI prints these; the l
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,7 +69,7 @@ class RecipeErrors(Exception):
     def __len__(self) -> int:
         return len(self.errors)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[RecipeError]:
         return iter(self.errors)
 
 
@@ -82,8 +82,8 @@ def did_you_mean(word: str, choices: Sequence[str]) -> str:
     lowered = {choice.lower(): choice for choice in choices}
     matches = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
     if not matches:
-        # A prefix or suffix match catches abbreviations (lr -> learning_rate is too far; 'grad_accum' is not).
-        partial = [c for c in choices if c.startswith(word) or word.startswith(c)]
+        # A prefix match catches abbreviations and overlong names ('gradient_accumulation' -> '..._steps').
+        partial = [c for c in choices if len(word) >= 4 and len(c) >= 4 and (c.startswith(word) or word.startswith(c))]
         if len(partial) == 1:
             return f" (did you mean '{partial[0]}'?)"
         return ""

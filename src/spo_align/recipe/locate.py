@@ -164,7 +164,7 @@ def validation_errors(
 ) -> list[RecipeError]:
     merged: dict[KeyPath, list[str]] = {}
     for err in exc.errors(include_url=False):
-        path, message = _message(err, _clean_loc(tuple(err["loc"]), data), data)
+        path, message = _message(dict(err), _clean_loc(tuple(err["loc"]), data), data)
         merged.setdefault(path, [])
         if message not in merged[path]:
             merged[path].append(message)

@@ -163,7 +163,11 @@ class IPOLoss(Section):
 
     @property
     def resolved_tau(self) -> float:
-        return self.tau if self.tau is not None else self.match_spo_beta / 2.0
+        """tau as given, or match_spo_beta / 2 (the validator guarantees exactly one is set)."""
+        if self.tau is not None:
+            return self.tau
+        assert self.match_spo_beta is not None
+        return self.match_spo_beta / 2.0
 
 
 class KTOLoss(Section):
