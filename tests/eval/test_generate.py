@@ -138,7 +138,8 @@ def test_prompt_jsonl_reading_and_errors_with_line_numbers(tmp_path: Path) -> No
 
 
 def test_settings_are_checked() -> None:
-    for bad in ({"max_new_tokens": 0}, {"batch_size": 0}, {"temperature": -1.0}, {"top_p": 0.0}):
+    for bad in ({"max_new_tokens": 0}, {"batch_size": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"engine": "tgi"},
+                {"dtype": "int4"}):
         with pytest.raises(EvalInputError):
             GenerationSettings(**bad)
 

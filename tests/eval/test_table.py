@@ -93,6 +93,8 @@ def test_combine_orders_counts_ties_and_missing_orders() -> None:
     assert by[("p2", "a", "b")] == "tie" and by[("p3", "a", "b")] == "tie" and by[("p4", "a", "b")] == "b"
     assert by[("p2", "b", "c")] == "b" and ("p4", "a", "c") not in by and incomplete == 1
     assert all(o.group == "seed0" for o in outcomes)
+    with pytest.raises(EvalInputError, match="2 judges or prompt versions"):
+        combine_orders([*RECORDS, _r("p1", "a", "b", "A", judge="other")])
 
 
 def test_writers_produce_markdown_csv_and_png(judgments: Path, tmp_path: Path) -> None:

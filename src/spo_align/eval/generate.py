@@ -79,6 +79,10 @@ class GenerationSettings:
             raise EvalInputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise EvalInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.engine not in ("transformers", "vllm"):
+            raise EvalInputError(f"engine must be 'transformers' or 'vllm', got {self.engine!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise EvalInputError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
     @property
     def greedy(self) -> bool:

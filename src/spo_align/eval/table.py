@@ -71,9 +71,15 @@ class WinRateTable:
 
 
 def combine_orders(records: Iterable[JudgmentRecord], group: str = "") -> tuple[list[PairOutcome], int]:
-    """One outcome per (prompt, pair) judged ok in both orders, and how many pairs lacked an order."""
+    """One outcome per (prompt, pair) judged ok in both orders, and how many pairs lacked an order.
+
+    `records` must come from one judge model and prompt version (filter them first)."""
+    records = list(records)
+    judges = sorted({(r.judge_model, r.prompt_version) for r in records})
+    if len(judges) > 1:
+        raise EvalInputError(f"records from {len(judges)} judges or prompt versions; combine one at a time: {judges}")
     by_pair: dict[tuple[str, str, str], list[str]] = defaultdict(list)
-    for record in latest_by_key(list(records)).values():
+    for record in latest_by_key(records).values():
         m1, m2 = sorted((record.model_a, record.model_b))
         slot = by_pair[(record.prompt_id, m1, m2)]
         if record.status == "ok":
