@@ -48,16 +48,29 @@ class LoopTimes:
     collated batch in order, its real tokens and token slots."""
 
     begin: float | None = None
+    first_fetch: float | None = None
+    first_fetch_cpu: float | None = None
+    """When the first training batch began to be collated: the loop proper starts here, after whatever
+    the engine runs at train begin (e.g. a reference precompute pass)."""
     step_ends: list[float] = field(default_factory=list)
     end: float | None = None
+    end_cpu: float | None = None
     batch_real: list[int] = field(default_factory=list)
     batch_slots: list[int] = field(default_factory=list)
 
     @property
     def loop_s(self) -> float:
-        if self.begin is None or self.end is None:
+        """From the first batch's collation to the end of training: every step, data loading included."""
+        if self.first_fetch is None or self.end is None:
             raise RuntimeError("the training loop did not run to its end")
-        return self.end - self.begin
+        return self.end - self.first_fetch
+
+    @property
+    def pre_loop_s(self) -> float:
+        """From the Trainer's train-begin event to the first batch (a reference precompute runs here)."""
+        if self.begin is None or self.first_fetch is None:
+            raise RuntimeError("the training loop did not start")
+        return self.first_fetch - self.begin
 
     @property
     def steady_s(self) -> float | None:
@@ -80,6 +93,12 @@ class LoopTimes:
             "token_slots": slots,
             "padding_share": 1.0 - real / slots if slots else 0.0,
             "loop_s": self.loop_s,
+            "pre_loop_s": self.pre_loop_s,
+            # CPU seconds of this process over the loop: unlike wall time, barely moved by other processes
+            # competing for the cores (a cross-check when the machine is shared).
+            "loop_cpu_s": (self.end_cpu - self.first_fetch_cpu)
+            if self.end_cpu is not None and self.first_fetch_cpu is not None
+            else None,
             "steady_s": self.steady_s,
             "steady_real_tokens": sum(self.batch_real[micro_batches_per_step:used]),
         }
@@ -104,6 +123,9 @@ def step_clock(times: LoopTimes) -> Any:
             inner = loader.collate_fn
 
             def counting_collate(features: Any) -> Any:
+                if times.first_fetch is None:
+                    times.first_fetch = time.perf_counter()
+                    times.first_fetch_cpu = time.process_time()
                 batch = inner(features)
                 real, slots = batch_tokens(batch)
                 times.batch_real.append(real)
@@ -118,5 +140,6 @@ def step_clock(times: LoopTimes) -> Any:
 
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
             times.end = time.perf_counter()
+            times.end_cpu = time.process_time()
 
     return _StepClock()

@@ -15,10 +15,10 @@ class Workload:
 
     shape: ModelShape = field(default_factory=ModelShape)
     lengths: LengthModel = field(default_factory=LengthModel)
-    n_pairs: int = 48
+    n_pairs: int = 40
     """One epoch over these pairs; with `pairs_per_step` this fixes the optimizer steps of every run."""
     pairs_per_step: int = 8
-    sft_rows: int = 96
+    sft_rows: int = 48
     sft_rows_per_step: int = 16
     learning_rate: float = 5e-6
     beta: float = 0.1

@@ -62,11 +62,11 @@ class ModelShape:
     """A Llama-architecture model, large enough that matrix work dominates the step on CPU."""
 
     vocab_size: int = 8192
-    hidden_size: int = 512
+    hidden_size: int = 256
     num_hidden_layers: int = 4
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 8
-    intermediate_size: int = 1376
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 688
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
 

@@ -46,6 +46,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     for run in runs:
         run["tokens_per_s"] = run["real_tokens"] / run["loop_s"] if run["loop_s"] > 0 else None
+        cpu = run.get("loop_cpu_s")
+        run["tokens_per_cpu_s"] = run["real_tokens"] / cpu if cpu else None
         steady = run.get("steady_s")
         run["steady_tokens_per_s"] = run["steady_real_tokens"] / steady if steady else None
     return {
@@ -54,6 +56,7 @@ def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds": len(runs),
         "tokens_per_s": _median([r["tokens_per_s"] for r in runs]),
         "steady_tokens_per_s": _median([r["steady_tokens_per_s"] for r in runs]),
+        "tokens_per_cpu_s": _median([r["tokens_per_cpu_s"] for r in runs]),
         "padding_share": _median([r["padding_share"] for r in runs]),
         "peak_rss_mb": _median([r["peak_rss_mb"] for r in runs]),
         "sampled_peak_rss_mb": _median([r.get("sampled_peak_rss_mb") for r in runs]),
@@ -223,16 +226,19 @@ def to_markdown(report: dict[str, Any]) -> str:
             "",
             f"Real tokens of the epoch: {pref['pair_tokens']:,} (every run must see exactly these). "
             "Tokens/s = real (non-pad) tokens / training-loop seconds (first step included; the reference "
-            "precompute of (d) runs before the loop and is listed apart). Peak RSS = the process's high-water mark.",
+            "precompute of (d) runs before the loop and is listed apart). Peak RSS = the process's high-water mark. "
+            "Tokens per CPU-s = real tokens / the process's CPU seconds over the loop (a cross-check that "
+            "other load on the machine moves much less than wall time).",
             "",
-            "| run | real tokens/s | vs (a) | padding share | peak RSS (MB) | vs (a) | loop (s) | ref precompute (s) | tokens match |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+            "| run | real tokens/s | vs (a) | padding share | peak RSS (MB) | vs (a) | loop (s) | ref precompute (s) | tokens per CPU-s | tokens match |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
         ]
         for row in pref["rows"]:
             lines.append(
                 f"| {row['label']} | {_f(row['tokens_per_s'])} | {_x(row['tokens_per_s_ratio'])} | "
                 f"{_pct(row['padding_share'])} | {_f(row['peak_rss_mb'])} | {_x(row['peak_rss_ratio'])} | "
-                f"{_f(row['loop_s'], 1)} | {_f(row['precompute_s'], 1)} | {'yes' if row['tokens_match_workload'] else 'NO'} |"
+                f"{_f(row['loop_s'], 1)} | {_f(row['precompute_s'], 1)} | {_f(row['tokens_per_cpu_s'])} | "
+                f"{'yes' if row['tokens_match_workload'] else 'NO'} |"
             )
         lines += ["", "Per-round real tokens/s: " + "; ".join(
             f"{row['name']} " + ", ".join(_f(v) for v in row["per_round_tokens_per_s"]) for row in pref["rows"]
@@ -251,13 +257,14 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += [
             "## SFT packing",
             "",
-            "| run | real tokens/s | vs no packing | padding share | peak RSS (MB) | loop (s) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| run | real tokens/s | vs no packing | padding share | peak RSS (MB) | loop (s) | tokens per CPU-s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for row in report["sft"]["rows"]:
             lines.append(
                 f"| {row['label']} | {_f(row['tokens_per_s'])} | {_x(row['tokens_per_s_ratio'])} | "
-                f"{_pct(row['padding_share'])} | {_f(row['peak_rss_mb'])} | {_f(row['loop_s'], 1)} |"
+                f"{_pct(row['padding_share'])} | {_f(row['peak_rss_mb'])} | {_f(row['loop_s'], 1)} | "
+                f"{_f(row['tokens_per_cpu_s'])} |"
             )
         lines.append("")
     if "logp" in report:

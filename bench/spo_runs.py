@@ -112,21 +112,6 @@ def run_recipe(recipe: dict[str, Any], recipe_path: Path) -> tuple[LoopTimes, di
     return times, run_info, times.begin - started
 
 
-def _precompute_seconds(run_info: dict[str, Any]) -> float | None:
-    """The reference pass's duration where the stage reports it in run.json."""
-    for key in ("reference_precompute_s", "precompute_s"):
-        value = run_info.get(key)
-        if isinstance(value, (int, float)):
-            return float(value)
-    reference = run_info.get("reference")
-    if isinstance(reference, dict):
-        for key in ("precompute_s", "seconds"):
-            value = reference.get(key)
-            if isinstance(value, (int, float)):
-                return float(value)
-    return None
-
-
 def run_spo(work: Workload, variant: Variant, model_dir: Path, pairs_path: Path, out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     recipe = preference_recipe(work, variant, model_dir, pairs_path, out_dir / "run")
@@ -136,7 +121,8 @@ def run_spo(work: Workload, variant: Variant, model_dir: Path, pairs_path: Path,
         "variant": variant,
         **times.summary(),
         "setup_s": setup_s,
-        "precompute_s": _precompute_seconds(run_info),
+        # The precomputed-reference pass runs at train begin, before the first batch.
+        "precompute_s": times.pre_loop_s if variant == "packed_precompute" else None,
         "peak_rss_mb": peak_rss_mb(),
         "run_info": _reported(run_info),
     }

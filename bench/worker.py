@@ -13,8 +13,13 @@ from bench.config import LogpWork, Workload
 logger = logging.getLogger(__name__)
 
 
+TASKS = ("logp", "trl", "spo", "sft")
+
+
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     task = spec["task"]
+    if task not in TASKS:
+        raise ValueError(f"unknown bench task {task!r}; expected one of {', '.join(TASKS)}")
     if task == "logp":
         work = LogpWork(**spec["logp"])
         set_threads(work.threads)
@@ -33,11 +38,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         from bench.spo_runs import run_spo
 
         return run_spo(workload, spec["variant"], model_dir, Path(spec["pairs"]), out_dir)
-    if task == "sft":
-        from bench.spo_runs import run_sft
+    from bench.spo_runs import run_sft
 
-        return run_sft(workload, bool(spec["packing"]), model_dir, Path(spec["rows"]), out_dir)
-    raise ValueError(f"unknown bench task {task!r}")
+    return run_sft(workload, bool(spec["packing"]), model_dir, Path(spec["rows"]), out_dir)
 
 
 def main(spec_path: Path, out_path: Path) -> None:
