@@ -113,3 +113,19 @@ def test_schema_spo_floor_default_is_the_loss_module_default() -> None:
     assert SPOLoss(type="spo").z_floor == losses.DEFAULT_Z_FLOOR
     with pytest.raises(ValidationError):
         SPOLoss(type="spo", z_floor=1.0)
+
+
+def test_loss_optimum_is_shown_for_each_paired_loss() -> None:
+    import math
+
+    from spo_align.recipe.resolve import loss_optimum
+    from spo_align.recipe.schema import DPOLoss, IPOLoss, KTOLoss, SPOLoss
+
+    assert loss_optimum(SPOLoss(type="spo", beta=0.1, alpha=1.0)) == pytest.approx(
+        {"margin": 10.0, "rejected_log_ratio": -1.0, "chosen_log_ratio": 9.0}
+    )
+    assert loss_optimum(DPOLoss(type="dpo", beta=0.1, label_smoothing=0.1))["margin"] == pytest.approx(10 * math.log(9))
+    assert loss_optimum(DPOLoss(type="dpo", label_smoothing=0.0)) == {"margin": None}
+    ipo = IPOLoss(type="ipo", match_spo_beta=0.1)
+    assert loss_optimum(ipo)["margin"] == pytest.approx(loss_optimum(SPOLoss(type="spo", beta=0.1))["margin"])
+    assert loss_optimum(KTOLoss(type="kto")) is None and loss_optimum(None) is None

@@ -6,6 +6,7 @@ pack length, launcher, ZeRO stage) is computed here and only here.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from spo_align.recipe.checks import DeepSpeedConfigError, read_deepspeed_config, zero_stage_of
 from spo_align.recipe.errors import RecipeError, RecipeErrors
-from spo_align.recipe.schema import IPOLoss, Recipe
+from spo_align.recipe.schema import DPOLoss, IPOLoss, Loss, Recipe, SPOLoss
 
 Device = Literal["cpu", "cuda"]
 LauncherKind = Literal["inprocess", "torchrun", "accelerate", "deepspeed"]
@@ -31,6 +32,26 @@ def model_location(name_or_path: str) -> str:
     if is_local_model_path(name_or_path):
         return str(Path(name_or_path).expanduser().resolve())
     return name_or_path
+
+
+def loss_optimum(loss: Loss | None) -> dict[str, float | None] | None:
+    """Where the loss's minimum lies, in summed log-ratios (see docs/losses.md); None for KTO and SFT.
+
+    spo: beta*margin = 1 and log pi/pi_ref(rejected) = -1/alpha, so chosen = 1/beta - 1/alpha.
+    dpo: beta*margin = ln((1-eps)/eps) (no finite optimum at eps = 0: margin None). ipo: margin = 1/(2 tau).
+    """
+    if isinstance(loss, SPOLoss):
+        return {
+            "margin": 1.0 / loss.beta,
+            "rejected_log_ratio": -1.0 / loss.alpha,
+            "chosen_log_ratio": 1.0 / loss.beta - 1.0 / loss.alpha,
+        }
+    if isinstance(loss, DPOLoss):
+        eps = loss.label_smoothing
+        return {"margin": math.log((1.0 - eps) / eps) / loss.beta if eps > 0 else None}
+    if isinstance(loss, IPOLoss):
+        return {"margin": 1.0 / (2.0 * loss.resolved_tau)}
+    return None
 
 
 def default_pack_length(max_length: int, device: Device) -> int:
@@ -69,6 +90,7 @@ class RunPlan(BaseModel):
             "zero_stage": self.zero_stage,
             "deepspeed_config_path": str(self.deepspeed_config_path) if self.deepspeed_config_path else None,
             "ipo_tau": self.ipo_tau,
+            "loss_optimum": loss_optimum(self.recipe.loss),
             "pack_length": self.pack_length,
             "output_dir": str(self.output_dir),
             "model_path": self.model_path,
@@ -117,7 +139,7 @@ class RunPlan(BaseModel):
         ]
         for key, value in self.derived().items():
             note = _NOTES.get(key, lambda plan: "")(self)
-            rendered = yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+            rendered = yaml.safe_dump(value, default_flow_style=True, width=1000, sort_keys=False).strip().removesuffix("...").strip()
             lines.append(f"#   {key}: {rendered}" + (f"   # {note}" if note else ""))
         body = yaml.safe_dump(self.recipe_dict(), sort_keys=False, allow_unicode=True, width=100)
         return "\n".join(lines) + "\n" + body
@@ -134,6 +156,7 @@ _NOTES = {
         if isinstance(p.recipe.loss, IPOLoss) and p.recipe.loss.match_spo_beta is not None
         else ""
     ),
+    "loss_optimum": lambda p: "summed log-ratios (policy - reference) where the loss is minimal" if p.recipe.loss else "",
     "pack_length": lambda p: (
         "data.pack_length, else max_length on cuda and min(max_length, 1024) on cpu" if p.recipe.data.packing else "packing off"
     ),
