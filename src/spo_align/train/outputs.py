@@ -70,6 +70,8 @@ def _has_progress(output_dir: Path) -> bool:
 
 def _clear(output_dir: Path) -> None:
     for child in output_dir.iterdir():
+        if child.name == "reference_logps":
+            continue  # precomputed reference log-probs: keyed by model/tokenizer/data/settings, safe to reuse
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
