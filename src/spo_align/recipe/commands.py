@@ -101,7 +101,10 @@ def schema(
     if output is None:
         sys.stdout.write(text)
     else:
-        output.write_text(text, encoding="utf-8")
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise _usage_error(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
 def new(
@@ -118,6 +121,8 @@ def new(
         written = copy_recipe(src, dest, overwrite=force)
     except CopyRecipeError as exc:
         raise _usage_error(str(exc)) from None
+    except OSError as exc:
+        raise _usage_error(f"cannot copy {src} to {dest}: {exc.strerror or exc}") from None
     typer.echo(f"wrote {written}")
     try:
         load_recipe(written)
