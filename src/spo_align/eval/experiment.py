@@ -334,32 +334,18 @@ def run_stage(step: StageStep) -> float:
         return 0.0
     from spo_align.recipe.load import load_recipe
     from spo_align.recipe.resolve import resolve
+    from spo_align.train.launch import LaunchError, launch
 
     plan = resolve(load_recipe(step.recipe_path, step.overrides), step.recipe_path, _device())
     started = time.perf_counter()
     logger.info("seed %d %s: training (%s)", step.seed, step.name, step.command)
-    if plan.launcher == "inprocess":
-        from spo_align.train.run import run
-
-        run(plan, resume=True, overwrite=False)
-    else:
-        _run_launched(step)
+    try:  # in-process for one process; DeepSpeed/torchrun recipes go through their launcher
+        launch(plan, step.recipe_path, step.overrides, resume=True, overwrite=False)
+    except LaunchError as exc:
+        raise ExperimentError(f"seed {step.seed} {step.name}: {exc}") from exc
     if not stage_is_complete(step.output_dir):
         raise ExperimentError(f"seed {step.seed} {step.name}: the run ended without marking {step.output_dir} finished")
     return time.perf_counter() - started
-
-
-def _run_launched(step: StageStep) -> None:
-    """Multi-process recipes (DeepSpeed, torchrun) go through `spo train`, which starts the launcher."""
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", "spo_align.cli", "train", str(step.recipe_path), "--resume"]
-    for override in step.overrides:
-        command += ["--set", override]
-    result = subprocess.run(command, check=False)
-    if result.returncode != 0:
-        raise ExperimentError(f"seed {step.seed} {step.name}: `spo train` exited with {result.returncode}")
 
 
 # ---------------------------------------------------------------- evaluation
