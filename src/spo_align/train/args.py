@@ -89,7 +89,6 @@ def training_kwargs(plan: "RunPlan", output_dir: Path | str) -> dict[str, Any]:
         "save_total_limit": t.save_total_limit,
         "eval_strategy": "steps" if (t.eval_steps and plan.recipe.data.eval) else "no",
         "eval_steps": t.eval_steps,
-        "gradient_checkpointing": t.gradient_checkpointing,
         "report_to": report_to(plan) or "none",
         "disable_tqdm": True,  # one progress bar: callbacks.ProgressCallback
         "use_cpu": not cuda,
@@ -99,8 +98,9 @@ def training_kwargs(plan: "RunPlan", output_dir: Path | str) -> dict[str, Any]:
         "ddp_backend": None if cuda else ("gloo" if plan.world_size > 1 else None),
         "save_only_model": False,
     }
-    if t.gradient_checkpointing:
-        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if t.gradient_checkpointing:  # transformers 5 renamed it activation_checkpointing; TRL reads either
+        kwargs["activation_checkpointing"] = True
+        kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     return kwargs
 
 

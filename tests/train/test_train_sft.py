@@ -1,0 +1,106 @@
+"""SFT data: assistant-only masks from incremental template renders, row policy, packing isolation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spo_align.tiny import build_tokenizer
+from spo_align.train.sft import ChatTemplateError, SFTRowError, tokenize_conversation
+
+CONVERSATION = [
+    {"role": "system", "content": "add"},
+    {"role": "user", "content": "12+30="},
+    {"role": "assistant", "content": "42"},
+    {"role": "user", "content": "1+1="},
+    {"role": "assistant", "content": "2"},
+]
+# The same format without {% generation %} markers: TRL 1.16 cannot add them to an unknown template.
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def _decoded_trained(tokenizer, ids, mask) -> list[str]:
+    return [tokenizer.decode([i]) for i, m in zip(ids, mask) if m]
+
+
+def test_assistant_mask_matches_the_generation_markers_of_the_tiny_template():
+    tokenizer = build_tokenizer()
+    ids, mask = tokenize_conversation(tokenizer, CONVERSATION)
+    reference = tokenizer.apply_chat_template(
+        CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert ids == list(reference["input_ids"])
+    assert mask == list(reference["assistant_masks"])
+
+
+def test_assistant_mask_without_generation_markers_covers_answers_and_end_of_turn_only():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = PLAIN_TEMPLATE
+    ids, mask = tokenize_conversation(tokenizer, CONVERSATION)
+    assert _decoded_trained(tokenizer, ids, mask) == ["4", "2", "<|end|>", "2", "<|end|>"]
+    assert ids == tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    tokenizer = build_tokenizer()
+    # Renders the turn count first: a prefix of the conversation does not render as a prefix.
+    tokenizer.chat_template = "{{ messages|length }}" + PLAIN_TEMPLATE
+    with pytest.raises(ChatTemplateError, match="not prefix-consistent"):
+        tokenize_conversation(tokenizer, CONVERSATION)
+
+
+def test_row_policy_truncates_drops_and_counts(plan_for):
+    import datasets
+
+    from spo_align.train.sft import tokenize_sft_dataset
+
+    rows = [
+        [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}],
+        [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "  "}],
+        [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "9" * 40}],
+        [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": "2"}],
+    ]
+    ds = datasets.Dataset.from_dict({"messages": rows})
+    tokenizer = build_tokenizer()
+    plan = plan_for("sft_packed", "data.max_length=24")
+    kept, counts = tokenize_sft_dataset(plan, ds, tokenizer, "messages", "test")
+    assert (counts.rows_in, counts.rows_kept) == (4, 2)
+    assert (counts.empty_dropped, counts.too_long_truncated, counts.too_long_dropped) == (1, 1, 1)
+    assert [len(ids) for ids in kept["input_ids"]][1] == 24 and sum(kept["assistant_masks"][1]) > 0
+    with pytest.raises(SFTRowError, match="row 2: .* > data.max_length 24"):
+        tokenize_sft_dataset(plan_for("sft_packed", "data.max_length=24", "data.policy.too_long=raise"),
+                             ds, tokenizer, "messages", "test")
+
+
+def test_packed_sequences_do_not_attend_to_each_other(small_model):
+    """A BFD-packed, padding-free batch gives each sequence the logits it gets alone.
+
+    transformers builds the block-diagonal mask from position_ids only without a KV cache; TRL's
+    SFTTrainer.compute_loss turns the cache off for every forward (checked here, so a TRL change is caught).
+    """
+    import inspect
+
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    assert 'inputs["use_cache"] = False' in inspect.getsource(SFTTrainer.compute_loss)
+
+    tokenizer = build_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(small_model, attn_implementation="sdpa").eval()
+    seqs = [tokenize_conversation(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])[0]
+            for q, a in (("12+30=", "42"), ("7+8=", "15"), ("99+1=", "100"))]
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    batch = collator([{"input_ids": [i for s in seqs for i in s], "seq_lengths": [len(s) for s in seqs]}])
+    assert batch["position_ids"][0].tolist() == [p for s in seqs for p in range(len(s))]
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for seq in seqs:
+            alone = model(input_ids=torch.tensor([seq])).logits[0]
+            torch.testing.assert_close(packed[start : start + len(seq)], alone, atol=1e-5, rtol=1e-4)
+            start += len(seq)
