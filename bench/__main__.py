@@ -1,7 +1,7 @@
 """`python -m bench`: the performance bench of spo-align.
 
-    python -m bench run [--size full|toy] [--parts preference,sft,logp] [--rounds N]
-                        [--work-dir DIR] [--results-dir DIR]
+    python -m bench run [--size full|toy|gpu] [--parts preference,sft,logp] [--rounds N]
+                        [--work-dir DIR] [--results-dir DIR] [--budget-s S]
     python -m bench worker SPEC OUT      (internal: one job in a fresh process)
 
 `run` writes `<results-dir>/<size>.json` and `<results-dir>/<size>.md` (default bench/results/).
@@ -25,13 +25,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description="spo-align performance bench")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the bench and write the table")
-    run.add_argument("--size", choices=sorted(SIZES), default="full", help="full: the issue-7 bench; toy: seconds")
+    run.add_argument("--size", choices=sorted(SIZES), default="full", help="full: the CPU bench; toy: seconds; gpu: the GPU check's MFU runs")
     run.add_argument(
         "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)"
     )
     run.add_argument("--rounds", type=int, default=None, help="fresh-process repetitions per run (default: size's)")
     run.add_argument("--work-dir", type=Path, default=None, help="scratch folder (model, data, run outputs)")
     run.add_argument("--results-dir", type=Path, default=None, help="where the JSON and Markdown go")
+    run.add_argument(
+        "--budget-s", type=float, default=None, help="stop starting jobs after this many seconds (they are listed as skipped)"
+    )
     worker = sub.add_parser("worker", help="internal: run one job spec in this process")
     worker.add_argument("spec", type=Path)
     worker.add_argument("out", type=Path)
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("--rounds must be >= 1")
         return 2
     config = with_dirs(SIZES[args.size], args.work_dir, args.results_dir, args.rounds)
-    raw = run_bench(config, parts)  # type: ignore[arg-type]
+    raw = run_bench(config, parts, budget_s=args.budget_s)  # type: ignore[arg-type]
     command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
     report = build_report(config, raw, command)
     json_path, md_path = write_report(report, config.results_dir)

@@ -19,6 +19,18 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def device_facts() -> dict[str, Any]:
+    """On CUDA: the card's name and this process's peak allocated memory (MB); on CPU: nothing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "device_name": torch.cuda.get_device_name(),
+        "cuda_peak_allocated_mb": torch.cuda.max_memory_allocated() / 1e6,
+    }
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far (the kernel's high-water mark), in MB (10^6 bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -55,6 +67,8 @@ class LoopTimes:
     step_ends: list[float] = field(default_factory=list)
     end: float | None = None
     end_cpu: float | None = None
+    n_params: int | None = None
+    """Distinct parameters of the trained model (tied embeddings counted once), for MFU."""
     batch_real: list[int] = field(default_factory=list)
     batch_slots: list[int] = field(default_factory=list)
 
@@ -101,6 +115,7 @@ class LoopTimes:
             else None,
             "steady_s": self.steady_s,
             "steady_real_tokens": sum(self.batch_real[micro_batches_per_step:used]),
+            "n_params": self.n_params,
         }
 
 
@@ -113,7 +128,9 @@ def step_clock(times: LoopTimes) -> Any:
     from transformers import TrainerCallback
 
     class _StepClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):  # noqa: ANN001
+        def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kwargs):  # noqa: ANN001
+            if model is not None:
+                times.n_params = sum(p.numel() for p in model.parameters())
             if train_dataloader is None:
                 raise RuntimeError("the Trainer passed no train_dataloader to its callbacks")
             # accelerate's DataLoaderShard iterates its `base_dataloader`: wrap the loader that collates.

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.pairs import LengthModel, ModelShape
+from bench.pairs import QWEN25_1P5B, LengthModel, ModelShape
 
 
 @dataclass(frozen=True)
@@ -17,15 +17,28 @@ class Workload:
     lengths: LengthModel = field(default_factory=LengthModel)
     n_pairs: int = 40
     """One epoch over these pairs; with `pairs_per_step` this fixes the optimizer steps of every run."""
-    pairs_per_step: int = 8
+    pairs_per_device: int = 8
+    """Pairs per micro-batch (per forward/backward)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     sft_rows: int = 48
     sft_rows_per_step: int = 16
     learning_rate: float = 5e-6
     beta: float = 0.1
+    loss: str = "dpo"
+    """spo runs' loss: dpo (sigmoid, label_smoothing 0: TRL's own loss, for a like-for-like comparison) or spo."""
     seed: int = 42
     threads: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"
+    """Recipe dtype name (float32 | bfloat16)."""
+    attention: str = "sdpa"
     pack_length: int | None = None
     """Tokens per packed row; None: the recipe's default for the device (see `data.pack_length`)."""
+
+    @property
+    def pairs_per_step(self) -> int:
+        return self.pairs_per_device * self.grad_accum
 
     @property
     def steps(self) -> int:
@@ -67,9 +80,14 @@ class BenchConfig:
     logp: LogpWork = field(default_factory=LogpWork)
     rounds: int = 3
     """Fresh-process repetitions of every run; the table shows medians."""
+    attentions: tuple[str, ...] = ("sdpa",)
+    """Attention kernels to compare (GPU check); one entry: the CPU bench's four runs (a)-(d)."""
     work_dir: Path = Path("bench/results/tmp")
     results_dir: Path = Path("bench/results")
     name: str = "cpu"
+    job_timeout_s: float = 900.0
+    keep_going: bool = False
+    """Record a failed job in the report and go on (GPU check: one kernel failing must not hide the others)."""
 
 
 FULL = BenchConfig()
@@ -87,7 +105,7 @@ TOY = BenchConfig(
         ),
         lengths=LengthModel(prompt_median=12, response_median=24, max_length=128),
         n_pairs=8,
-        pairs_per_step=4,
+        pairs_per_device=4,
         sft_rows=8,
         sft_rows_per_step=4,
         threads=1,
@@ -97,7 +115,30 @@ TOY = BenchConfig(
     name="toy",
 )
 
-SIZES = {"full": FULL, "toy": TOY}
+# The GPU check (bench/gpu_check.sh): full fine-tuning of a random-weight model with Qwen2.5-1.5B's shape in
+# bf16, packed SPO under each attention kernel that imports, against TRL's DPOTrainer. One round: the device
+# time is short, and GPU step times vary far less than a shared CPU's.
+GPU = BenchConfig(
+    workload=Workload(
+        shape=QWEN25_1P5B,
+        lengths=LengthModel(max_length=1024),
+        n_pairs=160,
+        pairs_per_device=4,
+        grad_accum=4,
+        learning_rate=1e-6,
+        loss="spo",
+        threads=8,
+        device="cuda",
+        dtype="bfloat16",
+    ),
+    rounds=1,
+    attentions=("sdpa", "flex_attention", "flash_attention_2"),
+    name="gpu",
+    job_timeout_s=150.0,
+    keep_going=True,
+)
+
+SIZES = {"full": FULL, "toy": TOY, "gpu": GPU}
 
 
 def with_dirs(config: BenchConfig, work_dir: Path | None, results_dir: Path | None, rounds: int | None) -> BenchConfig:

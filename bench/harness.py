@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_EVERY_S = 0.02
+MIN_JOB_S = 20.0
+"""A job is not started with less time than this left before the deadline."""
 
 
 class BenchJobError(RuntimeError):
@@ -109,14 +111,36 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text[-lines:])
 
 
-def run_rounds(jobs: list[Job], rounds: int, work_dir: Path, threads: int, timeout_s: float) -> dict[str, list[dict[str, Any]]]:
+def run_rounds(
+    jobs: list[Job],
+    rounds: int,
+    work_dir: Path,
+    threads: int,
+    timeout_s: float,
+    *,
+    keep_going: bool = False,
+    deadline: float | None = None,
+) -> dict[str, list[dict[str, Any]]]:
     """Every job once per round, rounds interleaved (a, b, c, a, b, c, ...) so that drifting machine load
-    touches every job alike. Returns each job's results in round order."""
+    touches every job alike. Returns each job's results in round order. With `keep_going`, a failed job
+    is recorded as ``{"error": ...}`` (the report shows it) and the others still run. `deadline`
+    (a `time.monotonic()` value) caps each job's timeout; jobs that would start after it are recorded as
+    skipped, so a time-boxed run still ends with a report."""
     results: dict[str, list[dict[str, Any]]] = {job.name: [] for job in jobs}
     for round_index in range(rounds):
         for job in jobs:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left < MIN_JOB_S:
+                results[job.name].append({"name": job.name, "round": round_index + 1, "error": "skipped: time budget spent"})
+                continue
             logger.info("round %d/%d: %s", round_index + 1, rounds, job.name)
-            result = run_job(job, work_dir, threads, timeout_s)
+            try:
+                result = run_job(job, work_dir, threads, timeout_s if left is None else min(timeout_s, left))
+            except BenchJobError as exc:
+                if not keep_going:
+                    raise
+                logger.error("%s", exc)
+                result = {"name": job.name, "error": str(exc).splitlines()[0], "detail": str(exc)}
             result["round"] = round_index + 1
             results[job.name].append(result)
     return results

@@ -69,6 +69,22 @@ class ModelShape:
     intermediate_size: int = 688
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
+    architecture: str = "llama"
+    """llama (LlamaForCausalLM) or qwen2 (Qwen2ForCausalLM: biases on q/k/v)."""
+
+
+QWEN25_1P5B = ModelShape(
+    vocab_size=151_936,
+    hidden_size=1536,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    intermediate_size=8960,
+    max_position_embeddings=32_768,
+    tie_word_embeddings=True,
+    architecture="qwen2",
+)
+"""Qwen2.5-1.5B's shape (1.54B parameters), for the GPU check; weights are random."""
 
 
 @dataclass(frozen=True)
@@ -168,11 +184,13 @@ def build_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def build_model(shape: ModelShape, tokenizer: Any, seed: int = 0):
+def build_model(shape: ModelShape, tokenizer: Any, seed: int = 0, device: str = "cpu"):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config = LlamaConfig(
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_cls, model_cls = classes[shape.architecture]
+    config = config_cls(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
         num_hidden_layers=shape.num_hidden_layers,
@@ -186,18 +204,21 @@ def build_model(shape: ModelShape, tokenizer: Any, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    with torch.device(device):  # initialising 1.5B parameters is much faster on a GPU
+        return model_cls(config)
 
 
-def write_model(out_dir: Path, shape: ModelShape, seed: int = 0) -> Path:
+def write_model(out_dir: Path, shape: ModelShape, seed: int = 0, device: str = "cpu", dtype: str = "float32") -> Path:
     """Tokenizer + random-weight model in one `from_pretrained` folder (kept if it already holds this shape)."""
+    import torch
+
     out_dir = Path(out_dir)
     stamp = out_dir / "bench_shape.json"
-    wanted = json.dumps({"shape": asdict(shape), "seed": seed}, sort_keys=True)
+    wanted = json.dumps({"shape": asdict(shape), "seed": seed, "dtype": dtype}, sort_keys=True)
     if stamp.exists() and stamp.read_text(encoding="utf-8") == wanted:
         return out_dir
     tokenizer = build_tokenizer(shape.vocab_size)
-    model = build_model(shape, tokenizer, seed)
+    model = build_model(shape, tokenizer, seed, device=device).to(getattr(torch, dtype))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

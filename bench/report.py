@@ -43,40 +43,96 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+# Dense bf16 peak of the cards the GPU check may run on (vendor datasheets, no sparsity), FLOP/s.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    if not device_name:
+        return None
+    override = os.environ.get("BENCH_PEAK_TFLOPS")
+    if override:
+        return float(override) * 1e12
+    for marker, flops in PEAK_BF16_FLOPS:
+        if marker in device_name:
+            return flops
+    return None
+
+
+def model_flops_per_token(n_params: int | None, live_reference: bool) -> float | None:
+    """6 N per trained token (forward + backward), plus 2 N for a live reference forward."""
+    if not n_params:
+        return None
+    return (6 + (2 if live_reference else 0)) * n_params
+
+
 def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    for run in runs:
+    ok = [r for r in runs if "error" not in r]
+    errors = [r["error"] for r in runs if "error" in r]
+    for run in ok:
         run["tokens_per_s"] = run["real_tokens"] / run["loop_s"] if run["loop_s"] > 0 else None
         cpu = run.get("loop_cpu_s")
         run["tokens_per_cpu_s"] = run["real_tokens"] / cpu if cpu else None
         steady = run.get("steady_s")
         run["steady_tokens_per_s"] = run["steady_real_tokens"] / steady if steady else None
+        live = run.get("has_reference_model", run.get("variant") != "packed_precompute")
+        flops = model_flops_per_token(run.get("n_params"), live)
+        peak = peak_flops(run.get("device_name"))
+        run["mfu"] = run["tokens_per_s"] * flops / peak if flops and peak and run["tokens_per_s"] else None
+
+    def med(key: str) -> float | None:
+        return _median([r.get(key) for r in ok])
+
     return {
         "name": name,
         "label": LABELS.get(name, name),
         "rounds": len(runs),
-        "tokens_per_s": _median([r["tokens_per_s"] for r in runs]),
-        "steady_tokens_per_s": _median([r["steady_tokens_per_s"] for r in runs]),
-        "tokens_per_cpu_s": _median([r["tokens_per_cpu_s"] for r in runs]),
-        "padding_share": _median([r["padding_share"] for r in runs]),
-        "peak_rss_mb": _median([r["peak_rss_mb"] for r in runs]),
-        "sampled_peak_rss_mb": _median([r.get("sampled_peak_rss_mb") for r in runs]),
-        "loop_s": _median([r["loop_s"] for r in runs]),
-        "wall_s": _median([r["wall_s"] for r in runs]),
-        "precompute_s": _median([r.get("precompute_s") for r in runs]),
-        "real_tokens": _median([r["real_tokens"] for r in runs]),
-        "steps": _median([r["steps"] for r in runs]),
-        "per_round_tokens_per_s": [r["tokens_per_s"] for r in runs],
-        "per_round_peak_rss_mb": [r["peak_rss_mb"] for r in runs],
+        "errors": errors,
+        "attention": ok[0].get("attention") if ok else None,
+        "device_name": ok[0].get("device_name") if ok else None,
+        "n_params": ok[0].get("n_params") if ok else None,
+        "tokens_per_s": med("tokens_per_s"),
+        "steady_tokens_per_s": med("steady_tokens_per_s"),
+        "tokens_per_cpu_s": med("tokens_per_cpu_s"),
+        "mfu": med("mfu"),
+        "padding_share": med("padding_share"),
+        "peak_rss_mb": med("peak_rss_mb"),
+        "sampled_peak_rss_mb": med("sampled_peak_rss_mb"),
+        "cuda_peak_allocated_mb": med("cuda_peak_allocated_mb"),
+        "loop_s": med("loop_s"),
+        "wall_s": med("wall_s"),
+        "precompute_s": med("precompute_s"),
+        "real_tokens": med("real_tokens"),
+        "steps": med("steps"),
+        "per_round_tokens_per_s": [r["tokens_per_s"] for r in ok],
+        "per_round_peak_rss_mb": [r["peak_rss_mb"] for r in ok],
     }
+
+
+def _baseline_for(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """TRL's row: 'trl' on the CPU bench; on the GPU check, TRL under the same attention kernel."""
+    names = {r["name"]: r for r in rows}
+    if "trl" in names:
+        return names["trl"]
+    suffix = row["name"].rsplit("-", 1)[-1] if row.get("attention") is None else row["attention"]
+    return names.get(f"trl-{suffix}")
 
 
 def summarize_preference(results: dict[str, list[dict[str, Any]]], pair_tokens: int) -> dict[str, Any]:
     rows = [_training_row(name, runs) for name, runs in results.items()]
-    base = next((row for row in rows if row["name"] == "trl"), None)
     checks = []
     for row in rows:
+        base = _baseline_for(row, rows)
+        row["baseline"] = base["name"] if base else None
         row["tokens_per_s_ratio"] = _ratio(row["tokens_per_s"], base["tokens_per_s"]) if base else None
         row["peak_rss_ratio"] = _ratio(row["peak_rss_mb"], base["peak_rss_mb"]) if base else None
+        row["cuda_peak_ratio"] = _ratio(row["cuda_peak_allocated_mb"], base["cuda_peak_allocated_mb"]) if base else None
         # Every engine trains one epoch over the same pairs, so each must have seen exactly their tokens.
         row["tokens_match_workload"] = row["real_tokens"] == pair_tokens
         target = TARGETS.get(row["name"])
@@ -210,49 +266,21 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"fresh process, runs interleaved by round; medians shown; {report['threads']} torch threads.",
         f"- Machine: {m['cpu']}, {m['cpu_count']} cores visible, {m['platform']}, Python {m['python']}; "
         + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
-        f"- Model: Llama, hidden {w['shape']['hidden_size']}, {w['shape']['num_hidden_layers']} layers, "
+        f"- Model: hidden {w['shape']['hidden_size']}, {w['shape']['num_hidden_layers']} layers, "
         f"{w['shape']['num_attention_heads']} heads, intermediate {w['shape']['intermediate_size']}, vocab "
-        f"{w['shape']['vocab_size']}, random weights, fp32, sdpa.",
-        f"- Work: {w['n_pairs']} synthetic pairs, one epoch, {w['pairs_per_step']} pairs per optimizer step, log-normal "
+        f"{w['shape']['vocab_size']} ({w['shape']['architecture']}), random weights.",
+        f"- Work: {w['n_pairs']} synthetic pairs, one epoch, {w['pairs_per_device'] * w['grad_accum']} pairs per "
+        f"optimizer step ({w['pairs_per_device']} per micro-batch x {w['grad_accum']}), log-normal "
         f"lengths (prompt median {w['lengths']['prompt_median']:g}, answers {w['lengths']['response_median']:g}, capped "
-        f"at max_length {w['lengths']['max_length']}); DPO sigmoid, beta {w['beta']:g}, label smoothing 0; AdamW, "
-        f"lr {w['learning_rate']:g}.",
+        f"at max_length {w['lengths']['max_length']}); spo runs' loss {w['loss']} (beta {w['beta']:g}"
+        + (", label smoothing 0, TRL's sigmoid loss" if w["loss"] == "dpo" else "")
+        + f"); AdamW, lr {w['learning_rate']:g}, {w['dtype']}.",
         "",
     ]
-    if "preference" in report:
-        pref = report["preference"]
-        lines += [
-            "## Preference training vs TRL",
-            "",
-            f"Real tokens of the epoch: {pref['pair_tokens']:,} (every run must see exactly these). "
-            "Tokens/s = real (non-pad) tokens / training-loop seconds (first step included; the reference "
-            "precompute of (d) runs before the loop and is listed apart). Peak RSS = the process's high-water mark. "
-            "Tokens per CPU-s = real tokens / the process's CPU seconds over the loop (a cross-check that "
-            "other load on the machine moves much less than wall time).",
-            "",
-            "| run | real tokens/s | vs (a) | padding share | peak RSS (MB) | vs (a) | loop (s) | ref precompute (s) | tokens per CPU-s | tokens match |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
-        ]
-        for row in pref["rows"]:
-            lines.append(
-                f"| {row['label']} | {_f(row['tokens_per_s'])} | {_x(row['tokens_per_s_ratio'])} | "
-                f"{_pct(row['padding_share'])} | {_f(row['peak_rss_mb'])} | {_x(row['peak_rss_ratio'])} | "
-                f"{_f(row['loop_s'], 1)} | {_f(row['precompute_s'], 1)} | {_f(row['tokens_per_cpu_s'])} | "
-                f"{'yes' if row['tokens_match_workload'] else 'NO'} |"
-            )
-        lines += ["", "Per-round real tokens/s: " + "; ".join(
-            f"{row['name']} " + ", ".join(_f(v) for v in row["per_round_tokens_per_s"]) for row in pref["rows"]
-        ), ""]
-        if pref["targets"]:
-            lines += ["Targets (issue 7, 2 CPU cores):", ""]
-            for t in pref["targets"]:
-                lines.append(
-                    f"- {t['run']}: tokens/s {_x(t['tokens_per_s_ratio'])} (target >= {t['tokens_per_s_ratio_min']:g}x: "
-                    f"{'met' if t['tokens_per_s_met'] else 'MISSED'}); peak RSS {_x(t['peak_rss_ratio'])} "
-                    f"(target <= {t['peak_rss_ratio_max']:g}x: {'met' if t['peak_rss_met'] else 'MISSED'}); padding "
-                    f"{_pct(t['padding_share'])} (target < 5%: {'met' if t['padding_share_met'] else 'MISSED'})"
-                )
-            lines.append("")
+    if "preference" in report and any(row.get("device_name") for row in report["preference"]["rows"]):
+        lines += _gpu_preference_lines(report["preference"])
+    elif "preference" in report:
+        lines += _cpu_preference_lines(report["preference"])
     if "sft" in report:
         lines += [
             "## SFT packing",
@@ -291,6 +319,74 @@ def to_markdown(report: dict[str, Any]) -> str:
             ]
         lines.append("")
     return "\n".join(lines)
+
+
+def _cpu_preference_lines(pref: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Preference training vs TRL",
+        "",
+        f"Real tokens of the epoch: {pref['pair_tokens']:,} (every run must see exactly these). "
+        "Tokens/s = real (non-pad) tokens / training-loop seconds (first step included; the reference "
+        "precompute of (d) runs before the loop and is listed apart). Peak RSS = the process's high-water mark. "
+        "Tokens per CPU-s = real tokens / the process's CPU seconds over the loop (a cross-check that "
+        "other load on the machine moves much less than wall time).",
+        "",
+        "| run | real tokens/s | vs (a) | padding share | peak RSS (MB) | vs (a) | loop (s) | ref precompute (s) | tokens per CPU-s | tokens match |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    for row in pref["rows"]:
+        if row["errors"] and row["tokens_per_s"] is None:
+            lines.append(f"| {row['label']} | failed: {row['errors'][0]} | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {row['label']} | {_f(row['tokens_per_s'])} | {_x(row['tokens_per_s_ratio'])} | "
+            f"{_pct(row['padding_share'])} | {_f(row['peak_rss_mb'])} | {_x(row['peak_rss_ratio'])} | "
+            f"{_f(row['loop_s'], 1)} | {_f(row['precompute_s'], 1)} | {_f(row['tokens_per_cpu_s'])} | "
+            f"{'yes' if row['tokens_match_workload'] else 'NO'} |"
+        )
+    lines += ["", "Per-round real tokens/s: " + "; ".join(
+        f"{row['name']} " + ", ".join(_f(v) for v in row["per_round_tokens_per_s"]) for row in pref["rows"]
+    ), ""]
+    if pref["targets"]:
+        lines += ["Targets (issue 7, 2 CPU cores):", ""]
+        for t in pref["targets"]:
+            lines.append(
+                f"- {t['run']}: tokens/s {_x(t['tokens_per_s_ratio'])} (target >= {t['tokens_per_s_ratio_min']:g}x: "
+                f"{'met' if t['tokens_per_s_met'] else 'MISSED'}); peak RSS {_x(t['peak_rss_ratio'])} "
+                f"(target <= {t['peak_rss_ratio_max']:g}x: {'met' if t['peak_rss_met'] else 'MISSED'}); padding "
+                f"{_pct(t['padding_share'])} (target < 5%: {'met' if t['padding_share_met'] else 'MISSED'})"
+            )
+        lines.append("")
+    return lines
+
+
+def _gpu_preference_lines(pref: dict[str, Any]) -> list[str]:
+    device = next(row["device_name"] for row in pref["rows"] if row.get("device_name"))
+    n_params = next((row["n_params"] for row in pref["rows"] if row.get("n_params")), None)
+    lines = [
+        f"## GPU: full fine-tuning, {device}",
+        "",
+        f"N = {n_params:,} parameters (tied embedding counted once). MFU = real tokens/s x (6 N, plus 2 N when a "
+        "live reference model runs) / the card's dense bf16 peak; attention FLOPs are not counted. TRL pads; "
+        "spo packs. Peak memory = torch.cuda.max_memory_allocated of the process."
+        if n_params
+        else "MFU needs the parameter count, which no run reported.",
+        "",
+        "| run | attention | real tokens/s | vs TRL, same kernel | MFU | padding share | peak GPU memory (GB) | loop (s) | ref precompute (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in pref["rows"]:
+        if row["errors"] and row["tokens_per_s"] is None:
+            lines.append(f"| {row['name']} | | failed: {row['errors'][0]} | | | | | | |")
+            continue
+        memory = row["cuda_peak_allocated_mb"] / 1e3 if row["cuda_peak_allocated_mb"] else None
+        lines.append(
+            f"| {row['name']} | {row['attention'] or ''} | {_f(row['tokens_per_s'])} | {_x(row['tokens_per_s_ratio'])} | "
+            f"{_pct(row['mfu'])} | {_pct(row['padding_share'])} | {_f(memory, 1)} | {_f(row['loop_s'], 1)} | "
+            f"{_f(row['precompute_s'], 1)} |"
+        )
+    lines.append("")
+    return lines
 
 
 def write_report(report: dict[str, Any], results_dir: Path) -> tuple[Path, Path]:

@@ -2,7 +2,8 @@
 
 Each run writes an ordinary recipe file, loads and resolves it as `spo train` does, and runs its stage in
 this process; the bench adds one callback (the clock and token counter) to the callbacks the runner
-attaches. The loss is DPO's sigmoid with label_smoothing 0, the loss TRL's DPOTrainer runs in run (a).
+attaches. On the CPU bench the loss is DPO's sigmoid with label_smoothing 0, the loss TRL's DPOTrainer runs
+in run (a); the GPU check trains SPO (same cost per token).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from bench.clock import LoopTimes, peak_rss_mb, step_clock
+from bench.clock import LoopTimes, device_facts, peak_rss_mb, step_clock
 from bench.config import Workload
 
 logger = logging.getLogger(__name__)
@@ -24,14 +25,14 @@ Variant = Literal["padded", "packed", "packed_precompute"]
 VARIANTS: tuple[Variant, ...] = ("padded", "packed", "packed_precompute")
 
 
-def _training(work: Workload, batch: int) -> dict[str, Any]:
+def _training(work: Workload, batch: int, accum: int) -> dict[str, Any]:
     return {
         "learning_rate": work.learning_rate,
         "lr_scheduler": "constant",
         "warmup_ratio": 0.0,
         "num_epochs": 1,
         "per_device_batch_size": batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accum,
         "optimizer": "adamw_torch",
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
@@ -43,8 +44,8 @@ def _training(work: Workload, batch: int) -> dict[str, Any]:
     }
 
 
-def _model(model_dir: Path) -> dict[str, Any]:
-    return {"name_or_path": str(Path(model_dir).resolve()), "attention": "sdpa", "dtype": "float32"}
+def _model(work: Workload, model_dir: Path) -> dict[str, Any]:
+    return {"name_or_path": str(Path(model_dir).resolve()), "attention": work.attention, "dtype": work.dtype}
 
 
 def _data(work: Workload, path: Path, fmt: str, *, packing: bool) -> dict[str, Any]:
@@ -59,15 +60,23 @@ def _data(work: Workload, path: Path, fmt: str, *, packing: bool) -> dict[str, A
     return data
 
 
+def _loss(work: Workload) -> dict[str, Any]:
+    if work.loss == "dpo":
+        return {"type": "dpo", "beta": work.beta, "label_smoothing": 0.0}
+    if work.loss == "spo":
+        return {"type": "spo", "beta": work.beta}
+    raise ValueError(f"bench loss must be dpo or spo, got {work.loss!r}")
+
+
 def preference_recipe(work: Workload, variant: Variant, model_dir: Path, pairs_path: Path, out_dir: Path) -> dict[str, Any]:
     return {
-        "description": f"bench run: DPO sigmoid (label_smoothing 0), {variant}",
+        "description": f"bench run: {work.loss}, {variant}, {work.attention}",
         "stage": "preference",
-        "model": _model(model_dir),
+        "model": _model(work, model_dir),
         "data": _data(work, pairs_path, "pairs", packing=variant != "padded"),
-        "loss": {"type": "dpo", "beta": work.beta, "label_smoothing": 0.0},
+        "loss": _loss(work),
         "reference": {"precompute": variant == "packed_precompute"},
-        "training": _training(work, work.pairs_per_step),
+        "training": _training(work, work.pairs_per_device, work.grad_accum),
         "output": {"dir": str(Path(out_dir).resolve()), "report_to": ["none"]},
     }
 
@@ -76,11 +85,17 @@ def sft_recipe(work: Workload, packing: bool, model_dir: Path, rows_path: Path, 
     return {
         "description": f"bench run: SFT, packing {'on' if packing else 'off'}",
         "stage": "sft",
-        "model": _model(model_dir),
+        "model": _model(work, model_dir),
         "data": _data(work, rows_path, "messages", packing=packing),
-        "training": _training(work, work.sft_rows_per_step),
+        "training": _training(work, work.sft_rows_per_step, 1),
         "output": {"dir": str(Path(out_dir).resolve()), "report_to": ["none"]},
     }
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_recipe(recipe: dict[str, Any], recipe_path: Path) -> tuple[LoopTimes, dict[str, Any], float]:
@@ -98,7 +113,7 @@ def run_recipe(recipe: dict[str, Any], recipe_path: Path) -> tuple[LoopTimes, di
     recipe_path = Path(recipe_path)
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    plan = resolve(load_recipe(recipe_path), recipe_path, device="cpu")
+    plan = resolve(load_recipe(recipe_path), recipe_path, device="cuda" if _cuda() else "cpu")
     check_model_setup(plan)
     checkpoint = claim_output(plan, resume=False, overwrite=True)
     ctx = build_context(plan, checkpoint)
@@ -119,7 +134,10 @@ def run_spo(work: Workload, variant: Variant, model_dir: Path, pairs_path: Path,
     return {
         "engine": "spo",
         "variant": variant,
-        **times.summary(),
+        **times.summary(micro_batches_per_step=work.grad_accum),
+        **device_facts(),
+        "attention": work.attention,
+        "loss": work.loss,
         "setup_s": setup_s,
         # The precomputed-reference pass runs at train begin, before the first batch.
         "precompute_s": times.pre_loop_s if variant == "packed_precompute" else None,
@@ -136,6 +154,7 @@ def run_sft(work: Workload, packing: bool, model_dir: Path, rows_path: Path, out
         "engine": "spo-sft",
         "variant": "packed" if packing else "padded",
         **times.summary(),
+        **device_facts(),
         "setup_s": setup_s,
         "peak_rss_mb": peak_rss_mb(),
         "run_info": _reported(run_info),

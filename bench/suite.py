@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from bench.config import BenchConfig
+from bench.config import BenchConfig, Workload
 from bench.harness import Job, run_rounds
 from bench.pairs import make_conversations, make_pairs, pair_token_counts, write_jsonl, write_model
 
@@ -17,7 +17,6 @@ logger = logging.getLogger(__name__)
 Part = Literal["preference", "sft", "logp"]
 PARTS: tuple[Part, ...] = ("preference", "sft", "logp")
 PREFERENCE_RUNS = ("trl", "spo-padded", "spo-packed", "spo-packed-precompute")
-JOB_TIMEOUT_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -29,10 +28,29 @@ class WorkloadFiles:
     """Real tokens of one epoch over the pairs (prompt + chosen and prompt + rejected, template included)."""
 
 
+def _init_device(work: Workload) -> str:
+    if work.device != "cuda":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention_importable(attention: str) -> bool:
+    """flash_attention_2 needs the flash-attn package; flex_attention needs torch's; sdpa/eager always work."""
+    import importlib.util
+
+    if attention == "flash_attention_2":
+        return importlib.util.find_spec("flash_attn") is not None
+    if attention == "flex_attention":
+        return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    return True
+
+
 def prepare(config: BenchConfig) -> WorkloadFiles:
     work = config.workload
     root = Path(config.work_dir).resolve()
-    model_dir = write_model(root / "model", work.shape, seed=work.seed)
+    model_dir = write_model(root / "model", work.shape, seed=work.seed, device=_init_device(work), dtype=work.dtype)
     pairs = make_pairs(work.n_pairs, work.lengths, work.shape.vocab_size, seed=work.seed)
     rows = make_conversations(work.sft_rows, work.lengths, work.shape.vocab_size, seed=work.seed + 1000)
     return WorkloadFiles(
@@ -44,12 +62,31 @@ def prepare(config: BenchConfig) -> WorkloadFiles:
 
 
 def preference_jobs(config: BenchConfig, files: WorkloadFiles) -> list[Job]:
+    """CPU bench: (a) TRL, (b) padded, (c) packed, (d) packed + precompute. GPU check: TRL and packed spo
+    under each importable attention kernel, plus packed + precompute under the first of them."""
     root = Path(config.work_dir).resolve() / "runs"
-    common = {"workload": config.workload.to_json(), "model_dir": str(files.model_dir), "pairs": str(files.pairs)}
-    jobs = [Job("trl", "trl", {**common, "out_dir": str(root / "trl")})]
-    for variant in ("padded", "packed", "packed_precompute"):
-        name = "spo-" + variant.replace("_", "-")
-        jobs.append(Job(name, "spo", {**common, "variant": variant, "out_dir": str(root / name)}))
+    paths = {"model_dir": str(files.model_dir), "pairs": str(files.pairs)}
+
+    def job(name: str, task: str, work: Workload, **extra: Any) -> Job:
+        return Job(name, task, {"workload": work.to_json(), **paths, "out_dir": str(root / name), **extra})
+
+    work = config.workload
+    if len(config.attentions) == 1:
+        jobs = [job("trl", "trl", work)]
+        for variant in ("padded", "packed", "packed_precompute"):
+            jobs.append(job("spo-" + variant.replace("_", "-"), "spo", work, variant=variant))
+        return jobs
+    usable = [a for a in config.attentions if attention_importable(a)]
+    skipped = [a for a in config.attentions if a not in usable]
+    if skipped:
+        logger.info("attention kernels not importable here, skipped: %s", ", ".join(skipped))
+    jobs = []
+    for attention in usable:
+        w = replace(work, attention=attention)
+        jobs.append(job(f"trl-{attention}", "trl", w))
+        jobs.append(job(f"spo-packed-{attention}", "spo", w, variant="packed"))
+    w = replace(work, attention=usable[0])
+    jobs.append(job(f"spo-packed-precompute-{usable[0]}", "spo", w, variant="packed_precompute"))
     return jobs
 
 
@@ -66,10 +103,12 @@ def logp_jobs(config: BenchConfig) -> list[Job]:
     return [Job(f"logp-{method}", "logp", {"logp": config.logp.to_json(), "method": method}) for method in ("full", "chunked")]
 
 
-def run_bench(config: BenchConfig, parts: Iterable[Part]) -> dict[str, Any]:
-    """Run the chosen parts; returns the raw results per part and when each ran."""
+def run_bench(config: BenchConfig, parts: Iterable[Part], budget_s: float | None = None) -> dict[str, Any]:
+    """Run the chosen parts; returns the raw results per part and when each ran. With `budget_s`, jobs
+    that would start after the budget is spent are recorded as skipped (the report still gets written)."""
     parts = tuple(parts)
     started = time.time()
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     files = prepare(config)
     threads = config.workload.threads
     raw: dict[str, Any] = {"started": started, "pair_tokens": files.pair_tokens, "parts": {}}
@@ -82,7 +121,15 @@ def run_bench(config: BenchConfig, parts: Iterable[Part]) -> dict[str, Any]:
         else:
             jobs = logp_jobs(config)
             threads = config.logp.threads
-        results = run_rounds(jobs, config.rounds, Path(config.work_dir).resolve(), threads, JOB_TIMEOUT_S)
+        results = run_rounds(
+            jobs,
+            config.rounds,
+            Path(config.work_dir).resolve(),
+            threads,
+            config.job_timeout_s,
+            keep_going=config.keep_going or budget_s is not None,
+            deadline=deadline,
+        )
         raw["parts"][part] = {"started": part_started, "seconds": time.time() - part_started, "results": results}
     raw["seconds"] = time.time() - started
     return raw

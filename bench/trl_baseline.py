@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.clock import LoopTimes, peak_rss_mb, step_clock
+from bench.clock import LoopTimes, device_facts, peak_rss_mb, step_clock
 from bench.config import Workload
 
 logger = logging.getLogger(__name__)
 
 
 def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Train one epoch over the pairs with TRL's DPOTrainer; return the measured figures."""
+    """Train one epoch over the pairs with TRL's DPOTrainer (loss sigmoid, live reference model built by
+    TRL from the same folder); return the measured figures."""
     started = time.perf_counter()
     import datasets
     import torch
@@ -26,12 +27,14 @@ def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path) ->
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, work.dtype), attn_implementation=work.attention
+    )
     dataset = datasets.load_dataset("json", data_files=str(pairs_path), split="train")
     args = DPOConfig(
         output_dir=str(out_dir),
-        per_device_train_batch_size=work.pairs_per_step,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=work.pairs_per_device,
+        gradient_accumulation_steps=work.grad_accum,
         num_train_epochs=1,
         learning_rate=work.learning_rate,
         lr_scheduler_type="constant",
@@ -47,8 +50,8 @@ def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path) ->
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
-        bf16=False,
+        use_cpu=work.device == "cpu",
+        bf16=work.dtype == "bfloat16",
         fp16=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -65,7 +68,9 @@ def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path) ->
     trainer.train()
     return {
         "engine": "trl",
-        **times.summary(),
+        "attention": work.attention,
+        **times.summary(micro_batches_per_step=work.grad_accum),
+        **device_facts(),
         "setup_s": setup_s,
         "precompute_s": 0.0,
         "peak_rss_mb": peak_rss_mb(),
