@@ -134,7 +134,7 @@ class PreferenceTrainer(Trainer):
     def read_reference_tables(self) -> None:
         """Take the cache keys from the starting weights and read any cached tables."""
         assert self.reference.cache_dir is not None
-        cache = ReferenceCache(self.reference.cache_dir)
+        cache = ReferenceCache(Path(self.reference.cache_dir))
         for split, ds in self._splits().items():
             if split in self._tables:
                 continue
@@ -154,7 +154,7 @@ class PreferenceTrainer(Trainer):
                 f"{self.reference.cache_dir}: the starting weights are gone, so they cannot be recomputed"
             )
         assert self.reference.cache_dir is not None
-        cache = ReferenceCache(self.reference.cache_dir)
+        cache = ReferenceCache(Path(self.reference.cache_dir))
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         for split in missing:
             ds = self._splits()[split]
