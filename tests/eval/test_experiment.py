@@ -160,6 +160,7 @@ def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_pat
     experiment = load_experiment(TINY, [o.format(out=out) for o in QUICK])
     stages = [f"seed{s}/{n}" for s in (0, 1) for n in ("sft", "dpo", "kto", "ipo", "spo")]
 
+    assert experiment.spec.jobs == 2  # both seeds at once, in worker processes
     first = run_experiment(experiment)
     assert first.trained == stages and first.skipped == []
     for seed in (0, 1):
@@ -187,7 +188,7 @@ def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_pat
     # An interrupted stage (no completion marker) is trained again, and only it; no judgment is asked twice.
     (out / "seed1" / "spo" / "COMPLETE").unlink()
     (out / "seed1" / "generations" / "spo.jsonl").unlink()
-    third = run_experiment(experiment)
+    third = run_experiment(load_experiment(TINY, [*experiment.overrides, "jobs=1"]))  # the in-process path
     assert third.trained == ["seed1/spo"]
     assert _judgment_lines(out / "seed0" / "judgments.jsonl") == judged[0]
     keys = [tuple(json.loads(line)[k] for k in ("prompt_id", "model_a", "model_b"))

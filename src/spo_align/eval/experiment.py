@@ -144,6 +144,12 @@ class Experiment(_Section):
         default_factory=list,
         description="`key.path=value` overrides applied to every recipe (e.g. fewer steps for a quick check).",
     )
+    jobs: int = Field(
+        1,
+        gt=0,
+        description="Seeds trained and evaluated at once, each in its own process. On CPU, one per core with "
+        "training.cpu_threads 1; on GPU keep 1 unless each job has its own device.",
+    )
     eval: EvalSection
 
     @model_validator(mode="after")
@@ -165,6 +171,8 @@ class LoadedExperiment:
 
     spec: Experiment
     path: Path
+    overrides: tuple[str, ...] = ()
+    """The `--set` overrides it was read with (a worker process re-reads the file with them)."""
 
     @property
     def base_dir(self) -> Path:
@@ -246,7 +254,7 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperime
         spec = Experiment.model_validate(data)
     except ValidationError as exc:
         raise RecipeErrors(_errors_from(exc, positions, file)) from None
-    loaded = LoadedExperiment(spec, path)
+    loaded = LoadedExperiment(spec, path, tuple(overrides))
     findings: list[tuple[KeyPath, str]] = []
     for key, stage in [(("sft",), spec.sft), *((("preference", i), p) for i, p in enumerate(spec.preference))]:
         if not (loaded.base_dir / stage.recipe).is_file():
@@ -523,6 +531,14 @@ def write_win_rates(experiment: LoadedExperiment, judge: Any) -> tuple[Any, list
 
 
 @dataclass
+class SeedResult:
+    seed: int
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class ExperimentResult:
     output_dir: Path
     trained: list[str] = field(default_factory=list)
@@ -532,29 +548,70 @@ class ExperimentResult:
     wall_seconds: float = 0.0
 
 
-def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
-    """Train every stage, then generate, judge and tabulate; resumable at every step."""
+def _eval_inputs(experiment: LoadedExperiment) -> tuple[list[Any], Any]:
     from spo_align.eval.generate import load_prompts
 
-    started = time.perf_counter()
-    spec = experiment.spec
-    steps = plan_stages(experiment)  # every recipe checked before the first step runs
-    prompts = load_prompts(experiment.prompts_source(), spec.eval.n)
-    judge = _judge(spec.eval.judge)
+    prompts = load_prompts(experiment.prompts_source(), experiment.spec.eval.n)
+    judge = _judge(experiment.spec.eval.judge)
     if judge.needs_reference and any(p.reference is None for p in prompts):
         raise ExperimentError(f"{experiment.path}: eval.judge 'reference' needs a reference answer for every prompt")
+    return prompts, judge
+
+
+def run_seed(experiment: LoadedExperiment, seed: int) -> SeedResult:
+    """One seed's chain: SFT, each preference run from it, then its answers and judgments."""
+    result = SeedResult(seed)
+    prompts, judge = _eval_inputs(experiment)
+    for step in (s for s in plan_stages(experiment) if s.seed == seed):
+        label = f"seed{seed}/{step.name}"
+        seconds = run_stage(step)
+        (result.trained if seconds else result.skipped).append(label)
+        result.stage_seconds[label] = round(seconds, 1)
+    evaluate_seed(experiment, seed, prompts, judge)
+    return result
+
+
+def _seed_worker(path: str, overrides: tuple[str, ...], seed: int, log_level: int) -> SeedResult:
+    """Entry point of a worker process (spawned): re-read the experiment, run one seed's chain."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s seed{seed} %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return run_seed(load_experiment(Path(path), overrides), seed)
+    except Exception as exc:  # the parent re-raises it; our error types do not all survive pickling
+        raise ExperimentError(f"seed {seed}: {type(exc).__name__}: {exc}") from None
+
+
+def _run_seeds(experiment: LoadedExperiment) -> list[SeedResult]:
+    seeds = experiment.spec.seeds
+    jobs = min(experiment.spec.jobs, len(seeds))
+    if jobs == 1:
+        return [run_seed(experiment, seed) for seed in seeds]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    logger.info("running %d seeds, %d at a time in worker processes", len(seeds), jobs)
+    context = multiprocessing.get_context("spawn")  # no forked torch/tokenizer state
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [pool.submit(_seed_worker, str(experiment.path), experiment.overrides, s, level) for s in seeds]
+        return [future.result() for future in futures]
+
+
+def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
+    """Train every stage, then generate, judge and tabulate; resumable at every step."""
+    started = time.perf_counter()
+    spec = experiment.spec
+    plan_stages(experiment)  # every recipe checked before the first step runs
+    _, judge = _eval_inputs(experiment)
     groups = None
     if spec.eval.accuracy_by is not None:
         groups = read_prompt_groups(Path(experiment.prompts_source()), spec.eval.accuracy_by)
-    result = ExperimentResult(experiment.output_dir)
     experiment.output_dir.mkdir(parents=True, exist_ok=True)
-    for seed in spec.seeds:
-        for step in (s for s in steps if s.seed == seed):
-            label = f"seed{seed}/{step.name}"
-            seconds = run_stage(step)
-            (result.trained if seconds else result.skipped).append(label)
-            result.stage_seconds[label] = seconds
-        evaluate_seed(experiment, seed, prompts, judge)
+    result = ExperimentResult(experiment.output_dir)
+    for seed_result in _run_seeds(experiment):
+        result.trained += seed_result.trained
+        result.skipped += seed_result.skipped
+        result.stage_seconds.update(seed_result.stage_seconds)
     _, result.files = write_win_rates(experiment, judge)
     rows = accuracy_rows(experiment, groups)
     if rows:
@@ -562,7 +619,9 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
     result.wall_seconds = time.perf_counter() - started
     summary = {
         "experiment": str(experiment.path),
+        "overrides": list(experiment.overrides),
         "seeds": spec.seeds,
+        "jobs": spec.jobs,
         "trained": result.trained,
         "skipped": result.skipped,
         "stage_seconds": result.stage_seconds,
