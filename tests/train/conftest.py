@@ -49,3 +49,9 @@ def plan_for(small_model: Path, tmp_path: Path):
         )
 
     return build
+
+
+@pytest.fixture
+def plan_from():
+    """plan_from("spo_zero2", "distributed.launcher=accelerate") -> a RunPlan with exactly these overrides."""
+    return make_plan

@@ -1,0 +1,79 @@
+"""KTO stage: every batch mixes desirable and undesirable examples; TRL's KTO loss is the paper's KTO."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spo_align.train.kto import interleave_classes
+
+
+@pytest.mark.parametrize("block", [2, 4, 8, 64])
+def test_every_batch_mixes_desirable_and_undesirable_examples(block: int):
+    labels = [True, False] * 200  # unpaired pairs: chosen rows next to their rejected rows
+    order = interleave_classes(labels, block, seed=3)
+    assert sorted(order) == list(range(len(labels)))
+    for start in range(0, len(order), block):
+        batch = [labels[i] for i in order[start : start + block]]
+        assert True in batch and False in batch
+    # the two answers of one pair are not kept side by side
+    assert sum(order[k] // 2 == order[k + 1] // 2 for k in range(len(order) - 1)) < len(order) // 10
+    assert interleave_classes(labels, block, seed=3) == order
+
+
+def test_paired_data_is_unpaired_with_the_row_policy_and_mixed(plan_for):
+    from spo_align.tiny import build_tokenizer
+    from spo_align.train.kto import load_kto_dataset
+
+    plan = plan_for("kto", "data.train.0.max_samples=40")
+    ds, counts = load_kto_dataset(plan, build_tokenizer(), "train")
+    assert len(ds) == 80 and sum(ds["label"]) == 40
+    assert next(iter(counts.values()))["rows_in"] == 40
+    first = ds[0]
+    assert first["prompt"][0]["role"] == "user" and first["completion"][0]["role"] == "assistant"
+    for start in range(0, len(ds), 8):
+        assert 0 < sum(ds["label"][start : start + 8]) < 8
+
+
+def _completion_logps(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    token_logps = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * completion_mask[:, 1:]).sum(-1)
+
+
+def test_trl_kto_loss_matches_spo_align_kto_loss_on_a_batch(plan_for, tmp_path):
+    """Fails loudly if TRL's KTOTrainer stops computing the paper's KTO (eq. 7 with a detached, clamped z0)."""
+    from trl import KTOConfig, KTOTrainer
+
+    from spo_align.losses import kto_loss
+    from spo_align.train.args import build_training_args
+    from spo_align.train.kto import kto_config_kwargs, load_kto_dataset
+    from spo_align.train.model import load_model, load_tokenizer
+
+    plan = plan_for("kto", "data.train.0.max_samples=16", "loss.desirable_weight=1.5", "loss.beta=0.5")
+    args = build_training_args(plan, tmp_path, KTOConfig, **kto_config_kwargs(plan))
+    tokenizer = load_tokenizer(plan)
+    ds, _ = load_kto_dataset(plan, tokenizer, "train")
+    model = load_model(plan)
+    with torch.no_grad():  # move the policy away from the reference so that the log-ratios are not zero
+        generator = torch.Generator().manual_seed(0)
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    ref = load_model(plan, for_training=False)
+    trainer = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(model, batch)
+        policy = _completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        reference = _completion_logps(ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        kl_policy = _completion_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+        kl_ref = _completion_logps(ref, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+    desirable = batch["label"].bool()
+    assert desirable.any() and (~desirable).any()
+    ours = kto_loss(
+        policy, reference, desirable, (kl_policy - kl_ref).mean(), beta=0.5, desirable_weight=1.5, undesirable_weight=1.0
+    )
+    assert (policy - reference).abs().max() > 0.1
+    torch.testing.assert_close(trl_loss, ours.losses.mean(), atol=1e-5, rtol=1e-5)
