@@ -2,6 +2,7 @@
 
     python -m bench run [--size full|toy|gpu] [--parts preference,sft,logp] [--rounds N]
                         [--work-dir DIR] [--results-dir DIR] [--budget-s S]
+    python -m bench profile RUN [--size full|toy]   (one preference run under torch.profiler)
     python -m bench worker SPEC OUT      (internal: one job in a fresh process)
 
 `run` writes `<results-dir>/<size>.json` and `<results-dir>/<size>.md` (default bench/results/).
@@ -35,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--budget-s", type=float, default=None, help="stop starting jobs after this many seconds (they are listed as skipped)"
     )
+    prof = sub.add_parser("profile", help="one preference run under torch.profiler: top operators by self CPU time")
+    prof.add_argument("run", help="trl | spo-padded | spo-packed | spo-packed-precompute")
+    prof.add_argument("--size", choices=sorted(SIZES), default="full")
+    prof.add_argument("--rows", type=int, default=25, help="operators to list")
+    prof.add_argument("--work-dir", type=Path, default=None)
+    prof.add_argument("--out", type=Path, default=None, help="file for the table (default: bench/results/profile-RUN.txt)")
     worker = sub.add_parser("worker", help="internal: run one job spec in this process")
     worker.add_argument("spec", type=Path)
     worker.add_argument("out", type=Path)
@@ -55,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     from bench.suite import PARTS, run_bench
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command == "profile":
+        from bench.profile import profile_run, write_profile
+
+        config = with_dirs(SIZES[args.size], args.work_dir, None, None)
+        text = profile_run(config, args.run, args.rows)
+        out = write_profile(text, args.out or config.results_dir / f"profile-{args.run}.txt")
+        print(text)
+        logger.info("wrote %s", out)
+        return 0
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:

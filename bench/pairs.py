@@ -151,6 +151,12 @@ def pair_token_counts(row: dict[str, Any]) -> tuple[int, int]:
     return prompt + chosen, prompt + rejected
 
 
+def conversation_tokens(row: dict[str, Any]) -> int:
+    """Exact tokens of an SFT row (one user turn, one assistant turn) as the chat template renders it."""
+    user, assistant = row["messages"]
+    return len(user["content"].split()) + len(assistant["content"].split()) + TEMPLATE_PROMPT_TOKENS + TEMPLATE_ANSWER_TOKENS
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

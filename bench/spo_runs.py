@@ -81,13 +81,13 @@ def preference_recipe(work: Workload, variant: Variant, model_dir: Path, pairs_p
     }
 
 
-def sft_recipe(work: Workload, packing: bool, model_dir: Path, rows_path: Path, out_dir: Path) -> dict[str, Any]:
+def sft_recipe(work: Workload, packing: bool, batch: int, model_dir: Path, rows_path: Path, out_dir: Path) -> dict[str, Any]:
     return {
         "description": f"bench run: SFT, packing {'on' if packing else 'off'}",
         "stage": "sft",
         "model": _model(work, model_dir),
         "data": _data(work, rows_path, "messages", packing=packing),
-        "training": _training(work, work.sft_rows_per_step, 1),
+        "training": _training(work, batch, 1),
         "output": {"dir": str(Path(out_dir).resolve()), "report_to": ["none"]},
     }
 
@@ -146,13 +146,15 @@ def run_spo(work: Workload, variant: Variant, model_dir: Path, pairs_path: Path,
     }
 
 
-def run_sft(work: Workload, packing: bool, model_dir: Path, rows_path: Path, out_dir: Path) -> dict[str, Any]:
+def run_sft(work: Workload, packing: bool, batch: int, model_dir: Path, rows_path: Path, out_dir: Path) -> dict[str, Any]:
+    """One epoch of SFT; `batch` is conversations per step without packing, packed rows per step with it."""
     out_dir = Path(out_dir)
-    recipe = sft_recipe(work, packing, model_dir, rows_path, out_dir / "run")
+    recipe = sft_recipe(work, packing, batch, model_dir, rows_path, out_dir / "run")
     times, run_info, setup_s = run_recipe(recipe, out_dir / "recipe.yaml")
     return {
         "engine": "spo-sft",
         "variant": "packed" if packing else "padded",
+        "batch": batch,
         **times.summary(),
         **device_facts(),
         "setup_s": setup_s,

@@ -10,7 +10,14 @@ from typing import Any, Iterable, Literal
 
 from bench.config import BenchConfig, Workload
 from bench.harness import Job, run_rounds
-from bench.pairs import make_conversations, make_pairs, pair_token_counts, write_jsonl, write_model
+from bench.pairs import (
+    conversation_tokens,
+    make_conversations,
+    make_pairs,
+    pair_token_counts,
+    write_jsonl,
+    write_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +33,8 @@ class WorkloadFiles:
     sft_rows: Path
     pair_tokens: int
     """Real tokens of one epoch over the pairs (prompt + chosen and prompt + rejected, template included)."""
+    sft_mean_tokens: float = 0.0
+    """Mean tokens of an SFT conversation (template included)."""
 
 
 def _init_device(work: Workload) -> str:
@@ -58,6 +67,7 @@ def prepare(config: BenchConfig) -> WorkloadFiles:
         pairs=write_jsonl(pairs, root / "pairs.jsonl"),
         sft_rows=write_jsonl(rows, root / "sft.jsonl"),
         pair_tokens=sum(sum(pair_token_counts(row)) for row in pairs),
+        sft_mean_tokens=sum(conversation_tokens(row) for row in rows) / max(1, len(rows)),
     )
 
 
@@ -91,11 +101,18 @@ def preference_jobs(config: BenchConfig, files: WorkloadFiles) -> list[Job]:
 
 
 def sft_jobs(config: BenchConfig, files: WorkloadFiles) -> list[Job]:
+    """SFT with and without packing, at about the same real tokens per optimizer step: without packing a
+    batch is `sft_rows_per_step` conversations; with packing it is that many tokens' worth of packed rows."""
+    from spo_align.recipe.resolve import default_pack_length
+
     root = Path(config.work_dir).resolve() / "runs"
-    common = {"workload": config.workload.to_json(), "model_dir": str(files.model_dir), "rows": str(files.sft_rows)}
+    work = config.workload
+    common = {"workload": work.to_json(), "model_dir": str(files.model_dir), "rows": str(files.sft_rows)}
+    pack_length = work.pack_length or default_pack_length(work.lengths.max_length, "cuda" if work.device == "cuda" else "cpu")
+    packed_batch = max(1, round(work.sft_rows_per_step * files.sft_mean_tokens / pack_length))
     return [
-        Job("sft-padded", "sft", {**common, "packing": False, "out_dir": str(root / "sft-padded")}),
-        Job("sft-packed", "sft", {**common, "packing": True, "out_dir": str(root / "sft-packed")}),
+        Job("sft-padded", "sft", {**common, "packing": False, "batch": work.sft_rows_per_step, "out_dir": str(root / "sft-padded")}),
+        Job("sft-packed", "sft", {**common, "packing": True, "batch": packed_batch, "out_dir": str(root / "sft-packed")}),
     ]
 
 

@@ -40,7 +40,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         return run_spo(workload, spec["variant"], model_dir, Path(spec["pairs"]), out_dir)
     from bench.spo_runs import run_sft
 
-    return run_sft(workload, bool(spec["packing"]), model_dir, Path(spec["rows"]), out_dir)
+    return run_sft(workload, bool(spec["packing"]), int(spec["batch"]), model_dir, Path(spec["rows"]), out_dir)
 
 
 def main(spec_path: Path, out_path: Path) -> None:
