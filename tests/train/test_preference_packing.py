@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
+import preference_helpers as h
 import pytest
 import torch
 
-import preference_helpers as h
 from spo_align.recipe.schema import DPOLoss, IPOLoss, SPOLoss
 from spo_align.train.collate import PairCollator, choose_layout, layout_stats
 from spo_align.train.logps import batch_logps
@@ -69,7 +67,7 @@ def _trainer(tok, ds, tmp_path, loss, layout, reset_positions=True, **args):
     collator = PairCollator(tok.pad_token_id, layout, pack_length=200, reset_positions=reset_positions)
     return PreferenceTrainer(
         model=policy,
-        args=h.training_args(tmp_path / layout, per_device_train_batch_size=8, **args),
+        args=h.training_args(tmp_path / layout, **{"per_device_train_batch_size": 8, **args}),
         train_dataset=ds,
         data_collator=collator,
         processing_class=tok,
@@ -133,10 +131,24 @@ def test_layout_choice_is_explicit():
 
 
 def test_padding_share_of_long_tailed_data(setup):
-    tok, ds = setup
+    _, ds = setup
     p, c, r = (list(map(len, ds[k])) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     stats = layout_stats(p, c, r, 8, 200, "packed_rows")
     assert stats.packed_share == 0.0 and stats.packed_tokens == stats.real_tokens
     assert stats.padded_share > 0.3  # long tail: most of a padded batch is padding
     batched = layout_stats(p, c, r, 8, 200, "packed_batch")
     assert batched.padded_share == stats.padded_share and batched.packed_share < stats.padded_share
+
+
+def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path):
+    """Guards our use of Trainer internals: compute_loss returns a per-micro-batch mean, so the Trainer
+    must divide by the accumulation steps (model_accepts_loss_kwargs / loss_is_scaled_for_ga off)."""
+    tok, ds = setup
+    start = torch.cat([p.detach().reshape(-1) for p in h.model(tok, seed=0, spread=0.3).parameters()])
+    deltas = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        trainer = _trainer(tok, ds, tmp_path, LOSSES["dpo"], "packed_rows", max_steps=1, learning_rate=0.5,
+                           per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        trainer.train()
+        deltas.append(torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]) - start)
+    assert _rel(deltas[1], deltas[0]) < REL

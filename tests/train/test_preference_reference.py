@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import preference_helpers as h
 import pytest
 import torch
 
-import preference_helpers as h
 from spo_align.recipe.schema import SPOLoss
 from spo_align.train.collate import PairCollator
 from spo_align.train.logps import batch_logps

@@ -15,8 +15,9 @@ Each source is converted before the sources are concatenated, because column map
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from spo_align.data.sources import DataSourceError, load_source
 from spo_align.recipe.schema import DatasetSource
@@ -99,7 +100,7 @@ def convert_pair_row(prompt: Any, chosen: Any, rejected: Any, where: str) -> dic
     return {"prompt": messages, "chosen": chosen_text, "rejected": rejected_text}
 
 
-def to_canonical_pairs(ds: "datasets.Dataset", source: DatasetSource) -> "datasets.Dataset":
+def to_canonical_pairs(ds: datasets.Dataset, source: DatasetSource) -> datasets.Dataset:
     """Convert one loaded source to the canonical pair columns (and only those)."""
     if source.format not in _PAIR_FORMATS:
         raise PairFormatError(
@@ -125,8 +126,8 @@ def to_canonical_pairs(ds: "datasets.Dataset", source: DatasetSource) -> "datase
         prompts = batch[cols.prompt] if has_prompt else [None] * len(indices)
         for i, prompt, chosen, rejected in zip(indices, prompts, batch[cols.chosen], batch[cols.rejected]):
             row = convert_pair_row(prompt, chosen, rejected, _where(source, i))
-            for key in out:
-                out[key].append(row[key])
+            for key, values in out.items():
+                values.append(row[key])
         return out
 
     return ds.map(
@@ -144,8 +145,8 @@ def load_pair_dataset(
     *,
     shuffle: bool = False,
     seed: int = 0,
-    check_columns: Callable[[int, "datasets.Dataset"], None] | None = None,
-) -> "datasets.Dataset":
+    check_columns: Callable[[int, datasets.Dataset], None] | None = None,
+) -> datasets.Dataset:
     """Load each source, shuffle and cap it, convert it to canonical pairs, then concatenate.
 
     `check_columns(index, ds)` runs on each raw source first (the runner uses it to name the recipe line

@@ -46,8 +46,8 @@ def _fail(rule: str, index: int, detail: str) -> RowPolicyError:
 
 
 def apply_pair_policy(
-    ds: "datasets.Dataset", policy: RowPolicy, max_length: int, *, text_columns: bool = True
-) -> tuple["datasets.Dataset", PolicyCounts]:
+    ds: datasets.Dataset, policy: RowPolicy, max_length: int, *, text_columns: bool = True
+) -> tuple[datasets.Dataset, PolicyCounts]:
     """Apply `policy` to a tokenized pair dataset; return the kept rows (with truncated ids) and the counts."""
     counts = PolicyCounts(rows_in=len(ds))
     prompts, chosens, rejecteds = ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]

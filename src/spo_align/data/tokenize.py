@@ -60,7 +60,7 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: str, rej
     )
 
 
-def tokenize_pairs(ds: "datasets.Dataset", tokenizer: Any, *, num_proc: int | None = None) -> "datasets.Dataset":
+def tokenize_pairs(ds: datasets.Dataset, tokenizer: Any, *, num_proc: int | None = None) -> datasets.Dataset:
     """Add ``prompt_ids``/``chosen_ids``/``rejected_ids``; the text columns are kept for the row policies."""
 
     def run(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:

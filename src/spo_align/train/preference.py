@@ -32,7 +32,7 @@ class PreferenceSetupError(ValueError):
     """The recipe cannot run as a pairwise preference stage."""
 
 
-def make_pair_loss(loss: Any, ipo_tau: float | None = None) -> "PairLossFn":
+def make_pair_loss(loss: Any, ipo_tau: float | None = None) -> PairLossFn:
     """The `spo_align.losses` function for the recipe's loss section, with its hyperparameters bound."""
     from spo_align import losses
 
@@ -47,7 +47,7 @@ def make_pair_loss(loss: Any, ipo_tau: float | None = None) -> "PairLossFn":
 
 @dataclass(frozen=True)
 class PreparedPairs:
-    dataset: "datasets.Dataset"
+    dataset: datasets.Dataset
     counts: PolicyCounts
 
 
@@ -70,18 +70,18 @@ def prepare_pairs(
     return PreparedPairs(kept, counts)
 
 
-def dataset_layout_stats(ds: "datasets.Dataset", batch_size: int, pack_length: int, layout: Layout) -> LayoutStats:
+def dataset_layout_stats(ds: datasets.Dataset, batch_size: int, pack_length: int, layout: Layout) -> LayoutStats:
     lengths = [(len(p), len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
     return layout_stats(
         [x[0] for x in lengths], [x[1] for x in lengths], [x[2] for x in lengths], batch_size, pack_length, layout
     )
 
 
-def _zero3(plan: "RunPlan") -> bool:
+def _zero3(plan: RunPlan) -> bool:
     return plan.zero_stage == 3
 
 
-def _ensure_deepspeed_comm(plan: "RunPlan", args: Any) -> None:
+def _ensure_deepspeed_comm(plan: RunPlan, args: Any) -> None:
     """Under DeepSpeed, set up torch.distributed (touching ``args.device``) and DeepSpeed's own comm layer
     before any model is loaded: ZeRO-3's zero.Init in from_pretrained reads the world size from the latter
     and otherwise assumes 1, which fails its batch-size check."""
@@ -93,7 +93,7 @@ def _ensure_deepspeed_comm(plan: "RunPlan", args: Any) -> None:
     deepspeed.init_distributed(dist_backend=args.ddp_backend or "nccl")
 
 
-def run_preference(plan: "RunPlan", ctx: "RunContext") -> None:
+def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     """Train the recipe's preference stage; save through `ctx.save_final`."""
     import torch
 

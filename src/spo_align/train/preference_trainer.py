@@ -16,9 +16,10 @@ from __future__ import annotations
 import copy
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ class ReferenceSpec:
 class _PrecomputeAtTrainBegin(TrainerCallback):
     """Computes missing reference tables once the model is wrapped (ZeRO-3 needs the engine's hooks)."""
 
-    def __init__(self, trainer: "PreferenceTrainer") -> None:
+    def __init__(self, trainer: PreferenceTrainer) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -239,7 +240,7 @@ class PreferenceTrainer(Trainer):
             values[name] = term
         names = sorted(values)
         stacked = torch.stack([values[n].detach().float().mean() for n in names])
-        stacked = self.accelerator.gather_for_metrics(stacked.unsqueeze(0)).mean(dim=0)
+        stacked = self.accelerator.gather(stacked.unsqueeze(0)).mean(dim=0)  # one row per rank, never truncated
         for name, value in zip(names, stacked.tolist()):
             self._metrics[split][name].append(value)
 

@@ -19,9 +19,10 @@ import json
 import logging
 import os
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -94,7 +95,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return _sha((body + "\n--template--\n" + str(template)).encode())
 
 
-def data_fingerprint(ds: "datasets.Dataset") -> str:
+def data_fingerprint(ds: datasets.Dataset) -> str:
     h = hashlib.sha256()
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
         h.update(column.encode())
@@ -116,7 +117,7 @@ class CacheKey:
         return _sha(json.dumps(asdict(self), sort_keys=True).encode())
 
 
-def make_key(model: nn.Module, tokenizer: Any, ds: "datasets.Dataset", settings: dict[str, Any]) -> CacheKey:
+def make_key(model: nn.Module, tokenizer: Any, ds: datasets.Dataset, settings: dict[str, Any]) -> CacheKey:
     return CacheKey(
         model=model_fingerprint(model),
         tokenizer=tokenizer_fingerprint(tokenizer),
@@ -172,7 +173,7 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
 
 def compute_reference_table(
     model: nn.Module,
-    ds: "datasets.Dataset",
+    ds: datasets.Dataset,
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
     batch_size: int,
     *,
