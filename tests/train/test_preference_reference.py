@@ -149,3 +149,17 @@ def test_live_lora_reference_uses_no_second_model(tok, ds, tmp_path):
     trainer.train()
     assert trainer.reference_forwards == 1
     assert trainer.state.log_history[0]["loss"] > 0
+
+
+def test_separate_reference_model_is_used_for_the_pass_then_released(tok, ds, tmp_path):
+    policy = h.model(tok, seed=0, spread=0.2)
+    other = h.model(tok, seed=7, spread=0.2)
+    expected = _live_table(copy.deepcopy(other), ds, tok, adapter=False)
+    spec = _precomputed(tmp_path / "cache", False)
+    spec.model = other
+    trainer = _trainer(tok, ds, tmp_path / "run", policy, spec, max_steps=1)
+    trainer.train()
+    assert _rel(trainer._tables["train"], expected) < REL
+    assert trainer.reference.model is None
+    # The key follows the reference model, not the policy: a run with the policy as reference differs.
+    assert trainer._keys["train"].model != make_key(h.model(tok, seed=0, spread=0.2), tok, ds, SETTINGS).model

@@ -150,14 +150,16 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     adapter = recipe.adapter is not None
     if adapter:
         model = apply_adapter(model, plan)
+    separate_reference = plan.reference_model_path is not None and plan.reference_model_path != plan.model_path
     if recipe.reference.precompute:
         reference = ReferenceSpec(
             kind="precomputed",
+            model=load_model(plan, plan.reference_model_path, for_training=False) if separate_reference else None,
             cache_dir=ctx.output_dir / CACHE_DIRNAME,
             adapter=adapter,
             settings={"max_length": data.max_length, "layout": layout, "pack_length": pack_length},
         )
-    elif adapter and plan.reference_model_path is None:
+    elif adapter and not separate_reference:
         reference = ReferenceSpec(kind="adapter")
     else:
         reference = ReferenceSpec(kind="model", model=load_model(plan, plan.reference_model_path, for_training=False))

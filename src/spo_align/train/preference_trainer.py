@@ -45,7 +45,8 @@ ReferenceKind = Literal["adapter", "model", "precomputed"]
 class ReferenceSpec:
     kind: ReferenceKind
     model: nn.Module | None = None
-    """The frozen reference model (kind ``model``)."""
+    """The frozen reference model (kind ``model``; kind ``precomputed`` when the recipe names a separate
+    reference model: used for the pass, then released)."""
     cache_dir: Path | None = None
     """Where precomputed tables live (kind ``precomputed``)."""
     adapter: bool = False
@@ -106,9 +107,9 @@ class PreferenceTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tables: dict[str, torch.Tensor] = {}
         self._keys: dict[str, CacheKey] = {}
-        if reference.kind == "model":
-            if reference.model is None:
-                raise ValueError("reference kind 'model' needs the reference model")
+        if reference.kind == "model" and reference.model is None:
+            raise ValueError("reference kind 'model' needs the reference model")
+        if reference.model is not None:
             if self.is_deepspeed_enabled:
                 reference.model = _prepare_deepspeed_reference(reference.model, self.accelerator)
             else:
@@ -139,7 +140,8 @@ class PreferenceTrainer(Trainer):
         for split, ds in self._splits().items():
             if split in self._tables:
                 continue
-            self._keys[split] = make_key(self.model, self.processing_class, ds, self.reference.settings or {})
+            source = self.reference.model if self.reference.model is not None else self.model
+            self._keys[split] = make_key(source, self.processing_class, ds, self.reference.settings or {})
             table = cache.load(self._keys[split], split)
             if table is not None:
                 self._tables[split] = table
@@ -148,15 +150,20 @@ class PreferenceTrainer(Trainer):
         """Compute (and cache) every missing table. Called at train begin, on every rank."""
         missing = [s for s in self._splits() if s not in self._tables]
         if not missing:
+            self._release_reference_model()
             return
-        if resumed and not self.reference.adapter:
+        if resumed and not self.reference.adapter and self.reference.model is None:
             raise ReferenceCacheError(
                 f"resuming a full fine-tuning run whose reference log-probs ({', '.join(missing)}) are not in "
                 f"{self.reference.cache_dir}: the starting weights are gone, so they cannot be recomputed"
             )
         assert self.reference.cache_dir is not None
         cache = ReferenceCache(Path(self.reference.cache_dir))
-        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        separate = self.reference.model is not None
+        if separate:
+            model = self.reference.model
+        else:
+            model = self.model_wrapped if self.model_wrapped is not None else self.model
         for split in missing:
             ds = self._splits()[split]
             batch_size = self.args.per_device_train_batch_size if split == "train" else self.args.per_device_eval_batch_size
@@ -167,7 +174,7 @@ class PreferenceTrainer(Trainer):
                 self.data_collator,
                 batch_size,
                 device=self.args.device,
-                disable_adapter=self.reference.adapter,
+                disable_adapter=self.reference.adapter and not separate,
                 rank=self.args.process_index,
                 world_size=self.args.world_size,
                 on_forward=self._count_reference_forward,
@@ -176,6 +183,12 @@ class PreferenceTrainer(Trainer):
                 cache.save(self._keys[split], split, table)
             self._tables[split] = table
         self.accelerator.wait_for_everyone()
+        self._release_reference_model()
+
+    def _release_reference_model(self) -> None:
+        if self.reference.kind == "precomputed" and self.reference.model is not None:
+            self.reference.model = None  # training holds no reference model
+            logger.info("separate reference model released: its log-probs are precomputed")
 
     def _count_reference_forward(self) -> None:
         self.reference_forwards += 1
