@@ -4,17 +4,13 @@ scaled-down tiny experiment run end to end twice (the second run must skip every
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from spo_align.eval.experiment import (
-    AccuracyRow,
-    accuracy_markdown,
-    load_experiment,
-    plan_stages,
-    read_prompt_groups,
-)
+from spo_align.eval.experiment import ExperimentError, load_experiment, plan_stages
+from spo_align.eval.experiment_report import AccuracyRow, accuracy_markdown, read_prompt_groups
 from spo_align.recipe.errors import RecipeErrors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,8 +137,10 @@ QUICK = [
     "eval.n=24",
     "eval.n_bootstrap=50",
     # A few steps on a few rows: the plumbing, not the learning, is under test here.
-    "recipe_set=[training.max_steps=4, training.per_device_batch_size=8, training.save_steps=2, "
-    "training.logging_steps=1, data.train.0.max_samples=64]",
+    (
+        "recipe_set=[training.max_steps=4, training.per_device_batch_size=8, training.save_steps=2, "
+        "training.logging_steps=1, data.train.0.max_samples=64]"
+    ),
 ]
 
 
@@ -194,3 +192,10 @@ def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_pat
     keys = [tuple(json.loads(line)[k] for k in ("prompt_id", "model_a", "model_b"))
             for line in _judgment_lines(out / "seed1" / "judgments.jsonl")]
     assert len(keys) == len(set(keys)) == 10 * 24 * 2
+
+    # A finished preference run older than the SFT run it should start from is refused, not reused.
+    marker = out / "seed0" / "sft" / "COMPLETE"
+    later = (out / "seed0" / "dpo" / "COMPLETE").stat().st_mtime + 60
+    os.utime(marker, (later, later))
+    with pytest.raises(ExperimentError, match="predates the SFT run"):
+        run_experiment(load_experiment(TINY, [*experiment.overrides, "jobs=1"]))

@@ -33,10 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-import statistics
 import time
 import typing
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +104,7 @@ class JudgeSection(_Section):
     concurrency: int = Field(8, gt=0, description="openai: judge calls in flight at once.")
 
     @model_validator(mode="after")
-    def _fields_match_type(self) -> "JudgeSection":
+    def _fields_match_type(self) -> JudgeSection:
         if self.type == "openai" and not self.model:
             raise ValueError("judge type 'openai' needs 'model' (e.g. gpt-4o)")
         if self.type == "reference" and (self.model is not None or self.base_url is not None):
@@ -153,7 +151,7 @@ class Experiment(_Section):
     eval: EvalSection
 
     @model_validator(mode="after")
-    def _distinct(self) -> "Experiment":
+    def _distinct(self) -> Experiment:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
         names = [self.sft.name, *(p.name for p in self.preference)]
@@ -324,9 +322,7 @@ def plan_stages(experiment: LoadedExperiment) -> list[StageStep]:
 
 def stage_is_complete(output_dir: Path) -> bool:
     """True when the runner has marked the folder as a finished run."""
-    from spo_align.train.outputs import is_complete
-
-    return is_complete(output_dir)
+    return finished_at(output_dir) is not None
 
 
 def _device() -> Literal["cpu", "cuda"]:
@@ -335,9 +331,27 @@ def _device() -> Literal["cpu", "cuda"]:
     return "cuda" if cuda_available() else "cpu"
 
 
-def run_stage(step: StageStep) -> float:
-    """Train one stage (resuming an unfinished folder); returns the seconds it took, 0 when skipped."""
-    if stage_is_complete(step.output_dir):
+def finished_at(output_dir: Path) -> float | None:
+    """When the run in `output_dir` was marked finished (the marker's mtime), or None if it was not."""
+    from spo_align.train.outputs import COMPLETE_MARKER
+
+    marker = Path(output_dir) / COMPLETE_MARKER
+    return marker.stat().st_mtime if marker.is_file() else None
+
+
+def run_stage(step: StageStep, starts_from: Path | None = None) -> float:
+    """Train one stage (resuming an unfinished folder); returns the seconds it took, 0 when skipped.
+
+    `starts_from` is the SFT folder a preference stage starts from: a finished preference run older than
+    that SFT run was trained from a model that no longer exists, and is refused rather than reused."""
+    done = finished_at(step.output_dir)
+    if done is not None:
+        base_done = finished_at(starts_from) if starts_from is not None else None
+        if base_done is not None and base_done > done:
+            raise ExperimentError(
+                f"seed {step.seed} {step.name}: the finished run in {step.output_dir} predates the SFT run it "
+                f"should start from ({starts_from}); delete {step.output_dir} to train it again"
+            )
         logger.info("seed %d %s: finished run in %s, skipping", step.seed, step.name, step.output_dir)
         return 0.0
     from spo_align.recipe.load import load_recipe
@@ -347,8 +361,9 @@ def run_stage(step: StageStep) -> float:
     plan = resolve(load_recipe(step.recipe_path, step.overrides), step.recipe_path, _device())
     started = time.perf_counter()
     logger.info("seed %d %s: training (%s)", step.seed, step.name, step.command)
+    started_before = step.output_dir.is_dir() and any(step.output_dir.iterdir())
     try:  # in-process for one process; DeepSpeed/torchrun recipes go through their launcher
-        launch(plan, step.recipe_path, step.overrides, resume=True, overwrite=False)
+        launch(plan, step.recipe_path, step.overrides, resume=started_before, overwrite=False)
     except LaunchError as exc:
         raise ExperimentError(f"seed {step.seed} {step.name}: {exc}") from exc
     if not stage_is_complete(step.output_dir):
@@ -386,145 +401,11 @@ def evaluate_seed(experiment: LoadedExperiment, seed: int, prompts: Sequence[Any
     generate(models, prompts, settings, seed_dir / "generations")
     out = seed_dir / "judgments.jsonl"
     summary = judge_all(seed_dir / "generations", judge, out, models=experiment.stage_names,
-                        concurrency=spec.eval.judge.concurrency)
-    if summary.errors or summary.errors_kept:
-        logger.warning("seed %d: %d judgments failed (rerun the experiment to retry them)", seed,
-                       summary.errors + summary.errors_kept)
+                        concurrency=spec.eval.judge.concurrency, retry_errors=True)
+    if summary.errors:
+        logger.warning("seed %d: %d judgments failed and are left out of the tables (a rerun retries them)",
+                       seed, summary.errors)
     return out
-
-
-@dataclass(frozen=True)
-class AccuracyRow:
-    model: str
-    seed: int
-    group: str
-    correct: int
-    n: int
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.n
-
-
-def read_prompt_groups(path: Path, field_name: str) -> dict[str, str]:
-    """Prompt id -> group label from one field of a JSONL prompt file (`x`/`no-x` for a boolean field x)."""
-    groups: dict[str, str] = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if field_name not in row:
-            raise ExperimentError(f"{path}:{number}: no field '{field_name}' (eval.accuracy_by)")
-        value = row[field_name]
-        groups[str(row["id"])] = (field_name if value else f"no-{field_name}") if isinstance(value, bool) else str(value)
-    return groups
-
-
-def accuracy_rows(experiment: LoadedExperiment, groups: dict[str, str] | None) -> list[AccuracyRow]:
-    """Exact-match accuracy of each model, seed and group (and `all`) from the generation files."""
-    from spo_align.eval.records import read_generation_file
-    from spo_align.eval.reference_judge import exact_match
-
-    rows: list[AccuracyRow] = []
-    for seed in experiment.spec.seeds:
-        for name in experiment.stage_names:
-            records = read_generation_file(experiment.seed_dir(seed) / "generations" / f"{name}.jsonl")
-            tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-            for record in records:
-                if record.reference is None:
-                    return []
-                right = int(exact_match(record.response, record.reference))
-                labels = ["all"] + ([groups[record.prompt_id]] if groups and record.prompt_id in groups else [])
-                for label in labels:
-                    tally[label][0] += right
-                    tally[label][1] += 1
-            rows += [AccuracyRow(name, seed, label, c, n) for label, (c, n) in tally.items()]
-    return rows
-
-
-def accuracy_markdown(rows: Sequence[AccuracyRow], models: Sequence[str], seeds: Sequence[int]) -> str:
-    """Model x group table of mean accuracy over seeds, with the per-seed range."""
-    groups = sorted({r.group for r in rows} - {"all"}) + ["all"]
-    by_key: dict[tuple[str, str], list[AccuracyRow]] = defaultdict(list)
-    for row in rows:
-        by_key[(row.model, row.group)].append(row)
-    lines = [
-        f"Held-out exact-match accuracy (%), mean over {len(seeds)} seed(s) ({', '.join(map(str, seeds))})"
-        + ("; [min, max] over seeds." if len(seeds) > 1 else "."),
-        "",
-        "| model | " + " | ".join(f"{g} (n={by_key[(models[0], g)][0].n})" for g in groups) + " |",
-        "|---" * (len(groups) + 1) + "|",
-    ]
-    for model in models:
-        cells = []
-        for group in groups:
-            accs = [100 * r.accuracy for r in by_key[(model, group)]]
-            cell = f"{statistics.fmean(accs):.1f}"
-            if len(accs) > 1:
-                cell += f" [{min(accs):.1f}, {max(accs):.1f}]"
-            cells.append(cell)
-        lines.append(f"| **{model}** | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_accuracy(rows: Sequence[AccuracyRow], experiment: LoadedExperiment) -> list[Path]:
-    out = experiment.output_dir
-    md = out / "accuracy.md"
-    md.write_text(accuracy_markdown(rows, experiment.stage_names, experiment.spec.seeds), encoding="utf-8")
-    csv_path = out / "accuracy.csv"
-    lines = ["model,seed,group,correct,n,accuracy"]
-    lines += [f"{r.model},{r.seed},{r.group},{r.correct},{r.n},{r.accuracy:.6f}" for r in rows]
-    csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return [md, csv_path]
-
-
-def write_win_rates(experiment: LoadedExperiment, judge: Any) -> tuple[Any, list[Path]]:
-    """The matrix pooled over seeds (each seed's prompts count once per seed), plus one table per seed."""
-    from spo_align.eval.judge_store import read_judgments
-    from spo_align.eval.table import (
-        combine_orders,
-        to_markdown,
-        win_rate_table_from_outcomes,
-        write_csv,
-        write_heatmap,
-    )
-
-    spec = experiment.spec
-    models = experiment.stage_names
-    out = experiment.output_dir
-    pooled: list[Any] = []
-    incomplete = 0
-    written: list[Path] = []
-    for seed in spec.seeds:
-        records = [
-            r for r in read_judgments(experiment.seed_dir(seed) / "judgments.jsonl")
-            if r.judge_model == judge.model and r.prompt_version == judge.prompt_version
-        ]
-        outcomes, missing = combine_orders(records, group=f"seed{seed}")
-        pooled += outcomes
-        incomplete += missing
-        per_seed = win_rate_table_from_outcomes(
-            outcomes, models, judge_model=judge.model, prompt_version=judge.prompt_version,
-            n_bootstrap=spec.eval.n_bootstrap, incomplete=missing,
-        )
-        path = out / f"win_rates_seed{seed}.md"
-        path.write_text(f"Seed {seed} only.\n\n" + to_markdown(per_seed), encoding="utf-8")
-        written.append(path)
-    table = win_rate_table_from_outcomes(
-        pooled, models, judge_model=judge.model, prompt_version=judge.prompt_version,
-        n_bootstrap=spec.eval.n_bootstrap, incomplete=incomplete,
-    )
-    seeds = ", ".join(map(str, spec.seeds))
-    header = (
-        f"Averaged over {len(spec.seeds)} seed(s) ({seeds}): each cell pools every seed's prompts, "
-        f"so n = prompts x seeds and the cell is the mean of the per-seed win rates.\n\n"
-    )
-    md = out / "win_rates.md"
-    md.write_text(header + to_markdown(table), encoding="utf-8")
-    written += [md, write_csv(table, out / "win_rates.csv")]
-    title = f"Win rate (%) of row vs column, judge {judge.model}, mean of {len(spec.seeds)} seed(s)"
-    written.append(write_heatmap(table, out / "win_rates.png", title=title))
-    return table, written
 
 
 # ---------------------------------------------------------------- the whole experiment
@@ -562,9 +443,10 @@ def run_seed(experiment: LoadedExperiment, seed: int) -> SeedResult:
     """One seed's chain: SFT, each preference run from it, then its answers and judgments."""
     result = SeedResult(seed)
     prompts, judge = _eval_inputs(experiment)
+    sft_dir = experiment.seed_dir(seed) / experiment.spec.sft.name
     for step in (s for s in plan_stages(experiment) if s.seed == seed):
         label = f"seed{seed}/{step.name}"
-        seconds = run_stage(step)
+        seconds = run_stage(step, starts_from=None if step.output_dir == sft_dir else sft_dir)
         (result.trained if seconds else result.skipped).append(label)
         result.stage_seconds[label] = round(seconds, 1)
     evaluate_seed(experiment, seed, prompts, judge)
@@ -577,7 +459,7 @@ def _seed_worker(path: str, overrides: tuple[str, ...], seed: int, log_level: in
                         datefmt="%H:%M:%S")
     try:
         return run_seed(load_experiment(Path(path), overrides), seed)
-    except Exception as exc:  # the parent re-raises it; our error types do not all survive pickling
+    except Exception as exc:  # noqa: BLE001 - the parent re-raises it; our error types do not all survive pickling
         raise ExperimentError(f"seed {seed}: {type(exc).__name__}: {exc}") from None
 
 
@@ -605,6 +487,8 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
     _, judge = _eval_inputs(experiment)
     groups = None
     if spec.eval.accuracy_by is not None:
+        from spo_align.eval.experiment_report import read_prompt_groups
+
         groups = read_prompt_groups(Path(experiment.prompts_source()), spec.eval.accuracy_by)
     experiment.output_dir.mkdir(parents=True, exist_ok=True)
     result = ExperimentResult(experiment.output_dir)
@@ -612,6 +496,8 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
         result.trained += seed_result.trained
         result.skipped += seed_result.skipped
         result.stage_seconds.update(seed_result.stage_seconds)
+    from spo_align.eval.experiment_report import accuracy_rows, write_accuracy, write_win_rates
+
     _, result.files = write_win_rates(experiment, judge)
     rows = accuracy_rows(experiment, groups)
     if rows:

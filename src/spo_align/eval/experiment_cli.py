@@ -45,6 +45,7 @@ def experiment_command(
 
 def _run(experiment: object) -> None:
     from spo_align.eval.experiment import ExperimentError, run_experiment
+    from spo_align.eval.experiment_report import PromptGroupError
     from spo_align.eval.judge import JudgeFatalError
     from spo_align.eval.records import EvalInputError
     from spo_align.recipe.errors import RecipeErrors
@@ -55,7 +56,7 @@ def _run(experiment: object) -> None:
     except RecipeErrors as exc:
         typer.echo(exc.format("text"), err=True)
         raise typer.Exit(1) from None
-    except (ExperimentError, EvalInputError, JudgeFatalError, OutputFolderError) as exc:
+    except (ExperimentError, PromptGroupError, EvalInputError, JudgeFatalError, OutputFolderError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     for name in ("accuracy.md", "win_rates.md"):

@@ -1,0 +1,159 @@
+"""The tables `spo experiment` ends with: win rates pooled over seeds, and reference accuracy by group.
+
+`write_win_rates` reads each seed's judgments, combines the two orders of every comparison per prompt
+(`table.combine_orders`, grouped by seed) and pools the seeds: every cell then counts each prompt once
+per seed, so it is the mean of the per-seed win rates and n = prompts x seeds. `accuracy_rows` scores
+every generation file by exact match against the reference, per seed and per group of prompts (a field
+of the prompt file, such as the tiny task's `carry`), and `accuracy_markdown` averages the seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spo_align.eval.experiment import LoadedExperiment
+
+
+class PromptGroupError(ValueError):
+    """The prompt file lacks the field that `eval.accuracy_by` names."""
+
+
+@dataclass(frozen=True)
+class AccuracyRow:
+    model: str
+    seed: int
+    group: str
+    correct: int
+    n: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n
+
+
+def read_prompt_groups(path: Path, field_name: str) -> dict[str, str]:
+    """Prompt id -> group label from one field of a JSONL prompt file (`x`/`no-x` for a boolean field x)."""
+    groups: dict[str, str] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if field_name not in row:
+            raise PromptGroupError(f"{path}:{number}: no field '{field_name}' (eval.accuracy_by)")
+        value = row[field_name]
+        groups[str(row["id"])] = (field_name if value else f"no-{field_name}") if isinstance(value, bool) else str(value)
+    return groups
+
+
+def accuracy_rows(experiment: LoadedExperiment, groups: dict[str, str] | None) -> list[AccuracyRow]:
+    """Exact-match accuracy of each model, seed and group (and `all`) from the generation files."""
+    from spo_align.eval.records import read_generation_file
+    from spo_align.eval.reference_judge import exact_match
+
+    rows: list[AccuracyRow] = []
+    for seed in experiment.spec.seeds:
+        for name in experiment.stage_names:
+            records = read_generation_file(experiment.seed_dir(seed) / "generations" / f"{name}.jsonl")
+            tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+            for record in records:
+                if record.reference is None:
+                    return []
+                right = int(exact_match(record.response, record.reference))
+                labels = ["all"] + ([groups[record.prompt_id]] if groups and record.prompt_id in groups else [])
+                for label in labels:
+                    tally[label][0] += right
+                    tally[label][1] += 1
+            rows += [AccuracyRow(name, seed, label, c, n) for label, (c, n) in tally.items()]
+    return rows
+
+
+def accuracy_markdown(rows: Sequence[AccuracyRow], models: Sequence[str], seeds: Sequence[int]) -> str:
+    """Model x group table of mean accuracy over seeds, with the per-seed range."""
+    groups = sorted({r.group for r in rows} - {"all"}) + ["all"]
+    by_key: dict[tuple[str, str], list[AccuracyRow]] = defaultdict(list)
+    for row in rows:
+        by_key[(row.model, row.group)].append(row)
+    lines = [
+        f"Held-out exact-match accuracy (%), mean over {len(seeds)} seed(s) ({', '.join(map(str, seeds))})"
+        + ("; [min, max] over seeds." if len(seeds) > 1 else "."),
+        "",
+        "| model | " + " | ".join(f"{g} (n={by_key[(models[0], g)][0].n})" for g in groups) + " |",
+        "|---" * (len(groups) + 1) + "|",
+    ]
+    for model in models:
+        cells = []
+        for group in groups:
+            accs = [100 * r.accuracy for r in by_key[(model, group)]]
+            cell = f"{statistics.fmean(accs):.1f}"
+            if len(accs) > 1:
+                cell += f" [{min(accs):.1f}, {max(accs):.1f}]"
+            cells.append(cell)
+        lines.append(f"| **{model}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_accuracy(rows: Sequence[AccuracyRow], experiment: LoadedExperiment) -> list[Path]:
+    out = experiment.output_dir
+    md = out / "accuracy.md"
+    md.write_text(accuracy_markdown(rows, experiment.stage_names, experiment.spec.seeds), encoding="utf-8")
+    csv_path = out / "accuracy.csv"
+    lines = ["model,seed,group,correct,n,accuracy"]
+    lines += [f"{r.model},{r.seed},{r.group},{r.correct},{r.n},{r.accuracy:.6f}" for r in rows]
+    csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [md, csv_path]
+
+
+def write_win_rates(experiment: LoadedExperiment, judge: Any) -> tuple[Any, list[Path]]:
+    """The matrix pooled over seeds (each seed's prompts count once per seed), plus one table per seed."""
+    from spo_align.eval.judge_store import read_judgments
+    from spo_align.eval.table import (
+        combine_orders,
+        to_markdown,
+        win_rate_table_from_outcomes,
+        write_csv,
+        write_heatmap,
+    )
+
+    spec = experiment.spec
+    models = experiment.stage_names
+    out = experiment.output_dir
+    pooled: list[Any] = []
+    incomplete = 0
+    written: list[Path] = []
+    for seed in spec.seeds:
+        records = [
+            r for r in read_judgments(experiment.seed_dir(seed) / "judgments.jsonl")
+            if r.judge_model == judge.model and r.prompt_version == judge.prompt_version
+        ]
+        outcomes, missing = combine_orders(records, group=f"seed{seed}")
+        pooled += outcomes
+        incomplete += missing
+        per_seed = win_rate_table_from_outcomes(
+            outcomes, models, judge_model=judge.model, prompt_version=judge.prompt_version,
+            n_bootstrap=spec.eval.n_bootstrap, incomplete=missing,
+        )
+        path = out / f"win_rates_seed{seed}.md"
+        path.write_text(f"Seed {seed} only.\n\n" + to_markdown(per_seed), encoding="utf-8")
+        written.append(path)
+    table = win_rate_table_from_outcomes(
+        pooled, models, judge_model=judge.model, prompt_version=judge.prompt_version,
+        n_bootstrap=spec.eval.n_bootstrap, incomplete=incomplete,
+    )
+    seeds = ", ".join(map(str, spec.seeds))
+    header = (
+        f"Averaged over {len(spec.seeds)} seed(s) ({seeds}): each cell pools every seed's prompts, "
+        f"so n = prompts x seeds and the cell is the mean of the per-seed win rates.\n\n"
+    )
+    md = out / "win_rates.md"
+    md.write_text(header + to_markdown(table), encoding="utf-8")
+    written += [md, write_csv(table, out / "win_rates.csv")]
+    title = f"Win rate (%) of row vs column, judge {judge.model}, mean of {len(spec.seeds)} seed(s)"
+    written.append(write_heatmap(table, out / "win_rates.png", title=title))
+    return table, written
