@@ -156,3 +156,20 @@ def quiet_trainer(trainer: Any) -> Any:
 
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def restore_token_count(trainer: Any, checkpoint: str | None) -> None:
+    """Continue TRL's cumulative `num_tokens` metric from the checkpoint instead of restarting it at 0.
+
+    TRL 1.16's SFT and KTO trainers keep the count in `_total_train_tokens` and do not save it; the last
+    logged value in the checkpoint's trainer state is the count at that step when logging_steps divides
+    save_steps (the resume test logs every step and fails if TRL renames the attribute).
+    """
+    if checkpoint is None:
+        return
+    if not hasattr(trainer, "_total_train_tokens"):
+        raise AttributeError("TRL no longer keeps _total_train_tokens: update restore_token_count")
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    counts = [entry["num_tokens"] for entry in state.get("log_history", []) if "num_tokens" in entry]
+    if counts:
+        trainer._total_train_tokens = int(counts[-1])
