@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from spo_align.eval.experiment import ExperimentError, load_experiment, plan_stages
-from spo_align.eval.experiment_report import AccuracyRow, accuracy_markdown, read_prompt_groups
+from spo_align.eval.experiment_report import (
+    AccuracyRow,
+    LogRatioRow,
+    accuracy_markdown,
+    log_ratio_markdown,
+    read_prompt_groups,
+    reward_scale,
+)
 from spo_align.recipe.errors import RecipeErrors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +136,19 @@ def test_accuracy_table_averages_seeds_and_shows_their_range() -> None:
     assert "| **spo** | 95.0 [90.0, 100.0] | 97.5 [95.0, 100.0] |" in text
 
 
+def test_log_ratios_undo_each_losss_reward_scale_and_average_seeds() -> None:
+    from spo_align.recipe.schema import DPOLoss, IPOLoss, SPOLoss
+
+    assert reward_scale(SPOLoss(type="spo", beta=0.2)) == 0.2
+    assert reward_scale(DPOLoss(type="dpo", beta=0.1)) == 0.1
+    assert reward_scale(IPOLoss(type="ipo", match_spo_beta=0.2)) == pytest.approx(0.2)  # 2 tau, tau = beta / 2
+    rows = [LogRatioRow("dpo", 0, -1.0, -5.0, 0.5), LogRatioRow("dpo", 1, -0.5, -6.0, 0.3),
+            LogRatioRow("spo", 0, 0.4, -1.4, None)]
+    text = log_ratio_markdown(rows, [0, 1])
+    assert "| **dpo** | -0.75 | -5.50 | 0.40 |" in text
+    assert "| **spo** | +0.40 | -1.40 | n/a |" in text
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -172,6 +192,8 @@ def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_pat
     assert (out / "win_rates.png").stat().st_size > 0 and (out / "win_rates_seed1.md").is_file()
     accuracy = (out / "accuracy.md").read_text(encoding="utf-8")
     assert "carry (n=" in accuracy and "no-carry (n=" in accuracy and "all (n=24)" in accuracy
+    log_ratios = (out / "log_ratios.md").read_text(encoding="utf-8")
+    assert all(f"| **{name}** |" in log_ratios for name in ("dpo", "ipo", "spo"))
     csv_rows = (out / "accuracy.csv").read_text(encoding="utf-8").splitlines()
     assert len(csv_rows) == 1 + 2 * 5 * 3  # header + seeds x models x {carry, no-carry, all}
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import typing
@@ -339,8 +340,11 @@ def finished_at(output_dir: Path) -> float | None:
     return marker.stat().st_mtime if marker.is_file() else None
 
 
-def run_stage(step: StageStep, starts_from: Path | None = None) -> float:
-    """Train one stage (resuming an unfinished folder); returns the seconds it took, 0 when skipped.
+def run_stage(step: StageStep, starts_from: Path | None = None) -> tuple[float, float]:
+    """Train one stage (resuming an unfinished folder); returns (wall, CPU) seconds, (0, 0) when skipped.
+
+    CPU seconds are this process's (an in-process run's, not a launcher's children): on a busy machine
+    they say what the stage would take alone, where wall time does not.
 
     `starts_from` is the SFT folder a preference stage starts from: a finished preference run older than
     that SFT run was trained from a model that no longer exists, and is refused rather than reused."""
@@ -353,13 +357,13 @@ def run_stage(step: StageStep, starts_from: Path | None = None) -> float:
                 f"should start from ({starts_from}); delete {step.output_dir} to train it again"
             )
         logger.info("seed %d %s: finished run in %s, skipping", step.seed, step.name, step.output_dir)
-        return 0.0
+        return 0.0, 0.0
     from spo_align.recipe.load import load_recipe
     from spo_align.recipe.resolve import resolve
     from spo_align.train.launch import LaunchError, launch
 
     plan = resolve(load_recipe(step.recipe_path, step.overrides), step.recipe_path, _device())
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     logger.info("seed %d %s: training (%s)", step.seed, step.name, step.command)
     started_before = step.output_dir.is_dir() and any(step.output_dir.iterdir())
     try:  # in-process for one process; DeepSpeed/torchrun recipes go through their launcher
@@ -368,7 +372,7 @@ def run_stage(step: StageStep, starts_from: Path | None = None) -> float:
         raise ExperimentError(f"seed {step.seed} {step.name}: {exc}") from exc
     if not stage_is_complete(step.output_dir):
         raise ExperimentError(f"seed {step.seed} {step.name}: the run ended without marking {step.output_dir} finished")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu_started
 
 
 # ---------------------------------------------------------------- evaluation
@@ -417,6 +421,7 @@ class SeedResult:
     trained: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -425,6 +430,7 @@ class ExperimentResult:
     trained: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     wall_seconds: float = 0.0
 
@@ -446,9 +452,10 @@ def run_seed(experiment: LoadedExperiment, seed: int) -> SeedResult:
     sft_dir = experiment.seed_dir(seed) / experiment.spec.sft.name
     for step in (s for s in plan_stages(experiment) if s.seed == seed):
         label = f"seed{seed}/{step.name}"
-        seconds = run_stage(step, starts_from=None if step.output_dir == sft_dir else sft_dir)
+        seconds, cpu_seconds = run_stage(step, starts_from=None if step.output_dir == sft_dir else sft_dir)
         (result.trained if seconds else result.skipped).append(label)
         result.stage_seconds[label] = round(seconds, 1)
+        result.stage_cpu_seconds[label] = round(cpu_seconds, 1)
     evaluate_seed(experiment, seed, prompts, judge)
     return result
 
@@ -496,12 +503,19 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
         result.trained += seed_result.trained
         result.skipped += seed_result.skipped
         result.stage_seconds.update(seed_result.stage_seconds)
-    from spo_align.eval.experiment_report import accuracy_rows, write_accuracy, write_win_rates
+        result.stage_cpu_seconds.update(seed_result.stage_cpu_seconds)
+    from spo_align.eval.experiment_report import (
+        accuracy_rows,
+        write_accuracy,
+        write_log_ratios,
+        write_win_rates,
+    )
 
     _, result.files = write_win_rates(experiment, judge)
     rows = accuracy_rows(experiment, groups)
     if rows:
         result.files += write_accuracy(rows, experiment)
+    result.files += write_log_ratios(experiment)
     result.wall_seconds = time.perf_counter() - started
     summary = {
         "experiment": str(experiment.path),
@@ -511,7 +525,9 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
         "trained": result.trained,
         "skipped": result.skipped,
         "stage_seconds": result.stage_seconds,
+        "stage_cpu_seconds": result.stage_cpu_seconds,
         "wall_seconds": round(result.wall_seconds, 1),
+        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],  # other work slows wall time
     }
     (experiment.output_dir / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     logger.info("experiment done in %.0f s: %d stages trained, %d skipped; tables in %s",

@@ -36,7 +36,8 @@ def experiment_command(
         from spo_align.eval.experiment import stage_is_complete
 
         for step in steps:
-            state = "done" if stage_is_complete(step.output_dir) else "to run"
+            started = step.output_dir.is_dir() and any(step.output_dir.iterdir())
+            state = "done" if stage_is_complete(step.output_dir) else "resume" if started else "to run"
             typer.echo(f"seed {step.seed} {step.name:<12} {state:<7} {step.command}")
         typer.echo(f"then: generate, judge ({experiment.spec.eval.judge.type}) and tabulate into {experiment.output_dir}")
         return

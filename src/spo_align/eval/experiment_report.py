@@ -157,3 +157,89 @@ def write_win_rates(experiment: LoadedExperiment, judge: Any) -> tuple[Any, list
     title = f"Win rate (%) of row vs column, judge {judge.model}, mean of {len(spec.seeds)} seed(s)"
     written.append(write_heatmap(table, out / "win_rates.png", title=title))
     return table, written
+
+
+# ---------------------------------------------------------------- what training did to the log-ratios
+
+LAST_LOGS = 5  # the end of a run: mean of the last logged training records, which are noisy one by one
+
+
+@dataclass(frozen=True)
+class LogRatioRow:
+    """End-of-training log pi/pi_ref of chosen and rejected answers (summed over tokens) for one run."""
+
+    model: str
+    seed: int
+    chosen: float
+    rejected: float
+    both_below_ref: float | None
+
+
+def reward_scale(loss: Any) -> float:
+    """What the runner's `rewards/*` are the log-ratio multiplied by: beta (SPO, DPO, KTO) or 2 tau (IPO)."""
+    if loss.type == "ipo":
+        return 2.0 * loss.resolved_tau
+    return float(loss.beta)
+
+
+def log_ratio_rows(experiment: LoadedExperiment) -> list[LogRatioRow]:
+    """Per preference run and seed, from its metrics.jsonl; runs that log no `rewards/chosen` are left out."""
+    from spo_align.eval.experiment import plan_stages
+    from spo_align.recipe.load import load_recipe
+
+    rows: list[LogRatioRow] = []
+    for step in plan_stages(experiment):
+        loss = load_recipe(step.recipe_path, step.overrides).loss
+        metrics = step.output_dir / "metrics.jsonl"
+        if loss is None or not metrics.is_file():
+            continue
+        logged = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        last = [r for r in logged if "rewards/chosen" in r and "rewards/rejected" in r][-LAST_LOGS:]
+        if not last:
+            continue
+        scale = reward_scale(loss)
+        below = [r["both_below_ref"] for r in last if "both_below_ref" in r]
+        rows.append(
+            LogRatioRow(
+                step.name,
+                step.seed,
+                statistics.fmean(r["rewards/chosen"] for r in last) / scale,
+                statistics.fmean(r["rewards/rejected"] for r in last) / scale,
+                statistics.fmean(below) if below else None,
+            )
+        )
+    return rows
+
+
+def log_ratio_markdown(rows: Sequence[LogRatioRow], seeds: Sequence[int]) -> str:
+    models = list(dict.fromkeys(r.model for r in rows))
+    intro = (
+        f"Log-ratio log pi/pi_ref (summed over the answer's tokens) on the training batches at the end of "
+        f"training (mean of the last {LAST_LOGS} logged steps), mean over {len(seeds)} seed(s). A chosen "
+        "log-ratio below zero means the preferred answer became less likely than under the SFT model."
+    )
+    lines = [
+        intro,
+        "",
+        "| model | chosen | rejected | both below reference (share of pairs) |",
+        "|---|---|---|---|",
+    ]
+    for model in models:
+        mine = [r for r in rows if r.model == model]
+        below = [r.both_below_ref for r in mine if r.both_below_ref is not None]
+        lines.append(
+            f"| **{model}** | {statistics.fmean(r.chosen for r in mine):+.2f} | "
+            f"{statistics.fmean(r.rejected for r in mine):+.2f} | "
+            + (f"{statistics.fmean(below):.2f}" if below else "n/a")
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_log_ratios(experiment: LoadedExperiment) -> list[Path]:
+    rows = log_ratio_rows(experiment)
+    if not rows:
+        return []
+    path = experiment.output_dir / "log_ratios.md"
+    path.write_text(log_ratio_markdown(rows, experiment.spec.seeds), encoding="utf-8")
+    return [path]
