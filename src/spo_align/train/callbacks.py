@@ -25,10 +25,16 @@ logger = logging.getLogger(__name__)
 PROGRESS_FIELDS: tuple[tuple[str, str], ...] = (
     ("loss", "loss"),
     ("learning_rate", "lr"),
+    ("rewards/chosen", "r_c"),
+    ("rewards/rejected", "r_r"),
     ("rewards/margins", "margin"),
     ("rewards/accuracies", "acc"),
     ("logps/chosen", "logp_c"),
     ("logps/rejected", "logp_r"),
+    ("spo_margin_term", "spo_m"),
+    ("spo_rejected_term", "spo_r"),
+    ("both_below_ref", "both_below"),
+    ("mean_token_accuracy", "tok_acc"),
 )
 
 

@@ -21,6 +21,9 @@ PREFERRED = (
     "rewards/accuracies",
     "logps/chosen",
     "logps/rejected",
+    "spo_margin_term",
+    "spo_rejected_term",
+    "both_below_ref",
 )
 NOT_CURVES = {"step", "epoch", "elapsed_s", "total_flos"}
 
