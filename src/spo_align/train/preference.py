@@ -176,6 +176,9 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
         pair_loss=pair_loss,
         reference=reference,
     )
+    from spo_align.train.callbacks import quiet_trainer
+
+    quiet_trainer(trainer)  # the Trainer's PrinterCallback would print every log dict beside our progress bar
     result = trainer.train(resume_from_checkpoint=ctx.resume_from_checkpoint)
     tokens = torch.tensor([trainer.real_tokens], dtype=torch.long, device=args.device)
     tokens = trainer.accelerator.reduce(tokens, reduction="sum")
