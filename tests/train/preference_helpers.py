@@ -61,23 +61,23 @@ def tokenized_dataset(tok: Any, n: int, seed: int = 0, max_length: int = 128, ma
 def training_args(out: Path, **overrides: Any):
     from transformers import TrainingArguments
 
-    kwargs: dict[str, Any] = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        optim="sgd",
-        use_cpu=True,
-        report_to="none",
-        remove_unused_columns=False,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
+    kwargs: dict[str, Any] = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "max_steps": 2,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "optim": "sgd",
+        "use_cpu": True,
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+    }
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 

@@ -105,3 +105,24 @@ def test_run_preference_lora_packed_precomputed(tmp_path, monkeypatch):
 
     run(plan, resume=False, overwrite=True)
     assert forwards == [6, 0]  # the second run read both tables
+
+
+def test_missing_column_names_column_and_recipe_line(tmp_path, monkeypatch):
+    from spo_align.data.sources import DataSourceError
+    from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.resolve import resolve
+    from spo_align.train.run import run
+
+    monkeypatch.setenv("SPO_ALIGN_CACHE", str(tmp_path / "cache"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"question": "1+1=", "chosen": "2", "rejected": "3"}\n')
+    recipe_path = tmp_path / "dpo.yaml"
+    recipe_path.write_text(
+        "stage: preference\nmodel: {name_or_path: 'tiny:arith'}\n"
+        f"data:\n  train:\n    - path: {pairs}\n      format: pairs\n"
+        "loss: {type: dpo}\ntraining: {learning_rate: 1.0e-3, max_steps: 1}\n"
+        f"output: {{dir: {tmp_path / 'out'}, report_to: [none]}}\n"
+    )
+    plan = resolve(load_recipe(recipe_path), recipe_path, "cpu")
+    with pytest.raises(DataSourceError, match=r"dpo.yaml:\d+: data.train\[0\].columns.prompt.*no column 'prompt'"):
+        run(plan, resume=False, overwrite=False)

@@ -114,7 +114,15 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     tokenizer = load_tokenizer(plan)
 
     def checker(split: str) -> Any:
-        return lambda index, ds: require_columns(plan, split, index, ds, ["chosen", "rejected"])
+        def check(index: int, ds: Any) -> None:
+            columns = getattr(data, split)[index].columns
+            fields = ["chosen", "rejected"]
+            # A prompt column is needed unless the answers are whole conversations (ultrafeedback-style).
+            if columns.chosen in ds.column_names and len(ds) and not isinstance(ds[0][columns.chosen], list):
+                fields.insert(0, "prompt")
+            require_columns(plan, split, index, ds, fields)
+
+        return check
 
     train = prepare_pairs(
         list(data.train), data, tokenizer, base_dir=plan.base_dir, seed=t.seed, shuffle=data.shuffle,
