@@ -162,8 +162,8 @@ def test_spo_plot_draws_a_png_of_every_curve(tmp_path: Path):
     assert result.exit_code == 0, result.output
     png = tmp_path / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from spo_align.train.plot import curves
     from spo_align.train.outputs import read_metrics
+    from spo_align.train.plot import curves
 
     assert list(curves(read_metrics(tmp_path / "metrics.jsonl"))) == [
         "loss", "learning_rate", "rewards/margins", "spo_margin_term",

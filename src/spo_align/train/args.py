@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def report_to(plan: "RunPlan") -> list[str]:
+def report_to(plan: RunPlan) -> list[str]:
     """The recipe's loggers that are installed here (tensorboard only if importable; `none` wins)."""
     wanted = list(plan.recipe.output.report_to)
     if "none" in wanted:
@@ -41,7 +41,7 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def deepspeed_config(plan: "RunPlan") -> dict[str, Any] | None:
+def deepspeed_config(plan: RunPlan) -> dict[str, Any] | None:
     """The plan's DeepSpeed config; under ZeRO-3 the weights are gathered on save unless the config says not to,
     so the final folder holds a `from_pretrained`-loadable model rather than only sharded optimizer states."""
     if plan.deepspeed_config is None:
@@ -58,11 +58,11 @@ def deepspeed_config(plan: "RunPlan") -> dict[str, Any] | None:
     return config
 
 
-def training_kwargs(plan: "RunPlan", output_dir: Path | str) -> dict[str, Any]:
+def training_kwargs(plan: RunPlan, output_dir: Path | str) -> dict[str, Any]:
     """Keyword arguments for `TrainingArguments` from the resolved plan (no side effects)."""
-    from spo_align.train.model import resolve_dtype
-
     import torch
+
+    from spo_align.train.model import resolve_dtype
 
     t = plan.recipe.training
     cuda = on_cuda()
@@ -104,7 +104,7 @@ def training_kwargs(plan: "RunPlan", output_dir: Path | str) -> dict[str, Any]:
     return kwargs
 
 
-def apply_threads(plan: "RunPlan") -> None:
+def apply_threads(plan: RunPlan) -> None:
     """torch intra-op threads from training.cpu_threads (CPU runs only; torch's choice when unset)."""
     import torch
 
@@ -113,7 +113,7 @@ def apply_threads(plan: "RunPlan") -> None:
         torch.set_num_threads(threads)
 
 
-def build_training_args(plan: "RunPlan", output_dir: Path | str, cls: type[T] | None = None, **extra: Any) -> T:
+def build_training_args(plan: RunPlan, output_dir: Path | str, cls: type[T] | None = None, **extra: Any) -> T:
     """`cls(**training_kwargs(plan, output_dir), **extra)`; `cls` defaults to `TrainingArguments`.
 
     `extra` overrides or adds fields of the TRL config class (e.g. `max_length`, `beta`).

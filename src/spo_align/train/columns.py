@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from spo_align.data.sources import DataSourceError
 
@@ -34,7 +35,7 @@ def recipe_location(recipe_path: Path, key_path: tuple[str | int, ...]) -> str:
 
 
 def require_columns(
-    plan: "RunPlan", split: Split, index: int, ds: "datasets.Dataset", fields: Sequence[str]
+    plan: RunPlan, split: Split, index: int, ds: datasets.Dataset, fields: Sequence[str]
 ) -> None:
     """Raise `MissingColumnError` naming the column, the recipe key and its line if a mapped column is absent."""
     source = getattr(plan.recipe.data, split)[index]

@@ -40,12 +40,12 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished (or unfinished) run in output.dir."),
 ) -> None:
     """Train: SFT, preference (SPO/DPO/IPO) or KTO, as the recipe says; in-process or under its launcher."""
+    import torch
+
     from spo_align.recipe.errors import RecipeErrors
     from spo_align.recipe.load import load_recipe
     from spo_align.recipe.resolve import resolve
     from spo_align.train.launch import LaunchError, dry_run_report, launch
-
-    import torch
 
     if not recipe.is_file():
         typer.echo(f"error: no such recipe file: {recipe}", err=True)

@@ -68,7 +68,7 @@ def interleave_classes(labels: list[bool], block: int, seed: int) -> list[int]:
     return out
 
 
-def unpair(pairs: "datasets.Dataset") -> "datasets.Dataset":
+def unpair(pairs: datasets.Dataset) -> datasets.Dataset:
     """Canonical pairs (prompt messages, chosen/rejected strings) -> prompt/completion/label rows, pair order."""
     import datasets
 
@@ -83,7 +83,7 @@ def unpair(pairs: "datasets.Dataset") -> "datasets.Dataset":
     return datasets.Dataset.from_dict({"prompt": prompts, "completion": completions, "label": labels})
 
 
-def _kto_rows(plan: "RunPlan", split: str, index: int, source: "DatasetSource", ds: "datasets.Dataset"):
+def _kto_rows(plan: RunPlan, split: str, index: int, source: DatasetSource, ds: datasets.Dataset):
     """A source already in KTO layout -> prompt/completion/label rows (messages)."""
     import datasets
 
@@ -100,7 +100,7 @@ def _kto_rows(plan: "RunPlan", split: str, index: int, source: "DatasetSource", 
     )
 
 
-def _pair_rows(plan: "RunPlan", split: str, index: int, source: "DatasetSource", ds: "datasets.Dataset", tokenizer: Any):
+def _pair_rows(plan: RunPlan, split: str, index: int, source: DatasetSource, ds: datasets.Dataset, tokenizer: Any):
     """A paired source -> canonical pairs -> row policy -> unpaired rows, plus the policy counts."""
     from spo_align.data.pairs import to_canonical_pairs
     from spo_align.data.policies import apply_pair_policy
@@ -117,7 +117,7 @@ def _pair_rows(plan: "RunPlan", split: str, index: int, source: "DatasetSource",
     return unpair(kept), counts.as_dict()
 
 
-def load_kto_dataset(plan: "RunPlan", tokenizer: Any, split: str) -> tuple["datasets.Dataset | None", dict[str, Any]]:
+def load_kto_dataset(plan: RunPlan, tokenizer: Any, split: str) -> tuple[datasets.Dataset | None, dict[str, Any]]:
     """All sources of a split as shuffled prompt/completion/label rows in which every batch mixes labels."""
     import datasets
 
@@ -149,7 +149,7 @@ def load_kto_dataset(plan: "RunPlan", tokenizer: Any, split: str) -> tuple["data
     return merged, counts
 
 
-def kto_config_kwargs(plan: "RunPlan") -> dict[str, Any]:
+def kto_config_kwargs(plan: RunPlan) -> dict[str, Any]:
     """The KTOConfig fields beyond the shared training arguments."""
     loss = plan.recipe.loss
     if loss is None or loss.type != "kto":
@@ -167,7 +167,7 @@ def kto_config_kwargs(plan: "RunPlan") -> dict[str, Any]:
     }
 
 
-def run_kto(plan: "RunPlan", ctx: "RunContext") -> None:
+def run_kto(plan: RunPlan, ctx: RunContext) -> None:
     from trl import KTOConfig, KTOTrainer
 
     from spo_align.train.args import build_training_args

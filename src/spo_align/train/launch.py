@@ -16,9 +16,10 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
@@ -66,7 +67,7 @@ def _node_env() -> tuple[str, str, str]:
 
 
 def launch_command(
-    plan: "RunPlan", recipe_path: Path, overrides: Sequence[str], resume_from: str | None = None
+    plan: RunPlan, recipe_path: Path, overrides: Sequence[str], resume_from: str | None = None
 ) -> LaunchSpec:
     """The exact command a plan starts with (None for in-process)."""
     dist = plan.recipe.distributed
@@ -101,7 +102,7 @@ def launch_command(
     raise LaunchError(f"unknown launcher {plan.launcher!r}")
 
 
-def dry_run_report(plan: "RunPlan", recipe_path: Path, overrides: Sequence[str]) -> dict[str, Any]:
+def dry_run_report(plan: RunPlan, recipe_path: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """What `spo train --dry-run` prints: the launch command and the trainer arguments (no model is loaded)."""
     from spo_align.train.args import training_kwargs
     from spo_align.train.model import resolve_attention, resolve_dtype
@@ -130,7 +131,7 @@ def dry_run_report(plan: "RunPlan", recipe_path: Path, overrides: Sequence[str])
     }
 
 
-def _materialise_models(plan: "RunPlan") -> None:
+def _materialise_models(plan: RunPlan) -> None:
     """Write `tiny:` models once, here, before the ranks start and would race on the cache folder."""
     from spo_align.train.model import TINY_PREFIX, resolve_model_path
 
@@ -140,7 +141,7 @@ def _materialise_models(plan: "RunPlan") -> None:
 
 
 def launch(
-    plan: "RunPlan", recipe_path: Path, overrides: Sequence[str], *, resume: bool, overwrite: bool
+    plan: RunPlan, recipe_path: Path, overrides: Sequence[str], *, resume: bool, overwrite: bool
 ) -> Path:
     """Run the plan to completion, in-process or under its launcher; returns the output folder."""
     from spo_align.train.model import check_model_setup

@@ -57,7 +57,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def resolve_dtype(plan: "RunPlan") -> "torch.dtype":
+def resolve_dtype(plan: RunPlan) -> torch.dtype:
     """`auto`: bfloat16 on CUDA, float32 on CPU; otherwise the dtype the recipe names."""
     import torch
 
@@ -67,7 +67,7 @@ def resolve_dtype(plan: "RunPlan") -> "torch.dtype":
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def _flash_attn_problem(dtype: "torch.dtype") -> str | None:
+def _flash_attn_problem(dtype: torch.dtype) -> str | None:
     """Why flash_attention_2 cannot run here, or None when it can."""
     import torch
 
@@ -80,7 +80,7 @@ def _flash_attn_problem(dtype: "torch.dtype") -> str | None:
     return None
 
 
-def resolve_attention(plan: "RunPlan") -> str:
+def resolve_attention(plan: RunPlan) -> str:
     """The attention implementation to load with; raises `ModelSetupError` if the requested one cannot run."""
     requested = plan.recipe.model.attention
     dtype = resolve_dtype(plan)
@@ -96,7 +96,7 @@ def resolve_attention(plan: "RunPlan") -> str:
     return requested
 
 
-def _check_adapter_possible(plan: "RunPlan") -> None:
+def _check_adapter_possible(plan: RunPlan) -> None:
     adapter = plan.recipe.adapter
     if adapter is None or adapter.type != "qlora":
         return
@@ -108,13 +108,13 @@ def _check_adapter_possible(plan: "RunPlan") -> None:
         )
 
 
-def check_model_setup(plan: "RunPlan") -> None:
+def check_model_setup(plan: RunPlan) -> None:
     """Every model-section check that does not need the weights (attention, dtype, QLoRA)."""
     resolve_attention(plan)
     _check_adapter_possible(plan)
 
 
-def load_tokenizer(plan: "RunPlan") -> "PreTrainedTokenizerBase":
+def load_tokenizer(plan: RunPlan) -> PreTrainedTokenizerBase:
     """The recipe's tokenizer (default: the model's), with a pad token and the recipe's chat template, if any."""
     from transformers import AutoTokenizer
 
@@ -130,7 +130,7 @@ def load_tokenizer(plan: "RunPlan") -> "PreTrainedTokenizerBase":
     return tokenizer
 
 
-def _quantization_config(plan: "RunPlan") -> Any:
+def _quantization_config(plan: RunPlan) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -142,8 +142,8 @@ def _quantization_config(plan: "RunPlan") -> Any:
 
 
 def load_model(
-    plan: "RunPlan", name_or_path: str | None = None, *, for_training: bool = True
-) -> "PreTrainedModel":
+    plan: RunPlan, name_or_path: str | None = None, *, for_training: bool = True
+) -> PreTrainedModel:
     """Load the policy (or, with `name_or_path`, another model such as a reference) with the recipe's settings.
 
     A folder holding only a LoRA adapter (an earlier LoRA stage's output) is loaded onto its base and merged,
@@ -186,7 +186,7 @@ def load_model(
     return model
 
 
-def lora_config(plan: "RunPlan") -> Any:
+def lora_config(plan: RunPlan) -> Any:
     """The peft `LoraConfig` of the recipe's adapter section."""
     from peft import LoraConfig
 
@@ -203,7 +203,7 @@ def lora_config(plan: "RunPlan") -> Any:
     )
 
 
-def apply_adapter(model: "PreTrainedModel", plan: "RunPlan") -> Any:
+def apply_adapter(model: PreTrainedModel, plan: RunPlan) -> Any:
     """Wrap the model with the recipe's LoRA adapter (QLoRA: prepared for k-bit training); unchanged without one."""
     adapter = plan.recipe.adapter
     if adapter is None:

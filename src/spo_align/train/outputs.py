@@ -192,7 +192,7 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_run_info(output_dir: Path, plan: "RunPlan", ctx: "RunContext", *, started: str, finished: str | None) -> None:
+def write_run_info(output_dir: Path, plan: RunPlan, ctx: RunContext, *, started: str, finished: str | None) -> None:
     info = {
         "stage": plan.recipe.stage,
         "loss": plan.recipe.loss.type if plan.recipe.loss is not None else None,
@@ -203,12 +203,12 @@ def write_run_info(output_dir: Path, plan: "RunPlan", ctx: "RunContext", *, star
         "git_revision": _git_revision(),
         "packages": package_versions(),
         "hardware": hardware(),
-        **{"run_info": ctx.run_info},
+        "run_info": ctx.run_info,
     }
     atomic_write_text(Path(output_dir) / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
 
 
-def save_resolved_recipe(plan: "RunPlan", output_dir: Path) -> Path:
+def save_resolved_recipe(plan: RunPlan, output_dir: Path) -> Path:
     from spo_align.recipe.load import save_resolved
 
     path = Path(output_dir) / RESOLVED_RECIPE
@@ -216,7 +216,7 @@ def save_resolved_recipe(plan: "RunPlan", output_dir: Path) -> Path:
     return path
 
 
-def make_save_final(plan: "RunPlan", ctx: "RunContext", *, started: str) -> Any:
+def make_save_final(plan: RunPlan, ctx: RunContext, *, started: str) -> Any:
     """The `RunContext.save_final` callable: model/adapter + tokenizer, run.json, then the marker."""
 
     def save_final(trainer: Any) -> None:

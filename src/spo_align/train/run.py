@@ -7,8 +7,9 @@ claims the folder (`claim_output`), each worker process calls `execute()`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from spo_align.train.context import RunContext
 
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 StageFn = Callable[["RunPlan", RunContext], None]
 
 
-def stage_function(plan: "RunPlan") -> StageFn:
+def stage_function(plan: RunPlan) -> StageFn:
     """The stage a plan runs: sft -> run_sft; preference + kto -> run_kto; preference + spo/dpo/ipo -> run_preference."""
     recipe = plan.recipe
     if recipe.stage == "sft":
@@ -38,12 +39,12 @@ def stage_function(plan: "RunPlan") -> StageFn:
     return run_preference
 
 
-def stage_name(plan: "RunPlan") -> str:
+def stage_name(plan: RunPlan) -> str:
     recipe = plan.recipe
     return recipe.stage if recipe.loss is None else recipe.loss.type
 
 
-def claim_output(plan: "RunPlan", *, resume: bool, overwrite: bool) -> str | None:
+def claim_output(plan: RunPlan, *, resume: bool, overwrite: bool) -> str | None:
     """Prepare the output folder and write the resolved recipe; returns the checkpoint to resume from."""
     from spo_align.train.outputs import prepare_output_dir, save_resolved_recipe
 
@@ -52,7 +53,7 @@ def claim_output(plan: "RunPlan", *, resume: bool, overwrite: bool) -> str | Non
     return str(checkpoint) if checkpoint is not None else None
 
 
-def build_context(plan: "RunPlan", resume_from_checkpoint: str | None) -> RunContext:
+def build_context(plan: RunPlan, resume_from_checkpoint: str | None) -> RunContext:
     from spo_align.train.callbacks import default_callbacks
     from spo_align.train.outputs import make_save_final, now
 
@@ -63,7 +64,7 @@ def build_context(plan: "RunPlan", resume_from_checkpoint: str | None) -> RunCon
     return ctx
 
 
-def execute(plan: "RunPlan", resume_from_checkpoint: str | None) -> Path:
+def execute(plan: RunPlan, resume_from_checkpoint: str | None) -> Path:
     """Run the plan's stage in this process (one rank of a launch, or the whole run)."""
     from spo_align.train.model import check_model_setup
 
@@ -75,7 +76,7 @@ def execute(plan: "RunPlan", resume_from_checkpoint: str | None) -> Path:
     return ctx.output_dir
 
 
-def run(plan: "RunPlan", *, resume: bool, overwrite: bool) -> Path:
+def run(plan: RunPlan, *, resume: bool, overwrite: bool) -> Path:
     """Run the plan in this process: claim the output folder, then execute its stage; returns the folder."""
     from spo_align.train.model import check_model_setup
 

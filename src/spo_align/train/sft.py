@@ -98,8 +98,8 @@ def _check_messages(value: Any, where: str) -> list[Message]:
 
 
 def tokenize_sft_dataset(
-    plan: "RunPlan", ds: "datasets.Dataset", tokenizer: Any, column: str, name: str
-) -> tuple["datasets.Dataset", SFTRowCounts]:
+    plan: RunPlan, ds: datasets.Dataset, tokenizer: Any, column: str, name: str
+) -> tuple[datasets.Dataset, SFTRowCounts]:
     """Tokenize, then apply the row policy (empty answers, too long); returns kept rows and the counts."""
     data = plan.recipe.data
     policy = data.policy
@@ -159,7 +159,7 @@ def tokenize_sft_dataset(
     return kept, counts
 
 
-def load_sft_dataset(plan: "RunPlan", tokenizer: Any, split: str) -> tuple["datasets.Dataset | None", dict[str, Any]]:
+def load_sft_dataset(plan: RunPlan, tokenizer: Any, split: str) -> tuple[datasets.Dataset | None, dict[str, Any]]:
     """All sources of one split, columns checked, tokenized, policy applied, concatenated (None if no sources)."""
     import datasets
 
@@ -193,7 +193,7 @@ def load_sft_dataset(plan: "RunPlan", tokenizer: Any, split: str) -> tuple["data
     return merged, counts
 
 
-def sft_config_kwargs(plan: "RunPlan") -> dict[str, Any]:
+def sft_config_kwargs(plan: RunPlan) -> dict[str, Any]:
     """The SFTConfig fields beyond the shared training arguments."""
     data = plan.recipe.data
     packing = data.packing
@@ -208,7 +208,7 @@ def sft_config_kwargs(plan: "RunPlan") -> dict[str, Any]:
     }
 
 
-def run_sft(plan: "RunPlan", ctx: "RunContext") -> None:
+def run_sft(plan: RunPlan, ctx: RunContext) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from spo_align.train.args import build_training_args
