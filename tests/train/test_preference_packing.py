@@ -152,3 +152,23 @@ def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path):
         trainer.train()
         deltas.append(torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]) - start)
     assert _rel(deltas[1], deltas[0]) < REL
+
+
+def test_balanced_rows_never_cost_more_than_plain_bfd():
+    import random
+
+    from spo_align.data.packing import pack_pairs
+    from spo_align.train.collate import balanced_rows
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 12)
+        c = [rng.randint(1, 300) for _ in range(n)]
+        r = [rng.randint(1, 300) for _ in range(n)]
+        plain, balanced = pack_pairs(c, r, 600), balanced_rows(c, r, 600)
+        assert sorted(i for row in balanced.rows for i in row) == list(range(n))
+
+        def cost(p):
+            return len(p.rows) * max(sum(c[i] + r[i] for i in row) for row in p.rows)
+
+        assert cost(balanced) <= cost(plain)

@@ -13,10 +13,12 @@ Layouts (`Layout`):
   causal mask (sdpa/eager: `masking_utils.find_packed_sequence_indices`). The right choice on CPU and
   for sdpa/eager on GPU: the packed mask is applied densely over a row, so short rows keep the wasted
   attention small, and nothing is padded.
-- ``packed_batch``: the same rows, padded to the longest row and stacked ``[R, L]`` for one forward.
-  Under ZeRO-3 every forward all-gathers the weights collectively, so all ranks must run the same
-  number of forwards per micro-batch; their row counts differ, so they forward one stacked batch. The
-  padding tail of a row gets positions restarting at 0: a segment of its own, attended to by no one.
+- ``packed_batch``: rows padded to the longest row and stacked ``[R, L]`` for one forward. Under ZeRO-3
+  every forward all-gathers the weights collectively, so all ranks must run the same number of forwards
+  per micro-batch; their row counts differ, so they forward one stacked batch. Since every row costs as
+  much as the longest, the row capacity (at most ``pack_length``) is chosen to minimise R x L
+  (`balanced_rows`). The padding tail of a row gets positions restarting at 0: a segment of its own,
+  attended to by no one.
 - ``packed_single_row``: all 2B sequences in one ``[1, total]`` row, for flash_attention_2, whose
   variable-length kernel turns the position resets into cu_seqlens and wastes nothing.
 The flat tensors of ``packed_rows`` and ``packed_single_row`` are ``[1, total]``; ``row_lengths`` says
@@ -31,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 
-from spo_align.data.packing import pack_pairs
+from spo_align.data.packing import PairPacking, pack_pairs
 
 Layout = Literal["padded", "packed_rows", "packed_batch", "packed_single_row"]
 IGNORE_INDEX = -100
@@ -109,7 +111,11 @@ class PairCollator:
             rows = [list(range(b))]
         else:
             assert self.pack_length is not None
-            rows = pack_pairs([len(seqs[i]) for i in range(b)], [len(seqs[b + i]) for i in range(b)], self.pack_length).rows
+            chosen, rejected = [len(seqs[i]) for i in range(b)], [len(seqs[b + i]) for i in range(b)]
+            if self.layout == "packed_batch":
+                rows = balanced_rows(chosen, rejected, self.pack_length).rows
+            else:
+                rows = pack_pairs(chosen, rejected, self.pack_length).rows
         flat_ids: list[int] = []
         flat_pos: list[int] = []
         flat_labels: list[int] = []
@@ -138,6 +144,29 @@ class PairCollator:
             row_lengths=torch.tensor(row_lengths, dtype=torch.long),
         )
         return out
+
+
+def _stacked_cost(packing: PairPacking, chosen: Sequence[int], rejected: Sequence[int]) -> int:
+    return len(packing.rows) * max(sum(chosen[i] + rejected[i] for i in row) for row in packing.rows)
+
+
+def balanced_rows(chosen: Sequence[int], rejected: Sequence[int], pack_length: int) -> PairPacking:
+    """Pair packing for stacked rows: of the capacities ceil(total / k) (k = 1, 2, ...) that fit within
+    `pack_length` and hold the longest pair, the one whose packing has the fewest rows x longest row."""
+    best = pack_pairs(chosen, rejected, pack_length)
+    best_cost = _stacked_cost(best, chosen, rejected)
+    totals = [c + r for c, r in zip(chosen, rejected)]
+    longest, total = max(totals), sum(totals)
+    for k in range(1, len(totals) + 1):
+        capacity = max(longest, -(-total // k))
+        if capacity <= pack_length:
+            candidate = pack_pairs(chosen, rejected, capacity)
+            cost = _stacked_cost(candidate, chosen, rejected)
+            if cost < best_cost:
+                best, best_cost = candidate, cost
+        if capacity == longest:
+            break
+    return best
 
 
 def _stack_rows(
@@ -217,7 +246,7 @@ def layout_stats(
             rows += 1
             packed += sum(c) + sum(r)
             continue
-        packing = pack_pairs(c, r, pack_length)
+        packing = balanced_rows(c, r, pack_length) if layout == "packed_batch" else pack_pairs(c, r, pack_length)
         rows += len(packing.rows)
         oversized += packing.oversized_rows
         row_tokens = [sum(c[i] + r[i] for i in row) for row in packing.rows]
