@@ -162,7 +162,7 @@ class AdditionProblem:
         return str(self.a + self.b - 10)
 
     @classmethod
-    def parse(cls, prompt: str) -> "AdditionProblem":
+    def parse(cls, prompt: str) -> AdditionProblem:
         """Read `23+58=` back into a problem."""
         left, plus, right = prompt.removesuffix("=").partition("+")
         if not plus or not prompt.endswith("="):
