@@ -6,6 +6,7 @@ metrics.jsonl, and the saved model (or adapter) and tokenizer load with from_pre
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def _loads(out: Path, lora: bool) -> None:
 def test_stage_runs_end_to_end_and_its_output_loads(recipe: str, adapter: str, tmp_path: Path, small_model: Path):
     out = tmp_path / "out"
     extra = (*LORA, *(LORA_LR if recipe != "sft_packed" else ())) if adapter == "lora" else ()
+    if adapter == "lora" and recipe == "sft_packed":
+        extra = (*extra, "--set", "output.save_merged=true")
     result = _train(recipe, out, small_model, *extra, *FEW_ROWS, "--set", f"training.max_steps={STEPS}")
     assert result.exit_code == 0, result.output
     losses = _losses(out)
@@ -67,6 +70,11 @@ def test_stage_runs_end_to_end_and_its_output_loads(recipe: str, adapter: str, t
     assert info["packages"]["trl"] and info["hardware"]["cuda"] is False and info["finished"]
     assert info["stage"] == ("sft" if recipe == "sft_packed" else "preference")
     _loads(out, adapter == "lora")
+    if adapter == "lora" and recipe == "sft_packed":
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+        assert not any("lora_" in name for name, _ in merged.named_parameters())
 
 
 @pytest.mark.slow
@@ -80,8 +88,13 @@ def test_a_finished_run_is_kept_unless_overwrite_is_given(tmp_path: Path, small_
     assert (out / "model.safetensors").read_bytes() == before
     resumed = _train("spo", out, small_model, *fast, "--resume")
     assert resumed.exit_code == 1 and (out / "COMPLETE").exists()
-    replaced = _train("spo", out, small_model, *fast, "--set", "training.learning_rate=0.5", "--overwrite")
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    replaced = _train(
+        "spo", out, small_model, *fast, "--set", "training.learning_rate=0.5", "--set", "output.report_to=[tensorboard]",
+        "--overwrite",
+    )
     assert replaced.exit_code == 0, replaced.output
+    assert any((out / "runs").rglob("events.out.tfevents.*")) == tensorboard
     assert (out / "model.safetensors").read_bytes() != before and (out / "COMPLETE").exists()
     plotted = CliRunner().invoke(app, ["plot", str(out)])
     assert plotted.exit_code == 0 and (out / "metrics.png").exists()

@@ -104,3 +104,25 @@ def test_packed_sequences_do_not_attend_to_each_other(small_model):
             alone = model(input_ids=torch.tensor([seq])).logits[0]
             torch.testing.assert_close(packed[start : start + len(seq)], alone, atol=1e-5, rtol=1e-4)
             start += len(seq)
+
+
+def test_trl_turns_our_assistant_masks_into_labels(plan_for, tmp_path):
+    """TRL's SFTTrainer must build labels from the `assistant_masks` column (fails loudly if TRL stops)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from spo_align.train.args import build_training_args
+    from spo_align.train.model import load_model, load_tokenizer
+    from spo_align.train.sft import load_sft_dataset, sft_config_kwargs
+
+    plan = plan_for("sft_packed", "data.packing=false", "data.pack_length=null", "data.shuffle=false", "data.train.0.max_samples=4")
+    tokenizer = load_tokenizer(plan)
+    tokenizer.chat_template = PLAIN_TEMPLATE  # no generation markers
+    ds, counts = load_sft_dataset(plan, tokenizer, "train")
+    args = build_training_args(plan, tmp_path, SFTConfig, **sft_config_kwargs(plan))
+    trainer = SFTTrainer(model=load_model(plan), args=args, train_dataset=ds, processing_class=tokenizer)
+    row = trainer.train_dataset[0]
+    ids, mask = ds[0]["input_ids"], ds[0]["assistant_masks"]
+    assert row["input_ids"] == ids
+    assert row["labels"] == [i if m else -100 for i, m in zip(ids, mask)]
+    trained = [tokenizer.decode([i]) for i in row["labels"] if i != -100]
+    assert trained[-1] == "<|end|>" and "<|assistant|>" not in trained and "<|user|>" not in trained
