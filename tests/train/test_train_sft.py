@@ -117,7 +117,7 @@ def test_trl_turns_our_assistant_masks_into_labels(plan_for, tmp_path):
     plan = plan_for("sft_packed", "data.packing=false", "data.pack_length=null", "data.shuffle=false", "data.train.0.max_samples=4")
     tokenizer = load_tokenizer(plan)
     tokenizer.chat_template = PLAIN_TEMPLATE  # no generation markers
-    ds, counts = load_sft_dataset(plan, tokenizer, "train")
+    ds, _ = load_sft_dataset(plan, tokenizer, "train")
     args = build_training_args(plan, tmp_path, SFTConfig, **sft_config_kwargs(plan))
     trainer = SFTTrainer(model=load_model(plan), args=args, train_dataset=ds, processing_class=tokenizer)
     row = trainer.train_dataset[0]
