@@ -90,7 +90,7 @@ class ProgressBar:
 
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
@@ -102,8 +102,9 @@ class ProgressBar:
 
     def update(self, completed: int, values: dict[str, float] | None = None) -> None:
         fields: dict[str, Any] = {"completed": completed}
-        if values is not None:
-            fields["values"] = format_values(values)
+        line = format_values(values) if values is not None else ""
+        if line:  # the closing summary (train_runtime, ...) keeps the last step's values on the bar
+            fields["values"] = line
         self._progress.update(self._task, **fields)
 
     def close(self) -> None:
