@@ -82,7 +82,7 @@ def model_fingerprint(model: nn.Module) -> str:
             flat = full.detach().reshape(-1)
             step = max(1, flat.numel() // _SAMPLE)
             sample = flat[::step][:_SAMPLE].to(torch.float64).cpu()
-            total = float(flat.to(torch.float64).sum())
+            total = float(torch.sum(flat, dtype=torch.float64))  # no fp64 copy of the parameter
         h.update(f"{name}:{tuple(full.shape)}:{full.dtype}:{total!r}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
