@@ -15,13 +15,13 @@ class Workload:
 
     shape: ModelShape = field(default_factory=ModelShape)
     lengths: LengthModel = field(default_factory=LengthModel)
-    n_pairs: int = 40
+    n_pairs: int = 32
     """One epoch over these pairs; with `pairs_per_step` this fixes the optimizer steps of every run."""
     pairs_per_device: int = 8
     """Pairs per micro-batch (per forward/backward)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    sft_rows: int = 48
+    sft_rows: int = 32
     sft_rows_per_step: int = 16
     learning_rate: float = 5e-6
     beta: float = 0.1
@@ -69,6 +69,9 @@ class LogpWork:
     """Tokens per LM-head chunk; None: `spo_align.losses.DEFAULT_CHUNK_SIZE`."""
     threads: int = 2
     seed: int = 0
+    rounds: int = 1
+    """Fresh processes per method. The step's memory is set by tensor sizes, not by machine load, so one
+    round measures it; the bench's round count still caps this."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

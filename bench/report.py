@@ -77,6 +77,8 @@ def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     errors = [r["error"] for r in runs if "error" in r]
     for run in ok:
         run["tokens_per_s"] = run["real_tokens"] / run["loop_s"] if run["loop_s"] > 0 else None
+        pre = run.get("precompute_s")
+        run["tokens_per_s_with_precompute"] = run["real_tokens"] / (run["loop_s"] + pre) if pre else None
         cpu = run.get("loop_cpu_s")
         run["tokens_per_cpu_s"] = run["real_tokens"] / cpu if cpu else None
         steady = run.get("steady_s")
@@ -100,6 +102,7 @@ def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_per_s": med("tokens_per_s"),
         "steady_tokens_per_s": med("steady_tokens_per_s"),
         "tokens_per_cpu_s": med("tokens_per_cpu_s"),
+        "tokens_per_s_with_precompute": med("tokens_per_s_with_precompute"),
         "mfu": med("mfu"),
         "padding_share": med("padding_share"),
         "peak_rss_mb": med("peak_rss_mb"),
@@ -131,6 +134,9 @@ def summarize_preference(results: dict[str, list[dict[str, Any]]], pair_tokens: 
         base = _baseline_for(row, rows)
         row["baseline"] = base["name"] if base else None
         row["tokens_per_s_ratio"] = _ratio(row["tokens_per_s"], base["tokens_per_s"]) if base else None
+        row["with_precompute_ratio"] = (
+            _ratio(row["tokens_per_s_with_precompute"], base["tokens_per_s"]) if base else None
+        )
         row["peak_rss_ratio"] = _ratio(row["peak_rss_mb"], base["peak_rss_mb"]) if base else None
         row["cuda_peak_ratio"] = _ratio(row["cuda_peak_allocated_mb"], base["cuda_peak_allocated_mb"]) if base else None
         # Every engine trains one epoch over the same pairs, so each must have seen exactly their tokens.
@@ -302,7 +308,9 @@ def to_markdown(report: dict[str, Any]) -> str:
             "## Log-prob step memory",
             "",
             f"Forward + backward of per-sequence log-probs, vocab {first['vocab_size']:,}, {first['tokens']:,} tokens "
-            f"({first['scored_tokens']:,} scored). Step peak = peak RSS during the step minus RSS just before it.",
+            f"({first['scored_tokens']:,} scored), hidden {report['logp_work']['hidden_size']}, fp32, "
+            f"{first['rounds']} fresh process(es) per method. Step peak = peak RSS during the step minus RSS "
+            "just before it (the kernel's high-water mark is reset before the step).",
             "",
             "| method | step peak (MB) | seconds |",
             "| --- | ---: | ---: |",
@@ -344,6 +352,10 @@ def _cpu_preference_lines(pref: dict[str, Any]) -> list[str]:
             f"{_f(row['loop_s'], 1)} | {_f(row['precompute_s'], 1)} | {_f(row['tokens_per_cpu_s'])} | "
             f"{'yes' if row['tokens_match_workload'] else 'NO'} |"
         )
+    for row in pref["rows"]:
+        if row.get("tokens_per_s_with_precompute"):
+            lines += ["", f"{row['label']}, counting its reference precompute pass as part of the run: "
+                      f"{_f(row['tokens_per_s_with_precompute'])} real tokens/s ({_x(row['with_precompute_ratio'])} (a))."]
     lines += ["", "Per-round real tokens/s: " + "; ".join(
         f"{row['name']} " + ", ".join(_f(v) for v in row["per_round_tokens_per_s"]) for row in pref["rows"]
     ), ""]

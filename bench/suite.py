@@ -138,9 +138,10 @@ def run_bench(config: BenchConfig, parts: Iterable[Part], budget_s: float | None
         else:
             jobs = logp_jobs(config)
             threads = config.logp.threads
+        rounds = min(config.rounds, config.logp.rounds) if part == "logp" else config.rounds
         results = run_rounds(
             jobs,
-            config.rounds,
+            rounds,
             Path(config.work_dir).resolve(),
             threads,
             config.job_timeout_s,
