@@ -71,7 +71,7 @@ def test_row_policy_truncates_drops_and_counts(plan_for):
     assert (counts.rows_in, counts.rows_kept) == (4, 2)
     assert (counts.empty_dropped, counts.too_long_truncated, counts.too_long_dropped) == (1, 1, 1)
     assert [len(ids) for ids in kept["input_ids"]][1] == 24 and sum(kept["assistant_masks"][1]) > 0
-    with pytest.raises(SFTRowError, match="row 2: .* > data.max_length 24"):
+    with pytest.raises(SFTRowError, match=r"row 2: 49 tokens > 24 \(data.max_length"):
         tokenize_sft_dataset(plan_for("sft_packed", "data.max_length=24", "data.policy.too_long=raise"),
                              ds, tokenizer, "messages", "test")
 
@@ -126,3 +126,27 @@ def test_trl_turns_our_assistant_masks_into_labels(plan_for, tmp_path):
     assert row["labels"] == [i if m else -100 for i, m in zip(ids, mask)]
     trained = [tokenizer.decode([i]) for i in row["labels"] if i != -100]
     assert trained[-1] == "<|end|>" and "<|assistant|>" not in trained and "<|user|>" not in trained
+
+
+def test_conversations_are_packed_best_fit_decreasing_with_their_labels():
+    import datasets
+
+    from spo_align.train.sft import pack_conversations
+
+    lengths = [5, 9, 3, 7, 2, 6, 4]
+    ids = [[100 * k + t for t in range(n)] for k, n in enumerate(lengths)]
+    masks = [[int(t >= n // 2) for t in range(n)] for n in lengths]
+    ds = datasets.Dataset.from_dict({"input_ids": ids, "assistant_masks": masks})
+    packed = pack_conversations(ds, 10, shuffle=False, seed=0)
+    assert len(packed) == 4  # 36 tokens in rows of 10: best-fit decreasing needs the minimum, 4
+    seen = []
+    for row in packed:
+        assert len(row["input_ids"]) == sum(row["seq_lengths"]) <= 10
+        start = 0
+        for n in row["seq_lengths"]:
+            k = row["input_ids"][start] // 100
+            assert row["input_ids"][start : start + n] == ids[k]
+            assert row["labels"][start : start + n] == [i if m else -100 for i, m in zip(ids[k], masks[k])]
+            seen.append(k)
+            start += n
+    assert sorted(seen) == list(range(len(lengths)))

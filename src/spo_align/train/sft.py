@@ -8,10 +8,12 @@ with the generation prompt and the render of messages[:k+1]; tokens starting ins
 That span holds what the template emits for the turn after its header, including the end-of-turn token, so the
 model learns to stop.
 
-TRL receives `input_ids` + `assistant_masks` and builds the labels itself. With packing, TRL's best-fit-decreasing
-packer (`packing_strategy="bfd"`) fills rows of `pack_length` tokens and its padding-free collator emits
-`position_ids` that restart at each sequence, from which the model builds a block-diagonal causal mask (flash
-attention: varlen kernels; sdpa/eager: a packed-sequence mask), so packed conversations never attend to each other.
+Without packing, TRL receives `input_ids` + `assistant_masks` and builds the labels itself. With packing, the
+conversations are packed here into rows of `pack_length` tokens by the project's best-fit-decreasing packer
+(`data.packing.best_fit_decreasing`, the one the preference stage packs pairs with), each row carrying its
+`labels` and `seq_lengths`; TRL then skips its own preparation and its padding-free collator emits `position_ids`
+that restart at each sequence, from which the model builds a block-diagonal causal mask (flash attention: varlen
+kernels; sdpa/eager: a packed-sequence mask), so packed conversations never attend to each other.
 """
 
 from __future__ import annotations
@@ -97,12 +99,48 @@ def _check_messages(value: Any, where: str) -> list[Message]:
     return [{"role": str(m["role"]), "content": str(m["content"] or "")} for m in value]
 
 
+def sequence_limit(plan: RunPlan) -> int:
+    """Longest conversation kept whole: max_length, or the pack length when packing into shorter rows."""
+    data = plan.recipe.data
+    if data.packing:
+        return min(data.max_length, plan.pack_length or data.max_length)
+    return data.max_length
+
+
+def pack_conversations(ds: datasets.Dataset, pack_length: int, *, shuffle: bool, seed: int) -> datasets.Dataset:
+    """Tokenized conversations -> rows of at most `pack_length` tokens (best-fit decreasing).
+
+    Each row holds `input_ids`, `labels` (-100 outside assistant tokens) and `seq_lengths`, the lengths of the
+    conversations in it, from which the collator restarts `position_ids` at every conversation. Rows come out
+    of the packer fullest first; they are shuffled (seeded) so batches do not go from full to sparse rows.
+    """
+    import datasets
+
+    from spo_align.data.packing import best_fit_decreasing
+
+    all_ids, all_masks = ds["input_ids"], ds["assistant_masks"]
+    bins = best_fit_decreasing([len(ids) for ids in all_ids], pack_length)
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "seq_lengths": []}
+    for members in bins:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for k in members:
+            input_ids += all_ids[k]
+            labels += [t if m else -100 for t, m in zip(all_ids[k], all_masks[k])]
+        rows["input_ids"].append(input_ids)
+        rows["labels"].append(labels)
+        rows["seq_lengths"].append([len(all_ids[k]) for k in members])
+    packed = datasets.Dataset.from_dict(rows)
+    return packed.shuffle(seed=seed) if shuffle else packed
+
+
 def tokenize_sft_dataset(
     plan: RunPlan, ds: datasets.Dataset, tokenizer: Any, column: str, name: str
 ) -> tuple[datasets.Dataset, SFTRowCounts]:
     """Tokenize, then apply the row policy (empty answers, too long); returns kept rows and the counts."""
     data = plan.recipe.data
     policy = data.policy
+    limit = sequence_limit(plan)
 
     def tokenize(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"input_ids": [], "assistant_masks": [], "empty": []}
@@ -132,16 +170,16 @@ def tokenize_sft_dataset(
                 raise SFTRowError(f"{name}, row {i}: no assistant answer; data.policy.empty_response is 'raise'")
             counts.empty_dropped += 1
             continue
-        if len(ids) > data.max_length:
+        if len(ids) > limit:
             if policy.too_long == "raise":
                 raise SFTRowError(
-                    f"{name}, row {i}: {len(ids)} tokens > data.max_length {data.max_length}; "
-                    "data.policy.too_long is 'raise'"
+                    f"{name}, row {i}: {len(ids)} tokens > {limit} (data.max_length, or data.pack_length when "
+                    "smaller); data.policy.too_long is 'raise'"
                 )
-            if policy.too_long == "drop" or not any(mask[: data.max_length]):
+            if policy.too_long == "drop" or not any(mask[:limit]):
                 counts.too_long_dropped += 1
                 continue
-            truncate[len(keep)] = data.max_length  # index in the kept rows
+            truncate[len(keep)] = limit  # index in the kept rows
             counts.too_long_truncated += 1
         keep.append(i)
     kept = tokenized.select(keep)
@@ -190,6 +228,13 @@ def load_sft_dataset(plan: RunPlan, tokenizer: Any, split: str) -> tuple[dataset
     merged = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if len(merged) == 0:
         raise SFTRowError(f"data.{split}: no usable conversations left after the row policy ({counts})")
+    if data.packing:
+        conversations = len(merged)
+        merged = pack_conversations(
+            merged, sequence_limit(plan), shuffle=data.shuffle and split == "train", seed=plan.recipe.training.seed
+        )
+        counts["packed"] = {"conversations": conversations, "rows": len(merged)}
+        logger.info("data.%s: packed %d conversations into %d rows", split, conversations, len(merged))
     return merged, counts
 
 
@@ -197,8 +242,10 @@ def sft_config_kwargs(plan: RunPlan) -> dict[str, Any]:
     """The SFTConfig fields beyond the shared training arguments."""
     data = plan.recipe.data
     packing = data.packing
-    return {
+    kwargs: dict[str, Any] = {
         "max_length": (plan.pack_length or data.max_length) if packing else data.max_length,
+        # With packing the rows arrive packed (pack_conversations); packing + "bfd" here only turns on TRL's
+        # padding-free collator, which reads seq_lengths. TRL's own preparation is skipped.
         "packing": packing,
         "packing_strategy": "bfd",
         "assistant_only_loss": False,  # the assistant_masks column below already restricts the loss
@@ -206,6 +253,9 @@ def sft_config_kwargs(plan: RunPlan) -> dict[str, Any]:
         "dataset_num_proc": data.num_proc,
         "shuffle_dataset": data.shuffle,
     }
+    if packing:
+        kwargs["dataset_kwargs"] = {"skip_prepare_dataset": True}
+    return kwargs
 
 
 def run_sft(plan: RunPlan, ctx: RunContext) -> None:
