@@ -150,3 +150,24 @@ def test_conversations_are_packed_best_fit_decreasing_with_their_labels():
             seen.append(k)
             start += n
     assert sorted(seen) == list(range(len(lengths)))
+
+
+def test_packed_rows_reach_the_model_with_position_ids_restarting_per_conversation(plan_for, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from spo_align.train.args import build_training_args
+    from spo_align.train.model import load_model, load_tokenizer
+    from spo_align.train.sft import load_sft_dataset, sft_config_kwargs
+
+    plan = plan_for("sft_packed", "data.train.0.max_samples=24")
+    tokenizer = load_tokenizer(plan)
+    ds, counts = load_sft_dataset(plan, tokenizer, "train")
+    assert counts["packed"]["conversations"] == 24 and len(ds) <= 8  # all rows fit one batch of 8
+    args = build_training_args(plan, tmp_path, SFTConfig, **sft_config_kwargs(plan))
+    trainer = SFTTrainer(model=load_model(plan), args=args, train_dataset=ds, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1  # padding-free: one flat row
+    positions = batch["position_ids"][0].tolist()
+    starts = [i for i, p in enumerate(positions) if p == 0]
+    assert len(starts) == 24
+    assert all(batch["labels"][0, s].item() == -100 for s in starts)
