@@ -3,6 +3,7 @@
     python -m bench run [--size full|toy|gpu] [--parts preference,sft,logp] [--rounds N]
                         [--work-dir DIR] [--results-dir DIR] [--budget-s S]
     python -m bench profile RUN [--size full|toy]   (one preference run under torch.profiler)
+    python -m bench gemm [--threads 2] [--width 256]   (matrix-product rate against row count)
     python -m bench worker SPEC OUT      (internal: one job in a fresh process)
 
 `run` writes `<results-dir>/<size>.json` and `<results-dir>/<size>.md` (default bench/results/).
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--rows", type=int, default=25, help="operators to list")
     prof.add_argument("--work-dir", type=Path, default=None)
     prof.add_argument("--out", type=Path, default=None, help="file for the table (default: bench/results/profile-RUN.txt)")
+    gemm = sub.add_parser("gemm", help="matrix-product rate against row count (explains row-by-row costs)")
+    gemm.add_argument("--threads", type=int, default=2)
+    gemm.add_argument("--width", type=int, default=256)
     worker = sub.add_parser("worker", help="internal: run one job spec in this process")
     worker.add_argument("spec", type=Path)
     worker.add_argument("out", type=Path)
@@ -51,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.command == "gemm":
+        from bench.gemm import gemm_table
+
+        print(gemm_table(args.threads, args.width))
+        return 0
     if args.command == "worker":
         from bench.worker import main as worker_main
 
