@@ -231,7 +231,7 @@ def load_sft_dataset(plan: RunPlan, tokenizer: Any, split: str) -> tuple[dataset
     if data.packing:
         conversations = len(merged)
         merged = pack_conversations(
-            merged, sequence_limit(plan), shuffle=data.shuffle and split == "train", seed=plan.recipe.training.seed
+            merged, plan.pack_length or data.max_length, shuffle=data.shuffle and split == "train", seed=plan.recipe.training.seed
         )
         counts["packed"] = {"conversations": conversations, "rows": len(merged)}
         logger.info("data.%s: packed %d conversations into %d rows", split, conversations, len(merged))
