@@ -125,9 +125,9 @@ def test_first_optimizer_step_equal_packed_vs_padded(setup, tmp_path):
 def test_layout_choice_is_explicit():
     assert choose_layout(False, "flash_attention_2", "cuda") == "padded"
     assert choose_layout(True, "flash_attention_2", "cuda") == "packed_single_row"
-    assert choose_layout(True, "sdpa", "cuda") == "packed_rows"
+    assert choose_layout(True, "sdpa", "cuda") == "packed_batch"
     assert choose_layout(True, "sdpa", "cpu") == "packed_rows"
-    assert choose_layout(True, "sdpa", "cpu", zero3=True) == "packed_batch"
+    assert choose_layout(True, "eager", "cpu") == "packed_rows"
 
 
 def test_padding_share_of_long_tailed_data(setup):

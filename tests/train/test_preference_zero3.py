@@ -10,13 +10,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
+import preference_helpers as h
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
-PAIRS = REPO / "data" / "tiny" / "pairs_train.jsonl"
 
 RECIPE = """\
 stage: preference
@@ -27,10 +24,9 @@ data:
   train:
     - path: {pairs}
       format: pairs
-      max_samples: 48
-  max_length: 32
+  max_length: 96
   packing: true
-  pack_length: 64
+  pack_length: 96
 reference:
   precompute: true
 loss:
@@ -73,7 +69,7 @@ ZERO3 = {
 
 
 @pytest.mark.slow
-def test_packed_spo_under_zero3_trains_reloads_and_gathers_reference(tmp_path):
+def test_packed_spo_under_zero3_trains_reloads_and_gathers_reference(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from spo_align.recipe.load import load_recipe
@@ -85,15 +81,18 @@ def test_packed_spo_under_zero3_trains_reloads_and_gathers_reference(tmp_path):
 
     torch.set_num_threads(1)
     out = tmp_path / "out"
+    # Long-tailed pairs, so that the two ranks' micro-batches pack into different numbers of rows.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(row) for row in h.pair_rows(48, seed=11, max_answer=60)))
     (tmp_path / "zero3.json").write_text(json.dumps(ZERO3))
     recipe_path = tmp_path / "spo_zero3.yaml"
-    recipe_path.write_text(RECIPE.format(pairs=PAIRS, out=out))
+    recipe_path.write_text(RECIPE.format(pairs=pairs, out=out))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SPO_ALIGN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["spo", "train", str(recipe_path)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     info = json.loads((out / "run.json").read_text())["run_info"]
-    assert info["layout"]["layout"] == "packed_batch"  # one forward per micro-batch on every rank
+    assert info["layout"]["layout"] == "packed_rows"  # row by row, filler forwards equalise the ranks
     assert info["reference"] == "precomputed"
     assert info["real_tokens_per_second"] > 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -108,14 +107,19 @@ def test_packed_spo_under_zero3_trains_reloads_and_gathers_reference(tmp_path):
 
     # The table the two ranks computed equals a single-process pass with the same layout.
     plan = resolve(load_recipe(recipe_path), recipe_path, "cpu")
-    os.environ["SPO_ALIGN_CACHE"] = env["SPO_ALIGN_CACHE"]
+    monkeypatch.setenv("SPO_ALIGN_CACHE", env["SPO_ALIGN_CACHE"])
     tokenizer = load_tokenizer(plan)
     data = plan.recipe.data
-    pairs = prepare_pairs(list(data.train), data, tokenizer, base_dir=plan.base_dir, seed=0, shuffle=data.shuffle)
+    prepared = prepare_pairs(list(data.train), data, tokenizer, base_dir=plan.base_dir, seed=0, shuffle=data.shuffle)
+    # Rank 0 computes batches 0, 2, 4, ... and rank 1 batches 1, 3, 5, ...: their row counts differ, so
+    # without the filler forwards ZeRO-3's weight gathering would deadlock.
+    collate = PairCollator(tokenizer.pad_token_id, "packed_rows", plan.pack_length)
+    rows = [len(collate([prepared.dataset[i] for i in range(s, s + 4)])["row_lengths"]) for s in range(0, 48, 4)]
+    assert rows[0::2] != rows[1::2]
     expected = compute_reference_table(
         start.eval(),
-        pairs.dataset,
-        PairCollator(tokenizer.pad_token_id, "packed_batch", plan.pack_length),
+        prepared.dataset,
+        collate,
         4,
         device=torch.device("cpu"),
         disable_adapter=False,

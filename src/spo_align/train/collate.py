@@ -10,15 +10,13 @@ Layouts (`Layout`):
 - ``packed_rows``: the pairs are laid into rows of at most ``pack_length`` tokens by best-fit decreasing
   (a pair is never split), and every row is forwarded on its own, unpadded. Each sequence's
   ``position_ids`` restart at 0 and no attention mask is passed, so transformers derives a per-sequence
-  causal mask (sdpa/eager: `masking_utils.find_packed_sequence_indices`). The right choice on CPU and
-  for sdpa/eager on GPU: the packed mask is applied densely over a row, so short rows keep the wasted
-  attention small, and nothing is padded.
-- ``packed_batch``: rows padded to the longest row and stacked ``[R, L]`` for one forward. Under ZeRO-3
-  every forward all-gathers the weights collectively, so all ranks must run the same number of forwards
-  per micro-batch; their row counts differ, so they forward one stacked batch. Since every row costs as
-  much as the longest, the row capacity (at most ``pack_length``) is chosen to minimise R x L
-  (`balanced_rows`). The padding tail of a row gets positions restarting at 0: a segment of its own,
-  attended to by no one.
+  causal mask (sdpa/eager: `masking_utils.find_packed_sequence_indices`). The choice on CPU: the packed
+  mask is applied densely over a row, so short rows keep the wasted attention small, and nothing is
+  padded. (Under ZeRO-3 ranks add one-token filler forwards so they all run as many: `logps`.)
+- ``packed_batch``: rows padded to the longest row and stacked ``[R, L]`` for one forward: the choice for
+  sdpa/eager on GPU, where one batched forward keeps the device busy. Since every row costs as much as
+  the longest, the row capacity (at most ``pack_length``) is chosen to minimise R x L (`balanced_rows`).
+  The padding tail of a row gets positions restarting at 0: a segment of its own, attended to by no one.
 - ``packed_single_row``: all 2B sequences in one ``[1, total]`` row, for flash_attention_2, whose
   variable-length kernel turns the position resets into cu_seqlens and wastes nothing.
 The flat tensors of ``packed_rows`` and ``packed_single_row`` are ``[1, total]``; ``row_lengths`` says
@@ -39,16 +37,16 @@ Layout = Literal["padded", "packed_rows", "packed_batch", "packed_single_row"]
 IGNORE_INDEX = -100
 
 
-def choose_layout(
-    packing: bool, attn_implementation: str | None, device_type: str, *, zero3: bool = False
-) -> Layout:
-    """Packing off -> padded; flash_attention_2 on CUDA -> one row per micro-batch; ZeRO-3 -> stacked
-    rows (one forward per micro-batch on every rank); else row by row."""
+def choose_layout(packing: bool, attn_implementation: str | None, device_type: str) -> Layout:
+    """Packing off -> padded; CUDA with flash_attention_2 -> one row per micro-batch; CUDA otherwise ->
+    stacked rows (one batched forward keeps the GPU busy); CPU -> row by row (no padding, short dense masks)."""
     if not packing:
         return "padded"
-    if device_type == "cuda" and attn_implementation is not None and attn_implementation.startswith("flash_attention"):
-        return "packed_single_row"
-    return "packed_batch" if zero3 else "packed_rows"
+    if device_type == "cuda":
+        if attn_implementation is not None and attn_implementation.startswith("flash_attention"):
+            return "packed_single_row"
+        return "packed_batch"
+    return "packed_rows"
 
 
 def _sequences(features: Sequence[dict[str, Any]]) -> tuple[list[list[int]], list[int]]:

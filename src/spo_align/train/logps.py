@@ -105,8 +105,9 @@ def logps_from_parts(parts: ModelParts, batch: dict[str, Any], *, chunk_size: in
     """Summed completion log-probs of the batch's 2B sequences (chosen then rejected), fp32 [2B].
 
     Padded batches carry an attention mask. Packed batches carry flat ``[1, total]`` tensors split by
-    ``row_lengths`` (one forward per row), or ``[R, L]`` stacked rows (one forward; the padding tail of
-    each row is a segment of its own, so it is never attended to by real tokens).
+    ``row_lengths`` (one forward per row; under ZeRO-3 padded with filler forwards to the same count on
+    every rank), or ``[R, L]`` stacked rows (one forward; the padding tail of each row is a segment of its
+    own, so it is never attended to by real tokens).
     """
     num_sequences = 2 * int(batch["pair_index"].shape[0])
     if "attention_mask" in batch:
@@ -114,6 +115,7 @@ def logps_from_parts(parts: ModelParts, batch: dict[str, Any], *, chunk_size: in
         return head_logps(parts.lm_head, hidden, batch["labels"], chunk_size=chunk_size)
     ids, pos = batch["input_ids"], batch["position_ids"]
     lengths = [int(n) for n in batch["row_lengths"].tolist()]
+    extra = _forwards_to_match(parts, 1 if ids.shape[0] > 1 else len(lengths))
     if ids.shape[0] > 1 or len(lengths) == 1:
         hidden = _hidden(parts.decoder, input_ids=ids, position_ids=pos)
     else:
@@ -124,7 +126,11 @@ def logps_from_parts(parts: ModelParts, batch: dict[str, Any], *, chunk_size: in
             ],
             dim=1,
         )
-    return head_logps(
+    # Filler forwards (one token each) so that every rank runs as many as the busiest one, before the
+    # head so that all ranks enter the modules in the same order; kept in the graph with weight 0 so
+    # that their backward, whose hooks gather weights too, runs on every rank as well.
+    fillers = [_hidden(parts.decoder, input_ids=ids[:1, :1], position_ids=pos[:1, :1]).sum() for _ in range(extra)]
+    logps = head_logps(
         parts.lm_head,
         hidden,
         batch["labels"],
@@ -132,6 +138,28 @@ def logps_from_parts(parts: ModelParts, batch: dict[str, Any], *, chunk_size: in
         num_segments=num_sequences,
         chunk_size=chunk_size,
     )
+    for filler in fillers:
+        logps = logps + 0.0 * filler
+    return logps
+
+
+def _forwards_to_match(parts: ModelParts, own: int) -> int:
+    """How many filler decoder forwards this rank must add so all ranks run the same number.
+
+    Under ZeRO-3 (partitioned weights) every module forward gathers its weights with collective calls, so
+    ranks whose micro-batches pack into different numbers of rows would wait on each other forever.
+    Elsewhere (single process, DDP, ZeRO-1/2) forwards are local and this returns 0 without communicating.
+    """
+    param = next(parts.decoder.parameters(), None)
+    if param is None or not hasattr(param, "ds_id"):
+        return 0
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    most = torch.tensor([own], dtype=torch.long, device=param.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item()) - own
 
 
 def batch_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:

@@ -77,10 +77,6 @@ def dataset_layout_stats(ds: datasets.Dataset, batch_size: int, pack_length: int
     )
 
 
-def _zero3(plan: RunPlan) -> bool:
-    return plan.zero_stage == 3
-
-
 def _ensure_deepspeed_comm(plan: RunPlan, args: Any) -> None:
     """Under DeepSpeed, set up torch.distributed (touching ``args.device``) and DeepSpeed's own comm layer
     before any model is loaded: ZeRO-3's zero.Init in from_pretrained reads the world size from the latter
@@ -140,7 +136,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
 
     attention = resolve_attention(plan)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    layout = choose_layout(data.packing, attention, device_type, zero3=_zero3(plan))
+    layout = choose_layout(data.packing, attention, device_type)
     pack_length = plan.pack_length or data.max_length
     stats = dataset_layout_stats(train.dataset, t.per_device_batch_size, pack_length, layout)
     logger.info(
