@@ -167,8 +167,5 @@ def test_balanced_rows_never_cost_more_than_plain_bfd():
         r = [rng.randint(1, 300) for _ in range(n)]
         plain, balanced = pack_pairs(c, r, 600), balanced_rows(c, r, 600)
         assert sorted(i for row in balanced.rows for i in row) == list(range(n))
-
-        def cost(p):
-            return len(p.rows) * max(sum(c[i] + r[i] for i in row) for row in p.rows)
-
-        assert cost(balanced) <= cost(plain)
+        cost = [len(p.rows) * max(sum(c[i] + r[i] for i in row) for row in p.rows) for p in (balanced, plain)]
+        assert cost[0] <= cost[1]
