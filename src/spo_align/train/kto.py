@@ -171,8 +171,8 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
     from trl import KTOConfig, KTOTrainer
 
     from spo_align.train.args import build_training_args
-    from spo_align.train.callbacks import quiet_trainer, restore_token_count
     from spo_align.train.model import load_model, load_tokenizer, lora_config
+    from spo_align.train.run import train_and_save
 
     args = build_training_args(plan, ctx.output_dir, KTOConfig, **kto_config_kwargs(plan))
     tokenizer = load_tokenizer(plan)
@@ -198,8 +198,4 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
         peft_config=peft_config,
         callbacks=ctx.callbacks,
     )
-    quiet_trainer(trainer)
-    restore_token_count(trainer, ctx.resume_from_checkpoint)
-    trainer.train(resume_from_checkpoint=ctx.resume_from_checkpoint)
-    if ctx.save_final is not None:
-        ctx.save_final(trainer)
+    train_and_save(trainer, ctx)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spo_align.train.context import RunContext
 
@@ -37,6 +37,17 @@ def stage_function(plan: RunPlan) -> StageFn:
     from spo_align.train.preference import run_preference
 
     return run_preference
+
+
+def train_and_save(trainer: Any, ctx: RunContext) -> None:
+    """The end of every TRL-backed stage: quiet the Trainer, train (resuming if asked), save through ctx."""
+    from spo_align.train.callbacks import quiet_trainer, restore_token_count
+
+    quiet_trainer(trainer)
+    restore_token_count(trainer, ctx.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=ctx.resume_from_checkpoint)
+    if ctx.save_final is not None:
+        ctx.save_final(trainer)
 
 
 def stage_name(plan: RunPlan) -> str:

@@ -262,8 +262,8 @@ def run_sft(plan: RunPlan, ctx: RunContext) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from spo_align.train.args import build_training_args
-    from spo_align.train.callbacks import quiet_trainer, restore_token_count
     from spo_align.train.model import apply_adapter, load_model, load_tokenizer
+    from spo_align.train.run import train_and_save
 
     args = build_training_args(plan, ctx.output_dir, SFTConfig, **sft_config_kwargs(plan))
     tokenizer = load_tokenizer(plan)
@@ -282,8 +282,4 @@ def run_sft(plan: RunPlan, ctx: RunContext) -> None:
         processing_class=tokenizer,
         callbacks=ctx.callbacks,
     )
-    quiet_trainer(trainer)
-    restore_token_count(trainer, ctx.resume_from_checkpoint)
-    trainer.train(resume_from_checkpoint=ctx.resume_from_checkpoint)
-    if ctx.save_final is not None:
-        ctx.save_final(trainer)
+    train_and_save(trainer, ctx)
