@@ -77,3 +77,24 @@ def test_trl_kto_loss_matches_spo_align_kto_loss_on_a_batch(plan_for, tmp_path):
     )
     assert (policy - reference).abs().max() > 0.1
     torch.testing.assert_close(trl_loss, ours.losses.mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_rows_already_in_kto_layout_are_read_as_they_are(plan_for, tmp_path):
+    import json
+
+    from spo_align.tiny import build_tokenizer
+    from spo_align.train.columns import MissingColumnError
+    from spo_align.train.kto import load_kto_dataset
+
+    rows = [{"q": f"{i}+1=", "answer": str(i + 1 if i % 3 else i), "good": bool(i % 3)} for i in range(12)]
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = f"data.train=[{{path: {path}, format: kto, columns: {{prompt: q, completion: answer, label: good}}}}]"
+    ds, _ = load_kto_dataset(plan_for("kto", source, "data.shuffle=false"), build_tokenizer(), "train")
+    assert len(ds) == 12 and sum(ds["label"]) == 8
+    by_prompt = {row["prompt"][0]["content"]: row for row in ds}
+    assert by_prompt["4+1="]["completion"] == [{"role": "assistant", "content": "5"}] and by_prompt["4+1="]["label"]
+    assert not by_prompt["3+1="]["label"]
+    wrong = source.replace("label: good", "label: verdict")
+    with pytest.raises(MissingColumnError, match="has no column 'verdict'"):
+        load_kto_dataset(plan_for("kto", wrong), build_tokenizer(), "train")
