@@ -89,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("--rounds must be >= 1")
         return 2
     config = with_dirs(SIZES[args.size], args.work_dir, args.results_dir, args.rounds)
-    raw = run_bench(config, parts, budget_s=args.budget_s)  # type: ignore[arg-type]
     command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+
+    def interim(raw: dict) -> None:  # keep what was measured if the run is interrupted
+        write_report(build_report(config, raw, command + "  (interrupted: partial results)"), config.results_dir)
+
+    raw = run_bench(config, parts, budget_s=args.budget_s, progress=interim)  # type: ignore[arg-type]
     report = build_report(config, raw, command)
     json_path, md_path = write_report(report, config.results_dir)
     print(md_path.read_text(encoding="utf-8"))

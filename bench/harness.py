@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +120,14 @@ def run_rounds(
     *,
     keep_going: bool = False,
     deadline: float | None = None,
+    on_result: Callable[[dict[str, list[dict[str, Any]]]], None] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every job once per round, rounds interleaved (a, b, c, a, b, c, ...) so that drifting machine load
     touches every job alike. Returns each job's results in round order. With `keep_going`, a failed job
     is recorded as ``{"error": ...}`` (the report shows it) and the others still run. `deadline`
     (a `time.monotonic()` value) caps each job's timeout; jobs that would start after it are recorded as
-    skipped, so a time-boxed run still ends with a report."""
+    skipped, so a time-boxed run still ends with a report. `on_result` sees the results so far after
+    every job (the bench rewrites its report then, so an interrupted run keeps what it measured)."""
     results: dict[str, list[dict[str, Any]]] = {job.name: [] for job in jobs}
     for round_index in range(rounds):
         for job in jobs:
@@ -143,6 +145,8 @@ def run_rounds(
                 result = {"name": job.name, "error": str(exc).splitlines()[0], "detail": str(exc)}
             result["round"] = round_index + 1
             results[job.name].append(result)
+            if on_result is not None:
+                on_result(results)
     return results
 
 

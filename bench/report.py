@@ -171,7 +171,10 @@ def summarize_sft(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def summarize_logp(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     rows = []
-    for name, runs in results.items():
+    for name, all_runs in results.items():
+        runs = [r for r in all_runs if "error" not in r]
+        if not runs:
+            continue
         rows.append(
             {
                 "name": name,
@@ -234,6 +237,7 @@ def build_report(config: BenchConfig, raw: dict[str, Any], command: str) -> dict
         "workload": asdict(config.workload),
         "logp_work": asdict(config.logp),
     }
+    parts = {name: part for name, part in parts.items() if part["results"]}
     if "preference" in parts:
         report["preference"] = summarize_preference(parts["preference"]["results"], raw["pair_tokens"])
         report["preference"]["seconds"] = parts["preference"]["seconds"]
@@ -301,7 +305,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"{_f(row['tokens_per_cpu_s'])} |"
             )
         lines.append("")
-    if "logp" in report:
+    if "logp" in report and report["logp"]["rows"]:
         logp = report["logp"]
         first = logp["rows"][0]
         lines += [

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from bench.config import BenchConfig, Workload
 from bench.harness import Job, run_rounds
@@ -22,7 +22,9 @@ from bench.pairs import (
 logger = logging.getLogger(__name__)
 
 Part = Literal["preference", "sft", "logp"]
-PARTS: tuple[Part, ...] = ("preference", "sft", "logp")
+PARTS: tuple[Part, ...] = ("logp", "preference", "sft")
+"""Run order: the short, load-insensitive memory part first, then the main table; with a time budget the
+parts run last are the ones cut short."""
 PREFERENCE_RUNS = ("trl", "spo-padded", "spo-packed", "spo-packed-precompute")
 
 
@@ -120,26 +122,39 @@ def logp_jobs(config: BenchConfig) -> list[Job]:
     return [Job(f"logp-{method}", "logp", {"logp": config.logp.to_json(), "method": method}) for method in ("full", "chunked")]
 
 
-def run_bench(config: BenchConfig, parts: Iterable[Part], budget_s: float | None = None) -> dict[str, Any]:
+def run_bench(
+    config: BenchConfig,
+    parts: Iterable[Part],
+    budget_s: float | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run the chosen parts; returns the raw results per part and when each ran. With `budget_s`, jobs
-    that would start after the budget is spent are recorded as skipped (the report still gets written)."""
+    that would start after the budget is spent are recorded as skipped (the report still gets written).
+    `progress` gets the raw results so far after every job."""
     parts = tuple(parts)
     started = time.time()
     deadline = None if budget_s is None else time.monotonic() + budget_s
     files = prepare(config)
-    threads = config.workload.threads
-    raw: dict[str, Any] = {"started": started, "pair_tokens": files.pair_tokens, "parts": {}}
+    raw: dict[str, Any] = {"started": started, "seconds": 0.0, "pair_tokens": files.pair_tokens, "parts": {}}
     for part in parts:
         part_started = time.time()
         if part == "preference":
-            jobs = preference_jobs(config, files)
+            jobs, threads, rounds = preference_jobs(config, files), config.workload.threads, config.rounds
         elif part == "sft":
-            jobs = sft_jobs(config, files)
+            jobs, threads, rounds = sft_jobs(config, files), config.workload.threads, config.rounds
         else:
-            jobs = logp_jobs(config)
-            threads = config.logp.threads
-        rounds = min(config.rounds, config.logp.rounds) if part == "logp" else config.rounds
-        results = run_rounds(
+            jobs, threads, rounds = logp_jobs(config), config.logp.threads, min(config.rounds, config.logp.rounds)
+        entry: dict[str, Any] = {"started": part_started, "seconds": 0.0, "results": {}}
+        raw["parts"][part] = entry
+
+        def seen(results: dict[str, list[dict[str, Any]]], entry: dict[str, Any] = entry) -> None:
+            entry["results"] = results
+            entry["seconds"] = time.time() - entry["started"]
+            raw["seconds"] = time.time() - started
+            if progress is not None:
+                progress(raw)
+
+        run_rounds(
             jobs,
             rounds,
             Path(config.work_dir).resolve(),
@@ -147,7 +162,7 @@ def run_bench(config: BenchConfig, parts: Iterable[Part], budget_s: float | None
             config.job_timeout_s,
             keep_going=config.keep_going or budget_s is not None,
             deadline=deadline,
+            on_result=seen,
         )
-        raw["parts"][part] = {"started": part_started, "seconds": time.time() - part_started, "results": results}
     raw["seconds"] = time.time() - started
     return raw

@@ -120,6 +120,7 @@ def test_markdown_table_shows_every_run_and_missed_targets():
     assert "2.00x" in text and "MISSED" in text  # 2x < 3x target, 0.73x > 0.5x memory target
 
 
+@pytest.mark.slow
 def test_harness_runs_a_job_in_a_fresh_process_and_reports_its_failure(tmp_path: Path):
     logp = dataclasses.replace(TOY.logp, threads=1)
     result = run_job(Job("logp-full", "logp", {"logp": logp.to_json(), "method": "full"}), tmp_path, 1, 300)
@@ -137,6 +138,7 @@ def test_harness_runs_a_job_in_a_fresh_process_and_reports_its_failure(tmp_path:
         run_job(Job("broken", "no-such-task", {"workload": TOY.workload.to_json()}), tmp_path, 1, 120)
 
 
+@pytest.mark.slow
 def test_trl_and_spo_train_on_exactly_the_same_tokens(tmp_path: Path):
     """Runs (a) and (c) in this process at toy size: same real tokens; TRL pads, packed spo does not."""
     pytest.importorskip("trl")
