@@ -231,6 +231,8 @@ def build_report(config: BenchConfig, raw: dict[str, Any], command: str) -> dict
         "size": config.name,
         "started": _dt.datetime.fromtimestamp(raw["started"], _dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": raw["seconds"],
+        "load_average_start": raw.get("load_average_start"),
+        "load_average_end": raw.get("load_average_end"),
         "rounds": config.rounds,
         "threads": config.workload.threads,
         "machine": machine(),
@@ -273,7 +275,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"- Command: `{report['command']}`",
         f"- Started {report['started']}, took {report['seconds']:.0f} s; {report['rounds']} rounds, each run in a "
-        f"fresh process, runs interleaved by round; medians shown; {report['threads']} torch threads.",
+        f"fresh process, runs interleaved by round; medians shown; {report['threads']} torch threads. "
+        f"1-minute load average of the machine: {_f(report.get('load_average_start'), 1)} at the start, "
+        f"{_f(report.get('load_average_end'), 1)} at the end (other processes compete for the cores when it "
+        f"exceeds their number).",
         f"- Machine: {m['cpu']}, {m['cpu_count']} cores visible, {m['platform']}, Python {m['python']}; "
         + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
         f"- Model: hidden {w['shape']['hidden_size']}, {w['shape']['num_hidden_layers']} layers, "

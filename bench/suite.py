@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -135,7 +136,13 @@ def run_bench(
     started = time.time()
     deadline = None if budget_s is None else time.monotonic() + budget_s
     files = prepare(config)
-    raw: dict[str, Any] = {"started": started, "seconds": 0.0, "pair_tokens": files.pair_tokens, "parts": {}}
+    raw: dict[str, Any] = {
+        "started": started,
+        "seconds": 0.0,
+        "pair_tokens": files.pair_tokens,
+        "parts": {},
+        "load_average_start": os.getloadavg()[0],
+    }
     for part in parts:
         part_started = time.time()
         if part == "preference":
@@ -151,6 +158,7 @@ def run_bench(
             entry["results"] = results
             entry["seconds"] = time.time() - entry["started"]
             raw["seconds"] = time.time() - started
+            raw["load_average_end"] = os.getloadavg()[0]
             if progress is not None:
                 progress(raw)
 
@@ -165,4 +173,5 @@ def run_bench(
             on_result=seen,
         )
     raw["seconds"] = time.time() - started
+    raw["load_average_end"] = os.getloadavg()[0]
     return raw
