@@ -64,7 +64,7 @@ def test_launch_commands_for_accelerate_deepspeed_and_multi_node_torchrun(
     recipe = RECIPES / "spo_zero2.yaml"
     plan = make_plan("spo_zero2", "distributed.launcher=accelerate")
     assert launch_command(plan, recipe, []).command[:5] == [
-        "accelerate", "launch", "--num_processes=2", "--num_machines=1", "--cpu",
+        "accelerate", "launch", "--num_processes=2", "--num_machines=1", "--multi_gpu",
     ]
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
@@ -121,3 +121,18 @@ def test_flash_attention_on_cpu_is_a_one_line_error(tmp_path: Path, small_model:
     assert result.exit_code == 1
     assert result.stderr.startswith("error: model.attention: flash_attention_2 cannot run here")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_two_cpu_processes(tmp_path: Path, small_model: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    result = _invoke(
+        str(RECIPES / "spo.yaml"), "--set", f"model.name_or_path={small_model}", "--set", f"output.dir={out}",
+        "--set", "distributed.num_processes=2", "--set", "distributed.launcher=accelerate",
+        "--set", "training.per_device_batch_size=4", "--set", "training.max_steps=4",
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "COMPLETE").exists()
+    assert json.loads((out / "run.json").read_text())["hardware"]["world_size"] == 2
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]) == 4

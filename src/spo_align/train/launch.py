@@ -85,10 +85,12 @@ def launch_command(
         return LaunchSpec("torchrun", [*cmd, "-m", WORKER_MODULE, *tail])
     if plan.launcher == "accelerate":
         cmd = ["accelerate", "launch", f"--num_processes={nproc * nnodes}", f"--num_machines={nnodes}"]
-        if plan.device == "cpu":
-            cmd.append("--cpu")
-        elif nproc * nnodes > 1:
+        if nproc * nnodes > 1:
+            # accelerate's torch.distributed launcher; without CUDA its ranks run on CPU over gloo (`--cpu`
+            # would select the single-process launcher, or mpirun for several CPU processes)
             cmd.append("--multi_gpu")
+        elif plan.device == "cpu":
+            cmd.append("--cpu")
         if nnodes > 1:
             cmd += [f"--machine_rank={node_rank}", f"--main_process_ip={master_addr}", f"--main_process_port={master_port}"]
         return LaunchSpec("accelerate", [*cmd, "-m", WORKER_MODULE, *tail])
