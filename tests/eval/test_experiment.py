@@ -201,6 +201,8 @@ def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_pat
     judged = {s: _judgment_lines(out / f"seed{s}" / "judgments.jsonl") for s in (0, 1)}
     second = run_experiment(experiment)
     assert second.trained == [] and second.skipped == stages
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [len(r["trained"]) for r in runs] == [10, 0]
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert {s: _judgment_lines(out / f"seed{s}" / "judgments.jsonl") for s in (0, 1)} == judged
     assert (out / "win_rates.md").read_text(encoding="utf-8") == win_rates

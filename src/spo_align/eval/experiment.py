@@ -13,6 +13,8 @@ Layout under `output_dir`:
     seed<S>/judgments.jsonl   pairwise judgments (eval.judge)
     win_rates.{md,csv,png}    the matrix pooled over seeds; win_rates_seed<S>.md per seed
     accuracy.{md,csv}         model x group accuracy, mean over seeds (reference answers only)
+    log_ratios.md             end-of-training chosen/rejected log pi/pi_ref per preference run
+    runs.jsonl                one line per invocation: stages trained/skipped, wall and CPU seconds
 
 Nothing finished is redone: a stage whose folder holds the runner's completion marker is skipped,
 an unfinished one resumes from its last checkpoint, generation files that already answer these
@@ -49,6 +51,7 @@ from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yam
 
 logger = logging.getLogger(__name__)
 
+RUNS_LOG = "runs.jsonl"
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -529,7 +532,8 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
         "wall_seconds": round(result.wall_seconds, 1),
         "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],  # other work slows wall time
     }
-    (experiment.output_dir / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with (experiment.output_dir / RUNS_LOG).open("a", encoding="utf-8") as fh:  # one line per invocation
+        fh.write(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}) + "\n")
     logger.info("experiment done in %.0f s: %d stages trained, %d skipped; tables in %s",
                 result.wall_seconds, len(result.trained), len(result.skipped), experiment.output_dir)
     return result
