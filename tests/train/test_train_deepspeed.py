@@ -1,5 +1,5 @@
-"""A real DeepSpeed run on CPU: `spo train` re-launches itself under torchrun with 2 processes (gloo),
-ZeRO-2 and ZeRO-3, SPO, full fine-tuning, on the hidden-32 tiny model. The loss falls, the output and the
+"""A real DeepSpeed run on CPU: `spo train` re-launches itself with 2 processes (gloo), ZeRO-2 under the
+`deepspeed` launcher and ZeRO-3 under torchrun, SPO, full fine-tuning, on the hidden-32 tiny model. The loss falls, the output and the
 checkpoint load with from_pretrained, and (ZeRO-3) resuming from the mid-run checkpoint ends where the
 uninterrupted run ended."""
 
@@ -59,10 +59,21 @@ def _check_finished_run(out: Path) -> list[dict]:
     return records
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_zero2_two_processes_spo_full_fine_tune(tmp_path: Path, small_model: Path, gloo_only):
+def test_zero2_two_processes_spo_full_fine_tune_under_the_deepspeed_launcher(
+    tmp_path: Path, small_model: Path, gloo_only, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     out = tmp_path / "zero2"
-    result = _train(2, small_model, out)
+    result = _train(2, small_model, out, "--set", "distributed.launcher=deepspeed")
     assert result.exit_code == 0, result.output
     _check_finished_run(out)
 
