@@ -15,14 +15,14 @@ class Workload:
 
     shape: ModelShape = field(default_factory=ModelShape)
     lengths: LengthModel = field(default_factory=LengthModel)
-    n_pairs: int = 32
+    n_pairs: int = 24
     """One epoch over these pairs; with `pairs_per_step` this fixes the optimizer steps of every run."""
     pairs_per_device: int = 8
     """Pairs per micro-batch (per forward/backward)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    sft_rows: int = 32
-    sft_rows_per_step: int = 16
+    sft_rows: int = 24
+    sft_rows_per_step: int = 8
     learning_rate: float = 5e-6
     beta: float = 0.1
     loss: str = "dpo"
