@@ -40,7 +40,7 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinyModelShape:
-    """Llama shape of the embedded default (0.53M parameters at the defaults, see shared TINY_TASK.md)."""
+    """Llama shape of the embedded default (0.53M parameters at the defaults; docs/tiny.md)."""
 
     hidden_size: int = 128
     num_hidden_layers: int = 2
