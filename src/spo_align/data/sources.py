@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from spo_align.recipe.schema import DatasetSource
 
@@ -30,7 +31,7 @@ def resolve_source_path(source: DatasetSource, base_dir: Path | None) -> str:
     return source.path
 
 
-def load_source(source: DatasetSource, base_dir: Path | None = None) -> "datasets.Dataset":
+def load_source(source: DatasetSource, base_dir: Path | None = None) -> datasets.Dataset:
     """Load one source as a `datasets.Dataset` (the split it names)."""
     import datasets
 
@@ -53,7 +54,7 @@ def load_source(source: DatasetSource, base_dir: Path | None = None) -> "dataset
 
 def load_sources(
     sources: Sequence[DatasetSource], base_dir: Path | None = None, *, shuffle: bool = False, seed: int = 0
-) -> "datasets.Dataset":
+) -> datasets.Dataset:
     """Load, optionally shuffle and cap (max_samples) each source, then concatenate them."""
     import datasets
 

@@ -7,14 +7,13 @@ the top-level app. Exit codes: 0 done, 1 invalid experiment/recipe or a failed s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def experiment_command(
     path: Path = typer.Argument(..., help="Experiment file, e.g. experiments/tiny.yaml."),
-    set_: Optional[list[str]] = typer.Option(
+    set_: list[str] | None = typer.Option(
         None, "--set", help="key.path=value override of the experiment file (value read as YAML), e.g. seeds=[0]."
     ),
     dry_run: bool = typer.Option(
