@@ -21,8 +21,8 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_EVERY_S = 0.02
-MIN_JOB_S = 20.0
+SAMPLE_EVERY_S = 0.1
+MIN_JOB_S = 60.0
 """A job is not started with less time than this left before the deadline."""
 
 
@@ -136,13 +136,17 @@ def run_rounds(
                 results[job.name].append({"name": job.name, "round": round_index + 1, "error": "skipped: time budget spent"})
                 continue
             logger.info("round %d/%d: %s", round_index + 1, rounds, job.name)
+            capped = left is not None and left < timeout_s
             try:
                 result = run_job(job, work_dir, threads, timeout_s if left is None else min(timeout_s, left))
             except BenchJobError as exc:
                 if not keep_going:
                     raise
                 logger.error("%s", exc)
-                result = {"name": job.name, "error": str(exc).splitlines()[0], "detail": str(exc)}
+                first = str(exc).splitlines()[0]
+                if capped and "killed after" in first:
+                    first = f"skipped: time budget spent ({first})"
+                result = {"name": job.name, "error": first, "detail": str(exc)}
             result["round"] = round_index + 1
             results[job.name].append(result)
             if on_result is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -129,6 +130,9 @@ def run_recipe(recipe: dict[str, Any], recipe_path: Path) -> tuple[LoopTimes, di
 
 def run_spo(work: Workload, variant: Variant, model_dir: Path, pairs_path: Path, out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
+    # A cold start every time: `--overwrite` keeps a folder's cached reference log-probs (by design, for
+    # users), which would let later rounds of (d) skip the precompute pass the bench reports.
+    shutil.rmtree(out_dir / "run", ignore_errors=True)
     recipe = preference_recipe(work, variant, model_dir, pairs_path, out_dir / "run")
     times, run_info, setup_s = run_recipe(recipe, out_dir / "recipe.yaml")
     return {
