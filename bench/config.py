@@ -48,7 +48,7 @@ class Workload:
         return asdict(self)
 
     @staticmethod
-    def from_json(data: dict[str, Any]) -> "Workload":
+    def from_json(data: dict[str, Any]) -> Workload:
         data = dict(data)
         data["shape"] = ModelShape(**data["shape"])
         data["lengths"] = LengthModel(**data["lengths"])
