@@ -21,16 +21,12 @@ class MissingColumnError(DataSourceError):
 
 
 def recipe_location(recipe_path: Path, key_path: tuple[str | int, ...]) -> str:
-    """`file:line` of `key_path` in the recipe, or of its nearest ancestor written there (else the file)."""
+    """`file:line` of `key_path` in the recipe or the base it `extends` (where the key is written), or of
+    its nearest ancestor written there (else the file)."""
+    from spo_align.recipe.load import load_positions
     from spo_align.recipe.locate import locate
-    from spo_align.recipe.yaml_positions import read_yaml_file
 
-    file = str(recipe_path)
-    try:
-        _, positions, _ = read_yaml_file(Path(recipe_path))
-    except OSError:
-        return file
-    loc = locate(key_path, positions, file)
+    loc = locate(key_path, load_positions(Path(recipe_path)), str(recipe_path))
     return f"{loc.file}:{loc.line}" if loc.line is not None else f"{loc.file} (--set {loc.override})"
 
 
