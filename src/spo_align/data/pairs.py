@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spo_align.data.sources import DataSourceError, load_source
+from spo_align.data.sources import DataSourceError, load_source, sample_source
 from spo_align.recipe.schema import DatasetSource
 
 if TYPE_CHECKING:
@@ -159,10 +159,7 @@ def load_pair_dataset(
         ds = load_source(source, base_dir)
         if check_columns is not None:
             check_columns(index, ds)
-        if shuffle:
-            ds = ds.shuffle(seed=seed)
-        if source.max_samples is not None:
-            ds = ds.select(range(min(source.max_samples, len(ds))))
+        ds = sample_source(ds, source, shuffle=shuffle, seed=seed)
         parts.append(to_canonical_pairs(ds, source))
     merged = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     logger.info("%d preference pairs from %d source(s)", len(merged), len(parts))

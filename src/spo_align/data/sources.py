@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,18 +51,10 @@ def load_source(source: DatasetSource, base_dir: Path | None = None) -> datasets
     return ds
 
 
-def load_sources(
-    sources: Sequence[DatasetSource], base_dir: Path | None = None, *, shuffle: bool = False, seed: int = 0
-) -> datasets.Dataset:
-    """Load, optionally shuffle and cap (max_samples) each source, then concatenate them."""
-    import datasets
-
-    parts = []
-    for source in sources:
-        ds = load_source(source, base_dir)
-        if shuffle:
-            ds = ds.shuffle(seed=seed)
-        if source.max_samples is not None:
-            ds = ds.select(range(min(source.max_samples, len(ds))))
-        parts.append(ds)
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+def sample_source(ds: datasets.Dataset, source: DatasetSource, *, shuffle: bool, seed: int) -> datasets.Dataset:
+    """Shuffle a loaded source (seeded) if asked, then keep its first `max_samples` rows, as the schema says."""
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if source.max_samples is not None:
+        ds = ds.select(range(min(source.max_samples, len(ds))))
+    return ds

@@ -19,7 +19,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
-from spo_align.data.sources import load_source
+from spo_align.data.sources import load_source, sample_source
 
 if TYPE_CHECKING:
     import datasets
@@ -129,10 +129,7 @@ def load_kto_dataset(plan: RunPlan, tokenizer: Any, split: str) -> tuple[dataset
     counts: dict[str, Any] = {}
     for index, source in enumerate(sources):
         ds = load_source(source, plan.base_dir)
-        if data.shuffle and split == "train":
-            ds = ds.shuffle(seed=plan.recipe.training.seed)
-        if source.max_samples is not None:
-            ds = ds.select(range(min(source.max_samples, len(ds))))
+        ds = sample_source(ds, source, shuffle=data.shuffle and split == "train", seed=plan.recipe.training.seed)
         name = f"{source.path} [{source.split}]"
         if source.format == "kto":
             rows = _kto_rows(plan, split, index, source, ds)

@@ -22,7 +22,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from spo_align.data.sources import DataSourceError, load_source
+from spo_align.data.sources import DataSourceError, load_source, sample_source
 
 if TYPE_CHECKING:
     import datasets
@@ -216,10 +216,7 @@ def load_sft_dataset(plan: RunPlan, tokenizer: Any, split: str) -> tuple[dataset
             )
         ds = load_source(source, plan.base_dir)
         require_columns(plan, split, index, ds, ["messages"])  # type: ignore[arg-type]
-        if split == "train" and data.shuffle:
-            ds = ds.shuffle(seed=plan.recipe.training.seed)
-        if source.max_samples is not None:
-            ds = ds.select(range(min(source.max_samples, len(ds))))
+        ds = sample_source(ds, source, shuffle=split == "train" and data.shuffle, seed=plan.recipe.training.seed)
         name = f"{source.path} [{source.split}]"
         tokenized, row_counts = tokenize_sft_dataset(plan, ds, tokenizer, source.columns.messages, name)
         counts[name] = asdict(row_counts)
