@@ -9,7 +9,7 @@ import pytest
 
 from spo_align.data.pairs import PairFormatError, convert_pair_row, load_pair_dataset, to_canonical_pairs
 from spo_align.data.sources import DataSourceError
-from spo_align.data.tokenize import TemplateError, tokenize_pair
+from spo_align.data.tokenize import tokenize_pair
 from spo_align.recipe.schema import ColumnMap, DatasetSource
 from spo_align.tiny import build_tokenizer
 
@@ -82,7 +82,9 @@ def test_column_map_and_missing_column_named(tmp_path):
     path.write_text("\n".join(json.dumps({"question": "1+1=", "good": "2", "bad": "3"}) for _ in range(3)))
     mapped = DatasetSource(path=str(path), columns=ColumnMap(prompt="question", chosen="good", rejected="bad"))
     ds = load_pair_dataset([mapped])
-    assert ds[0] == {"prompt": [{"role": "user", "content": "1+1="}], "chosen": "2", "rejected": "3"}
+    first = ds[0]
+    assert first.pop("_row") == f"{path}:1"  # where the row came from, for error messages
+    assert first == {"prompt": [{"role": "user", "content": "1+1="}], "chosen": "2", "rejected": "3"}
 
     unmapped = DatasetSource(path=str(path))
     with pytest.raises(DataSourceError, match=r"missing column 'chosen'.*columns.chosen") as err:
@@ -121,12 +123,21 @@ def test_tokenization_is_prefix_consistent():
     assert tok.decode(pair.prompt_ids).endswith("<|assistant|>")
 
 
-def test_template_that_is_not_prefix_consistent_is_refused():
+def test_template_that_is_not_prefix_consistent_is_dropped_and_counted_or_refused():
+    from spo_align.data.policies import RowPolicyError, apply_pair_policy
+    from spo_align.data.tokenize import tokenize_pairs
+    from spo_align.recipe.schema import RowPolicy
+
     tok = build_tokenizer()
     # A template that renders the generation prompt differently from the assistant turn.
     tok.chat_template = (
         "{% for m in messages %}{{ m['role'] + ':' + m['content'] + '\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'assistant>' }}{% endif %}"
     )
-    with pytest.raises(TemplateError, match="prefix-consistent"):
-        tokenize_pair(tok, [{"role": "user", "content": "1+1="}], "2", "3")
+    assert tokenize_pair(tok, [{"role": "user", "content": "1+1="}], "2", "3").boundary == "mismatch"
+    rows = [{"prompt": [{"role": "user", "content": "1+1="}], "chosen": "2", "rejected": "3", "_row": "f.jsonl:7"}]
+    tokenized = tokenize_pairs(datasets.Dataset.from_list(rows), tok)
+    with pytest.raises(RowPolicyError, match=r"left no pairs out of 1: .*'template_mismatch_dropped': 1"):
+        apply_pair_policy(tokenized, RowPolicy(), max_length=64)
+    with pytest.raises(RowPolicyError, match=r"f.jsonl:7: template mismatch .*token_boundary is 'raise'"):
+        apply_pair_policy(tokenized, RowPolicy(token_boundary="raise"), max_length=64)

@@ -88,9 +88,10 @@ def test_run_preference_lora_packed_precomputed(tmp_path, monkeypatch):
     run(plan, resume=False, overwrite=False)
 
     info = json.loads((out / "run.json").read_text())["run_info"]
-    assert info["row_policy"]["rows_in"] == 40 and info["row_policy"]["rows_kept"] <= 40
+    counts = info["row_policy"]["train"]["total"]
+    assert counts["rows_in"] == 40 and counts["rows_kept"] <= 40
     assert info["layout"]["layout"] == "packed_rows" and info["layout"]["padding_share_packed"] == 0.0
-    assert info["layout"]["packed_rows"] < info["row_policy"]["rows_kept"]  # rows hold several pairs
+    assert info["layout"]["packed_rows"] < counts["rows_kept"]  # rows hold several pairs
     assert info["reference"] == "precomputed"
     assert info["real_tokens"] > 0 and info["real_tokens_per_second"] > 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spo_align.train.kto import interleave_classes
+from spo_align.data.kto import interleave_classes
+from spo_align.train.kto_trainer import PretokenizedKTOTrainer
 
 
 @pytest.mark.parametrize("block", [2, 4, 8, 64])
@@ -22,15 +23,14 @@ def test_every_batch_mixes_desirable_and_undesirable_examples(block: int):
 
 
 def test_paired_data_is_unpaired_with_the_row_policy_and_mixed(plan_for):
+    from spo_align.data.kto import load_kto_dataset
     from spo_align.tiny import build_tokenizer
-    from spo_align.train.kto import load_kto_dataset
 
     plan = plan_for("kto", "data.train.0.max_samples=40")
     ds, counts = load_kto_dataset(plan, build_tokenizer(), "train")
     assert len(ds) == 80 and sum(ds["label"]) == 40
-    assert next(iter(counts.values()))["rows_in"] == 40
-    first = ds[0]
-    assert first["prompt"][0]["role"] == "user" and first["completion"][0]["role"] == "assistant"
+    assert counts["total"]["rows_in"] == 40 and counts["total"]["rows_kept"] == 40
+    assert set(ds.column_names) == {"prompt_ids", "completion_ids", "label"}
     for start in range(0, len(ds), 8):
         assert 0 < sum(ds["label"][start : start + 8]) < 8
 
@@ -46,9 +46,10 @@ def test_trl_kto_loss_matches_spo_align_kto_loss_on_a_batch(plan_for, tmp_path):
     """Fails loudly if TRL's KTOTrainer stops computing the paper's KTO (eq. 7 with a detached, clamped z0)."""
     from trl import KTOConfig, KTOTrainer
 
+    from spo_align.data.kto import load_kto_dataset
     from spo_align.losses import kto_loss
     from spo_align.train.args import build_training_args
-    from spo_align.train.kto import kto_config_kwargs, load_kto_dataset
+    from spo_align.train.kto import kto_config_kwargs
     from spo_align.train.model import load_model, load_tokenizer
 
     plan = plan_for("kto", "data.train.0.max_samples=16", "loss.desirable_weight=1.5", "loss.beta=0.5")
@@ -61,7 +62,7 @@ def test_trl_kto_loss_matches_spo_align_kto_loss_on_a_batch(plan_for, tmp_path):
         for param in model.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
     ref = load_model(plan, for_training=False)
-    trainer = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer = PretokenizedKTOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     model.eval()
     with torch.no_grad():
@@ -82,19 +83,57 @@ def test_trl_kto_loss_matches_spo_align_kto_loss_on_a_batch(plan_for, tmp_path):
 def test_rows_already_in_kto_layout_are_read_as_they_are(plan_for, tmp_path):
     import json
 
+    from spo_align.data.columns import MissingColumnError
+    from spo_align.data.kto import load_kto_dataset
     from spo_align.tiny import build_tokenizer
-    from spo_align.train.columns import MissingColumnError
-    from spo_align.train.kto import load_kto_dataset
 
     rows = [{"q": f"{i}+1=", "answer": str(i + 1 if i % 3 else i), "good": bool(i % 3)} for i in range(12)]
     path = tmp_path / "kto.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     source = f"data.train=[{{path: {path}, format: kto, columns: {{prompt: q, completion: answer, label: good}}}}]"
-    ds, _ = load_kto_dataset(plan_for("kto", source, "data.shuffle=false"), build_tokenizer(), "train")
+    tokenizer = build_tokenizer()
+    ds, _ = load_kto_dataset(plan_for("kto", source, "data.shuffle=false"), tokenizer, "train")
     assert len(ds) == 12 and sum(ds["label"]) == 8
-    by_prompt = {row["prompt"][0]["content"]: row for row in ds}
-    assert by_prompt["4+1="]["completion"] == [{"role": "assistant", "content": "5"}] and by_prompt["4+1="]["label"]
-    assert not by_prompt["3+1="]["label"]
+    by_prompt = {tokenizer.decode(row["prompt_ids"], skip_special_tokens=True): row for row in ds}
+    four = next(row for text, row in by_prompt.items() if "4+1=" in text)
+    assert tokenizer.decode(four["completion_ids"], skip_special_tokens=True).strip() == "5" and four["label"]
+    assert not next(row for text, row in by_prompt.items() if "3+1=" in text)["label"]
     wrong = source.replace("label: good", "label: verdict")
     with pytest.raises(MissingColumnError, match="has no column 'verdict'"):
         load_kto_dataset(plan_for("kto", wrong), build_tokenizer(), "train")
+
+
+def test_pretokenized_examples_reach_trl_as_its_own_preparation_makes_them(plan_for, tmp_path):
+    """Fails loudly if TRL changes what its KTO preparation produces (columns, KL completions), since
+    PretokenizedKTOTrainer runs only its post-tokenization step on rows tokenized by spo_align.data.tokenize."""
+    import datasets
+    from trl import KTOConfig, KTOTrainer
+
+    from spo_align.data.pairs import load_pair_dataset
+    from spo_align.data.tokenize import tokenize_completions
+    from spo_align.train.args import build_training_args
+    from spo_align.train.kto import kto_config_kwargs
+    from spo_align.train.model import load_model, load_tokenizer
+
+    plan = plan_for("kto", "data.train.0.max_samples=12")
+    args = build_training_args(plan, tmp_path, KTOConfig, **kto_config_kwargs(plan))
+    tokenizer = load_tokenizer(plan)
+    pairs = load_pair_dataset(list(plan.recipe.data.train), plan.base_dir)
+    text_rows = [
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}], "label": label}
+        for prompt, chosen, rejected in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
+        for answer, label in ((chosen, True), (rejected, False))
+    ]
+    theirs = KTOTrainer(
+        model=load_model(plan), ref_model=load_model(plan, for_training=False), args=args,
+        train_dataset=datasets.Dataset.from_list(text_rows), processing_class=tokenizer,
+    ).train_dataset
+    plain = [{"prompt": r["prompt"], "completion": r["completion"][0]["content"], "label": r["label"]} for r in text_rows]
+    tokenized = tokenize_completions(datasets.Dataset.from_list(plain), tokenizer)
+    assert set(tokenized["boundary"]) == {"joint"}  # rows that tokenize the same either way
+    ours = PretokenizedKTOTrainer(
+        model=load_model(plan), ref_model=load_model(plan, for_training=False), args=args,
+        train_dataset=tokenized.select_columns(["prompt_ids", "completion_ids", "label"]), processing_class=tokenizer,
+    ).train_dataset
+    for column in ("prompt_ids", "completion_ids", "KL_completion_ids", "label"):
+        assert ours[column] == theirs[column], column

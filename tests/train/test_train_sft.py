@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spo_align.data.conversations import ChatTemplateError, tokenize_conversation
+from spo_align.data.sft import SFTRowError
 from spo_align.tiny import build_tokenizer
-from spo_align.train.sft import ChatTemplateError, SFTRowError, tokenize_conversation
 
 CONVERSATION = [
     {"role": "system", "content": "add"},
@@ -29,7 +30,9 @@ def _decoded_trained(tokenizer, ids, mask) -> list[str]:
 
 def test_assistant_mask_matches_the_generation_markers_of_the_tiny_template():
     tokenizer = build_tokenizer()
-    ids, mask = tokenize_conversation(tokenizer, CONVERSATION)
+    conversation = tokenize_conversation(tokenizer, CONVERSATION)
+    ids, mask = conversation.input_ids, conversation.assistant_masks
+    assert conversation.boundary == "joint"
     reference = tokenizer.apply_chat_template(
         CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
@@ -40,7 +43,8 @@ def test_assistant_mask_matches_the_generation_markers_of_the_tiny_template():
 def test_assistant_mask_without_generation_markers_covers_answers_and_end_of_turn_only():
     tokenizer = build_tokenizer()
     tokenizer.chat_template = PLAIN_TEMPLATE
-    ids, mask = tokenize_conversation(tokenizer, CONVERSATION)
+    conversation = tokenize_conversation(tokenizer, CONVERSATION)
+    ids, mask = conversation.input_ids, conversation.assistant_masks
     assert _decoded_trained(tokenizer, ids, mask) == ["4", "2", "<|end|>", "2", "<|end|>"]
     assert ids == tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False)
 
@@ -56,7 +60,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
 def test_row_policy_truncates_drops_and_counts(plan_for):
     import datasets
 
-    from spo_align.train.sft import tokenize_sft_dataset
+    from spo_align.data.sft import tokenize_sft_dataset
 
     rows = [
         [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}],
@@ -71,7 +75,7 @@ def test_row_policy_truncates_drops_and_counts(plan_for):
     assert (counts.rows_in, counts.rows_kept) == (4, 2)
     assert (counts.empty_dropped, counts.too_long_truncated, counts.too_long_dropped) == (1, 1, 1)
     assert [len(ids) for ids in kept["input_ids"]][1] == 24 and sum(kept["assistant_masks"][1]) > 0
-    with pytest.raises(SFTRowError, match=r"row 2: 49 tokens > 24 \(data.max_length"):
+    with pytest.raises(SFTRowError, match=r"test, row 2: too long \(49 tokens > 24: data.max_length"):
         tokenize_sft_dataset(plan_for("sft_packed", "data.max_length=24", "data.policy.too_long=raise"),
                              ds, tokenizer, "messages", "test")
 
@@ -92,7 +96,7 @@ def test_packed_sequences_do_not_attend_to_each_other(small_model):
 
     tokenizer = build_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(small_model, attn_implementation="sdpa").eval()
-    seqs = [tokenize_conversation(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])[0]
+    seqs = [tokenize_conversation(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}]).input_ids
             for q, a in (("12+30=", "42"), ("7+8=", "15"), ("99+1=", "100"))]
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
     batch = collator([{"input_ids": [i for s in seqs for i in s], "seq_lengths": [len(s) for s in seqs]}])
@@ -110,9 +114,10 @@ def test_trl_turns_our_assistant_masks_into_labels(plan_for, tmp_path):
     """TRL's SFTTrainer must build labels from the `assistant_masks` column (fails loudly if TRL stops)."""
     from trl import SFTConfig, SFTTrainer
 
+    from spo_align.data.sft import load_sft_dataset
     from spo_align.train.args import build_training_args
     from spo_align.train.model import load_model, load_tokenizer
-    from spo_align.train.sft import load_sft_dataset, sft_config_kwargs
+    from spo_align.train.sft import sft_config_kwargs
 
     plan = plan_for("sft_packed", "data.packing=false", "data.pack_length=null", "data.shuffle=false", "data.train.0.max_samples=4")
     tokenizer = load_tokenizer(plan)
@@ -131,7 +136,7 @@ def test_trl_turns_our_assistant_masks_into_labels(plan_for, tmp_path):
 def test_conversations_are_packed_best_fit_decreasing_with_their_labels():
     import datasets
 
-    from spo_align.train.sft import pack_conversations
+    from spo_align.data.sft import pack_conversations
 
     lengths = [5, 9, 3, 7, 2, 6, 4]
     ids = [[100 * k + t for t in range(n)] for k, n in enumerate(lengths)]
@@ -155,9 +160,10 @@ def test_conversations_are_packed_best_fit_decreasing_with_their_labels():
 def test_packed_rows_reach_the_model_with_position_ids_restarting_per_conversation(plan_for, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
+    from spo_align.data.sft import load_sft_dataset
     from spo_align.train.args import build_training_args
     from spo_align.train.model import load_model, load_tokenizer
-    from spo_align.train.sft import load_sft_dataset, sft_config_kwargs
+    from spo_align.train.sft import sft_config_kwargs
 
     plan = plan_for("sft_packed", "data.train.0.max_samples=24")
     tokenizer = load_tokenizer(plan)

@@ -1,4 +1,9 @@
-"""Read the datasets a recipe names: hub ids, local dataset folders, or JSON/JSONL/Parquet files."""
+"""Read the datasets a recipe names: hub ids, local dataset folders, or JSON/JSONL/Parquet/CSV files.
+
+Every loaded dataset gains a `ROW_COLUMN` that says where each row came from (``file:line`` for local JSON
+Lines, ``<dataset> [<split>] row N`` otherwise), kept through shuffling and conversion, so that an error about a
+row names the row in the user's file rather than its position after shuffling.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
+_JSON_SUFFIXES = (".jsonl", ".json")
+ROW_COLUMN = "_row"
+"""Column added to every loaded dataset: where each row came from, for error messages."""
 
 
 class DataSourceError(ValueError):
@@ -30,12 +38,25 @@ def resolve_source_path(source: DatasetSource, base_dir: Path | None) -> str:
     return source.path
 
 
+def data_columns(ds: datasets.Dataset) -> list[str]:
+    """The dataset's own columns (without `ROW_COLUMN`), for messages that list them."""
+    return [c for c in ds.column_names if c != ROW_COLUMN]
+
+
 def load_source(source: DatasetSource, base_dir: Path | None = None) -> datasets.Dataset:
-    """Load one source as a `datasets.Dataset` (the split it names)."""
+    """Load one source as a `datasets.Dataset` (the split it names), with `ROW_COLUMN` added."""
     import datasets
+    from datasets.exceptions import DatasetGenerationError
+    from pyarrow import ArrowException
 
     location = resolve_source_path(source, base_dir)
     suffix = Path(location).suffix.lower()
+    if suffix in _JSON_SUFFIXES and Path(location).is_file():
+        from spo_align.data.json_rows import read_json_rows, rows_to_dataset
+
+        ds = rows_to_dataset(read_json_rows(Path(location)), Path(location), ROW_COLUMN)
+        logger.info("read %d rows from %s", len(ds), source.path)
+        return ds
     try:
         if suffix in _FILE_BUILDERS and Path(location).is_file():
             ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=location, split="train")
@@ -45,10 +66,20 @@ def load_source(source: DatasetSource, base_dir: Path | None = None) -> datasets
             ds = datasets.load_from_disk(location)[source.split]
         else:
             ds = datasets.load_dataset(location, source.name, split=source.split, revision=source.revision)
-    except (FileNotFoundError, ValueError, KeyError, ConnectionError, OSError) as exc:
-        raise DataSourceError(f"cannot read dataset {source.path!r} (split {source.split!r}): {exc}") from exc
+    except (FileNotFoundError, ValueError, KeyError, ConnectionError, OSError, UnicodeDecodeError) as exc:
+        raise DataSourceError(f"cannot read dataset {source.path!r} (split {source.split!r}): {exc}") from None
+    except (DatasetGenerationError, ArrowException, StopIteration) as exc:  # a reader's failure, wrapped
+        cause = exc.__cause__ or exc
+        raise DataSourceError(
+            f"cannot read dataset {source.path!r} (split {source.split!r}): {type(cause).__name__}: {cause}"
+        ) from None
+    if len(ds) == 0:
+        raise DataSourceError(f"dataset {source.path!r} (split {source.split!r}) has no rows")
     logger.info("read %d rows from %s [%s]", len(ds), source.path, source.split)
-    return ds
+    if ROW_COLUMN in ds.column_names:
+        ds = ds.remove_columns(ROW_COLUMN)
+    label = f"{source.path} [{source.split}]"
+    return ds.add_column(ROW_COLUMN, [f"{label} row {i}" for i in range(len(ds))])
 
 
 def sample_source(ds: datasets.Dataset, source: DatasetSource, *, shuffle: bool, seed: int) -> datasets.Dataset:

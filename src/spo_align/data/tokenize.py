@@ -1,23 +1,35 @@
-"""Tokenize canonical pairs through the model's chat template.
+"""Token ids of prompts and answers through the model's chat template, as the model sees them when it generates.
 
-The prompt ids are the template applied to the prompt messages with ``add_generation_prompt=True``; the
-completion ids of an answer are whatever the template adds after them for the whole conversation (the
-answer text plus the template's end-of-turn tokens). Templates are checked to be prefix-consistent: the
-ids of the full conversation must start with the prompt ids, otherwise the log-probs would be taken over
-tokens the model never sees in that order, and the row is refused with an error.
+The prompt ids are the template applied to the prompt messages with ``add_generation_prompt=True``: exactly what
+generation feeds the model. The answer ids are what the template adds after the prompt for the whole
+conversation (the answer text plus the template's end-of-turn tokens):
+
+- usually (``joint``) the ids of the rendered conversation past the prompt ids, the two tokenized together;
+- when tokens merge across the prompt/answer boundary, the conversation's ids do not start with the prompt ids.
+  Byte-level BPE tokenizers that merge whitespace runs do this (Qwen2.5's pre-tokenizer takes ``\\s*[\\r\\n]+`` as
+  one piece) for any answer that starts with blank lines or spaces. The answer's text (the rendered
+  conversation past the rendered prompt) is then tokenized on its own (``split``): prompt ids + answer ids spell
+  exactly the rendered conversation, the prompt ids stay those of generation, and the scored tokens are the
+  answer's and nothing else. The row is counted (``boundary_split``) and kept, unless ``data.policy.
+  token_boundary`` says ``drop`` or ``raise``;
+- a template whose rendered prompt is not even a prefix of the rendered conversation as text (``mismatch``)
+  cannot be split anywhere meaningful: the row is dropped and counted, or refused under ``raise``.
+SFT conversations use the same rule at every assistant turn (`spo_align.data.conversations`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
 
+Message = dict[str, str]
+Boundary = Literal["joint", "split", "mismatch"]
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
@@ -25,51 +37,96 @@ class TemplateError(ValueError):
     """The chat template does not render the prompt as a prefix of the full conversation."""
 
 
+def render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not isinstance(text, str):
+        raise TemplateError("apply_chat_template(tokenize=False) did not return a string")
+    return text
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Ids of text that already holds the template's special tokens (none are added)."""
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    ids: list[int]
+    boundary: Boundary
+
+
+def answer_ids(tokenizer: Any, prompt: list[Message], prompt_text: str, prompt_ids: list[int], answer: str) -> Answer:
+    """The ids the template adds after `prompt_ids` when `answer` is the assistant's turn (see the module doc)."""
+    full_text = render(tokenizer, [*prompt, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+    full = encode(tokenizer, full_text)
+    if full[: len(prompt_ids)] == prompt_ids:
+        return Answer(full[len(prompt_ids) :], "joint")
+    if not full_text.startswith(prompt_text):
+        return Answer([], "mismatch")
+    return Answer(encode(tokenizer, full_text[len(prompt_text) :]), "split")
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    text: str
+    ids: list[int]
+
+
+def prompt_ids(tokenizer: Any, prompt: list[Message]) -> PromptIds:
+    text = render(tokenizer, prompt, add_generation_prompt=True)
+    return PromptIds(text, encode(tokenizer, text))
+
+
+def worst(*boundaries: Boundary) -> Boundary:
+    """The boundary a row is counted under: mismatch over split over joint."""
+    for kind in ("mismatch", "split"):
+        if kind in boundaries:
+            return kind  # type: ignore[return-value]
+    return "joint"
+
+
 @dataclass(frozen=True)
 class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    boundary: Boundary = "joint"
 
 
-def _ids(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
-    )
-    return [int(i) for i in ids]
-
-
-def completion_ids(tokenizer: Any, prompt: list[dict[str, str]], prompt_ids: list[int], answer: str) -> list[int]:
-    """Ids the template adds after `prompt_ids` when `answer` is the assistant's turn."""
-    full = _ids(tokenizer, [*prompt, {"role": "assistant", "content": answer}], add_generation_prompt=False)
-    if full[: len(prompt_ids)] != prompt_ids:
-        raise TemplateError(
-            "the chat template is not prefix-consistent: rendering the prompt with add_generation_prompt=True "
-            "does not give the start of the rendered conversation (first prompt message: "
-            f"{prompt[0]['content'][:60]!r})"
-        )
-    return full[len(prompt_ids):]
-
-
-def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: str, rejected: str) -> TokenizedPair:
-    prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
-    return TokenizedPair(
-        prompt_ids=prompt_ids,
-        chosen_ids=completion_ids(tokenizer, prompt, prompt_ids, chosen),
-        rejected_ids=completion_ids(tokenizer, prompt, prompt_ids, rejected),
-    )
+def tokenize_pair(tokenizer: Any, prompt: list[Message], chosen: str, rejected: str) -> TokenizedPair:
+    head = prompt_ids(tokenizer, prompt)
+    good = answer_ids(tokenizer, prompt, head.text, head.ids, chosen)
+    bad = answer_ids(tokenizer, prompt, head.text, head.ids, rejected)
+    return TokenizedPair(head.ids, good.ids, bad.ids, worst(good.boundary, bad.boundary))
 
 
 def tokenize_pairs(ds: datasets.Dataset, tokenizer: Any, *, num_proc: int | None = None) -> datasets.Dataset:
-    """Add ``prompt_ids``/``chosen_ids``/``rejected_ids``; the text columns are kept for the row policies."""
+    """Add ``prompt_ids``/``chosen_ids``/``rejected_ids`` and ``boundary``; text columns stay for the row policy."""
 
-    def run(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        out: dict[str, list[list[int]]] = {c: [] for c in TOKENIZED_COLUMNS}
+    def run(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {c: [] for c in (*TOKENIZED_COLUMNS, "boundary")}
         for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
             pair = tokenize_pair(tokenizer, prompt, chosen, rejected)
             out["prompt_ids"].append(pair.prompt_ids)
             out["chosen_ids"].append(pair.chosen_ids)
             out["rejected_ids"].append(pair.rejected_ids)
+            out["boundary"].append(pair.boundary)
         return out
 
     return ds.map(run, batched=True, num_proc=num_proc, desc="tokenizing pairs")
+
+
+def tokenize_completions(ds: datasets.Dataset, tokenizer: Any, *, num_proc: int | None = None) -> datasets.Dataset:
+    """Unpaired rows (``prompt`` messages, ``completion`` text): add ``prompt_ids``/``completion_ids``/``boundary``."""
+
+    def run(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"prompt_ids": [], "completion_ids": [], "boundary": []}
+        for prompt, completion in zip(batch["prompt"], batch["completion"]):
+            head = prompt_ids(tokenizer, prompt)
+            answer = answer_ids(tokenizer, prompt, head.text, head.ids, completion)
+            out["prompt_ids"].append(head.ids)
+            out["completion_ids"].append(answer.ids)
+            out["boundary"].append(answer.boundary)
+        return out
+
+    return ds.map(run, batched=True, num_proc=num_proc, desc="tokenizing examples")

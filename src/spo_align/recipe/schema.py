@@ -51,6 +51,7 @@ class ModelSection(Section):
 DataFormat = Literal["auto", "messages", "ultrafeedback", "pairs", "kto"]
 RowAction = Literal["drop", "truncate", "raise"]
 DropOrRaise = Literal["drop", "raise"]
+BoundaryAction = Literal["split", "drop", "raise"]
 
 
 class ColumnMap(Section):
@@ -90,7 +91,17 @@ class RowPolicy(Section):
         "truncate",
         description="Rows longer than max_length: truncate the answer (prompt kept), drop, or raise.",
     )
+    empty_prompt: DropOrRaise = Field(
+        "drop", description="Rows whose prompt is blank (the turn the answer replies to; SFT: any user turn)."
+    )
     empty_response: DropOrRaise = Field("drop", description="Rows whose answer is empty.")
+    token_boundary: BoundaryAction = Field(
+        "split",
+        description="Rows whose answer's first tokens merge with the prompt's last ones when tokenized together "
+        "(whitespace-merging tokenizers, answers that start with blank lines): split tokenizes the answer apart "
+        "from the prompt, as the model generates it, and counts the row; drop; or raise. Rows whose chat template "
+        "renders the prompt differently inside the conversation are dropped (raise: refused).",
+    )
     identical_pair: DropOrRaise = Field("drop", description="Preference rows whose chosen equals rejected.")
 
 

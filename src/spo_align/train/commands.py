@@ -14,20 +14,13 @@ import typer
 
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (recipe, data, model set-up, output folder): one line, no traceback."""
+    from spo_align.data.policies import RowPolicyError
     from spo_align.data.sources import DataSourceError
+    from spo_align.data.tokenize import TemplateError
     from spo_align.train.model import ModelSetupError
     from spo_align.train.outputs import OutputFolderError
-    from spo_align.train.sft import ChatTemplateError
 
-    errors: list[type[BaseException]] = [DataSourceError, ModelSetupError, OutputFolderError, ChatTemplateError]
-    try:
-        from spo_align.data.policies import RowPolicyError
-        from spo_align.data.tokenize import TemplateError
-
-        errors += [RowPolicyError, TemplateError]
-    except ImportError:  # the preference data modules are optional for sft-only installs of this tree
-        pass
-    return tuple(errors)
+    return (DataSourceError, ModelSetupError, OutputFolderError, TemplateError, RowPolicyError)
 
 
 def train(

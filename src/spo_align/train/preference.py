@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from spo_align.data.pairs import load_pair_dataset
-from spo_align.data.policies import PolicyCounts, apply_pair_policy
-from spo_align.data.tokenize import tokenize_pairs
-from spo_align.recipe.schema import DataSection, DatasetSource, DPOLoss, IPOLoss, SPOLoss
+from spo_align.data.pairs import pair_columns, prepare_pairs
+from spo_align.recipe.schema import DPOLoss, IPOLoss, SPOLoss
 from spo_align.train.collate import Layout, LayoutStats, PairCollator, choose_layout, layout_stats
 
 if TYPE_CHECKING:
@@ -45,31 +42,6 @@ def make_pair_loss(loss: Any, ipo_tau: float | None = None) -> PairLossFn:
     raise PreferenceSetupError(f"loss {getattr(loss, 'type', loss)!r} is not a pairwise loss (spo, dpo or ipo)")
 
 
-@dataclass(frozen=True)
-class PreparedPairs:
-    dataset: datasets.Dataset
-    counts: PolicyCounts
-
-
-def prepare_pairs(
-    sources: list[DatasetSource],
-    data: DataSection,
-    tokenizer: Any,
-    *,
-    base_dir: Any = None,
-    seed: int = 0,
-    shuffle: bool = True,
-    check_columns: Any = None,
-) -> PreparedPairs:
-    """Load, convert, tokenize and apply the row policy; add ``pair_index`` (0..N-1, the training order)."""
-    ds = load_pair_dataset(sources, base_dir, shuffle=shuffle, seed=seed, check_columns=check_columns)
-    ds = tokenize_pairs(ds, tokenizer, num_proc=data.num_proc)
-    kept, counts = apply_pair_policy(ds, data.policy, data.max_length)
-    kept = kept.remove_columns([c for c in kept.column_names if c not in ("prompt_ids", "chosen_ids", "rejected_ids")])
-    kept = kept.add_column("pair_index", list(range(len(kept))))
-    return PreparedPairs(kept, counts)
-
-
 def dataset_layout_stats(ds: datasets.Dataset, batch_size: int, pack_length: int, layout: Layout) -> LayoutStats:
     lengths = [(len(p), len(c), len(r)) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
     return layout_stats(
@@ -93,8 +65,8 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     """Train the recipe's preference stage; save through `ctx.save_final`."""
     import torch
 
+    from spo_align.data.columns import require_columns
     from spo_align.train.args import build_training_args
-    from spo_align.train.columns import require_columns
     from spo_align.train.model import apply_adapter, load_model, load_tokenizer, resolve_attention
     from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
     from spo_align.train.reference import CACHE_DIRNAME
@@ -111,12 +83,8 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
 
     def checker(split: str) -> Any:
         def check(index: int, ds: Any) -> None:
-            columns = getattr(data, split)[index].columns
-            fields = ["chosen", "rejected"]
-            # A prompt column is needed unless the answers are whole conversations (ultrafeedback-style).
-            if columns.chosen in ds.column_names and len(ds) and not isinstance(ds[0][columns.chosen], list):
-                fields.insert(0, "prompt")
-            require_columns(plan, split, index, ds, fields)
+            source = getattr(data, split)[index]
+            require_columns(plan, split, index, ds, pair_columns(source, ds))  # type: ignore[arg-type]
 
         return check
 
@@ -130,9 +98,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
         if data.eval
         else None
     )
-    ctx.run_info["row_policy"] = train.counts.as_dict()
-    if evaluation is not None:
-        ctx.run_info["row_policy_eval"] = evaluation.counts.as_dict()
+    ctx.run_info["row_policy"] = {"train": train.counts, "eval": evaluation.counts if evaluation is not None else {}}
 
     attention = resolve_attention(plan)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from spo_align.data.sources import DataSourceError
+from spo_align.data.sources import DataSourceError, data_columns
 
 if TYPE_CHECKING:
     import datasets
@@ -37,12 +37,12 @@ def require_columns(
     source = getattr(plan.recipe.data, split)[index]
     for field in fields:
         column = getattr(source.columns, field)
-        if column in ds.column_names:
+        if column in data_columns(ds):
             continue
         key = ("data", split, index, "columns", field)
         where = recipe_location(plan.recipe_path, key)
         raise MissingColumnError(
             f"{where}: data.{split}[{index}].columns.{field}: dataset {source.path!r} (split {source.split!r}) "
-            f"has no column {column!r}; its columns are {ds.column_names}. Map the right one with "
+            f"has no column {column!r}; its columns are {data_columns(ds)}. Map the right one with "
             f"columns: {{{field}: <column>}}"
         )

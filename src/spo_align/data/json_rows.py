@@ -1,0 +1,129 @@
+"""Local JSON Lines / JSON files read strictly, each row with the place it came from.
+
+`datasets`' own JSON reader infers column types across rows and can coerce them (a number among strings turns a
+whole column into numbers) and reports a bad line as a generic "error while generating the dataset". Local files
+are read here instead, so that every problem is one line naming the file, the line and what is wrong:
+an empty file, bytes that are not UTF-8, a line that is not JSON (a half-written last line says so), a line that
+is not a JSON object, or a column whose values change type between rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from spo_align.data.sources import DataSourceError
+
+
+class JsonRowsError(DataSourceError):
+    """A local JSON/JSONL file that cannot be read as rows (file and line in the message)."""
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonRowsError(
+            f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+            "re-encode the file as UTF-8"
+        ) from None
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        kind = _kind(value) or "null"
+        raise JsonRowsError(f"{where}: holds {kind}, expected one JSON object per row")
+    return value
+
+
+def _json_lines(path: Path, data: bytes) -> list[tuple[str, dict[str, Any]]]:
+    rows: list[tuple[str, dict[str, Any]]] = []
+    lines = data.split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        where = f"{path}:{i + 1}"
+        text = _decode(raw, where)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if i == last and not data.endswith(b"\n"):
+                raise JsonRowsError(
+                    f"{where}: the last line is cut off ({exc.msg} at column {exc.colno}): a half-written file? "
+                    "Finish or remove that line"
+                ) from None
+            raise JsonRowsError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        rows.append((where, _object(value, where)))
+    return rows
+
+
+def read_json_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, row object) for every row of a .jsonl file, or of a .json file holding an array of objects
+    (a .json file written as JSON Lines is read as such)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise JsonRowsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not data.strip():
+        raise JsonRowsError(f"{path}: the file is empty (no rows)")
+    if path.suffix.lower() == ".json":
+        text = _decode(data, str(path))
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":
+                raise JsonRowsError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            return _json_lines(path, data)
+        if isinstance(value, dict):
+            return [(f"{path}:1", value)]
+        if not isinstance(value, list):
+            raise JsonRowsError(f"{path}: holds {_kind(value) or 'null'}, expected an array of row objects")
+        return [(f"{path} item {k + 1}", _object(item, f"{path} item {k + 1}")) for k, item in enumerate(value)]
+    return _json_lines(path, data)
+
+
+def check_column_types(rows: list[tuple[str, dict[str, Any]]]) -> None:
+    """Refuse a column whose values change type between rows (null goes with anything)."""
+    first: dict[str, tuple[str, str]] = {}
+    for where, row in rows:
+        for key, value in row.items():
+            kind = _kind(value)
+            if kind is None:
+                continue
+            seen = first.setdefault(key, (kind, where))
+            if seen[0] != kind:
+                raise JsonRowsError(
+                    f"{where}: column {key!r} holds {kind} here but {seen[0]} at {seen[1]}; "
+                    "every row must give a column the same type"
+                )
+
+
+def rows_to_dataset(rows: list[tuple[str, dict[str, Any]]], path: Path, row_column: str) -> Any:
+    """A `datasets.Dataset` of the rows, plus `row_column` holding each row's location."""
+    import datasets
+    import pyarrow as pa
+
+    check_column_types(rows)
+    records = [{**row, row_column: where} for where, row in rows]
+    try:
+        return datasets.Dataset.from_list(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+        raise JsonRowsError(f"{path}: the rows cannot be read as one table ({exc}); check that every row has "
+                            "the same layout") from None
