@@ -44,7 +44,7 @@ def _completion_logps(model, input_ids, attention_mask, completion_mask) -> torc
 
 def test_trl_kto_loss_matches_spo_align_kto_loss_on_a_batch(plan_for, tmp_path):
     """Fails loudly if TRL's KTOTrainer stops computing the paper's KTO (eq. 7 with a detached, clamped z0)."""
-    from trl import KTOConfig, KTOTrainer
+    from trl import KTOConfig
 
     from spo_align.data.kto import load_kto_dataset
     from spo_align.losses import kto_loss

@@ -4,7 +4,9 @@
 whole column into numbers) and reports a bad line as a generic "error while generating the dataset". Local files
 are read here instead, so that every problem is one line naming the file, the line and what is wrong:
 an empty file, bytes that are not UTF-8, a line that is not JSON (a half-written last line says so), a line that
-is not a JSON object, or a column whose values change type between rows.
+is not a JSON object, or a column whose values change type between rows. Message contents given as lists of
+text parts are joined into text here (`spo_align.data.messages.content_text`), so that rows that mix both
+conventions still make one table, and a non-text part is refused with its line.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from spo_align.data.messages import content_text, is_message_list
 from spo_align.data.sources import DataSourceError
 
 
@@ -65,10 +68,10 @@ def _json_lines(path: Path, data: bytes) -> list[tuple[str, dict[str, Any]]]:
         except json.JSONDecodeError as exc:
             if i == last and not data.endswith(b"\n"):
                 raise JsonRowsError(
-                    f"{where}: the last line is cut off ({exc.msg} at column {exc.colno}): a half-written file? "
+                    f"{where}: the last line is cut off ({exc.msg}, column {exc.colno}): a half-written file? "
                     "Finish or remove that line"
                 ) from None
-            raise JsonRowsError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise JsonRowsError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
         rows.append((where, _object(value, where)))
     return rows
 
@@ -89,7 +92,7 @@ def read_json_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             if exc.msg != "Extra data":
-                raise JsonRowsError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise JsonRowsError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
             return _json_lines(path, data)
         if isinstance(value, dict):
             return [(f"{path}:1", value)]
@@ -111,8 +114,27 @@ def check_column_types(rows: list[tuple[str, dict[str, Any]]]) -> None:
             if seen[0] != kind:
                 raise JsonRowsError(
                     f"{where}: column {key!r} holds {kind} here but {seen[0]} at {seen[1]}; "
-                    "every row must give a column the same type"
+                    "every row must give a column the same type (e.g. text in every row, or message lists in every row)"
                 )
+
+
+def _is_part_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(p, dict) and "type" in p for p in value)
+
+
+def join_text_parts(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """The row with every message content (and every answer) given as text parts joined into text."""
+    out = dict(row)
+    for key, value in row.items():
+        if is_message_list(value):
+            out[key] = [
+                {**m, "content": content_text(m["content"], where, f"{key}[{k}].content")}
+                if isinstance(m["content"], list) else m
+                for k, m in enumerate(value)
+            ]
+        elif _is_part_list(value):
+            out[key] = content_text(value, where, key)
+    return out
 
 
 def rows_to_dataset(rows: list[tuple[str, dict[str, Any]]], path: Path, row_column: str) -> Any:
@@ -120,6 +142,7 @@ def rows_to_dataset(rows: list[tuple[str, dict[str, Any]]], path: Path, row_colu
     import datasets
     import pyarrow as pa
 
+    rows = [(where, join_text_parts(row, where)) for where, row in rows]
     check_column_types(rows)
     records = [{**row, row_column: where} for where, row in rows]
     try:
