@@ -28,15 +28,26 @@ app = typer.Typer(
 )
 
 
+# The HTTP clients under the judge: httpcore's DEBUG traces dump raw headers and bytes, so they stay
+# off; httpx logs one INFO line per request, kept for `-v` only.
+_QUIET_LOGGERS = ("httpcore", "httpcore2")
+_VERBOSE_ONLY_LOGGERS = ("httpx", "httpx2")
+
+
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
 ) -> None:
+    from spo_align.eval.redact import redact_handlers
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for name in _QUIET_LOGGERS + (() if verbose else _VERBOSE_ONLY_LOGGERS):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    redact_handlers(logging.getLogger())  # every record that reaches the log is scrubbed of API keys
 
 
 def _register_all() -> None:

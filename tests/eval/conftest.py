@@ -88,7 +88,20 @@ class FakeJudgeServer:
     `rate` 429 twice, `crash` 500 once, `slow` sleeps past the client timeout once, `garbled`
     one reply without a verdict, `hopeless` never a verdict, `down` always 503, `biased` always
     [[A]] (so the verdict flips with the order), `leak` a 400 whose body echoes the Authorization
-    header. Requests without `Bearer <expected_key>` get 401.
+    header. Requests without `Bearer <expected_key>` get 401, whose body echoes what was sent.
+
+    With `echo_key`, the server also hands the key back in every place it can: response headers
+    (including `x-request-id`, which the client logs), every error body, and the text of replies;
+    `leak at N` answers 400 with N dots and then copies of the key back to back (so a cut of the
+    message to a fixed length splits one), and `echo huge` returns a reply many times longer than
+    the stored cap, made of copies of the key, before its verdict.
+
+    Malformed replies (every attempt, HTTP 200 unless said): `html page` an HTML page, `not json`
+    broken JSON, `null content`, `parts content` (a list of content parts), `number content`,
+    `no choices`, `no message`, `array body`, `error body` (an error object with status 200),
+    `bad utf8` (bytes that are not UTF-8), `huge body` (more than 1 MiB), `lone surrogate` (a
+    verdict after an unpaired surrogate escape: readable), `odd usage` (token counts as strings:
+    readable, the counts are dropped).
     """
 
     expected_key: str
@@ -99,10 +112,22 @@ class FakeJudgeServer:
     requested: list[tuple[str, str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
+    echo_key: bool = False
 
-    def reply(self, headers: dict[str, str], body: dict) -> tuple[int, dict, dict[str, str]]:
-        if headers.get("authorization") != f"Bearer {self.expected_key}":
-            return 401, {"error": {"message": "bad key", "type": "invalid_request_error"}}, {}
+    def _echo_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        if not self.echo_key:
+            return {}
+        sent = headers.get("authorization", "")
+        return {"x-request-id": sent, "x-echo-authorization": sent, "openai-organization": sent.removeprefix("Bearer ")}
+
+    def reply(self, headers: dict[str, str], body: dict) -> tuple[int, dict | bytes, dict[str, str]]:
+        status, payload, extra = self._reply(headers, body)
+        return status, payload, {**self._echo_headers(headers), **extra}
+
+    def _reply(self, headers: dict[str, str], body: dict) -> tuple[int, dict | bytes, dict[str, str]]:
+        sent = headers.get("authorization")
+        if sent != f"Bearer {self.expected_key}":
+            return 401, {"error": {"message": f"bad key: {sent}", "type": "invalid_request_error"}}, {}
         user = next(m["content"] for m in body["messages"] if m["role"] == "user")
         match = _ANSWER_RE.search(user)
         assert match, "unexpected prompt shape"
@@ -112,12 +137,19 @@ class FakeJudgeServer:
             self.attempts[key] += 1
             n = self.attempts[key]
             self.requested.append(key)
+        leak_at = re.search(r"leak at (\d+)", q)
+        if leak_at:
+            copies = f"z{self.expected_key}" * 60  # wherever a cut falls, it splits a copy of the key
+            return 400, {"error": {"message": "." * int(leak_at[1]) + copies}}, {}
         if "leak" in q:
-            return 400, {"error": {"message": f"cannot use {headers.get('authorization')}"}}, {}
+            return 400, {"error": {"message": f"cannot use {sent}"}}, {}
+        malformed = self._malformed(q, body["model"])
+        if malformed is not None:
+            return 200, malformed[1], {"content-type": malformed[0]}
         if "rate" in q and n <= 2:
             return 429, {"error": {"message": "slow down"}}, {"retry-after": "0"}
         if "crash" in q and n == 1:
-            return 500, {"error": {"message": "boom"}}, {}
+            return 500, {"error": {"message": "boom" + (f" for {sent}" if self.echo_key else "")}}, {}
         if "down" in q:
             return 503, {"error": {"message": "overloaded"}}, {}
         if "slow" in q and n == 1:
@@ -132,6 +164,12 @@ class FakeJudgeServer:
             else:
                 verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "C"
             text = f"Reason: compared lengths.\n[[{verdict}]]"
+            if "echo huge" in q:
+                text = f"{'z' * 20}{self.expected_key}" * 600 + "\n" + text  # copies of the key across any cut
+            elif self.echo_key:
+                text = f"You sent {sent}; key {self.expected_key}.\n" + text
+            if "lone surrogate" in q:
+                text = "odd \ud800 text\n" + text
             with self.lock:
                 self.verdicts_served[key] += 1
         completion = {
@@ -142,7 +180,32 @@ class FakeJudgeServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": len(user) // 4, "completion_tokens": 7, "total_tokens": len(user) // 4 + 7},
         }
+        if "odd usage" in q:
+            completion["usage"] = {"prompt_tokens": "many", "completion_tokens": None}
         return 200, completion, {}
+
+    @staticmethod
+    def _malformed(q: str, model: str) -> tuple[str, bytes] | None:
+        """A 200 reply that is not a readable chat completion, chosen by a phrase in the question."""
+        def completion(message: object, **extra: object) -> bytes:
+            choice = {"index": 0, "finish_reason": "stop", **({} if message is None else {"message": message})}
+            return json.dumps({"id": "c", "object": "chat.completion", "model": model, "choices": [choice], **extra}).encode()
+
+        json_type = "application/json"
+        shapes: dict[str, tuple[str, bytes]] = {
+            "html page": ("text/html", b"<!DOCTYPE html><html><body><h1>502 Bad Gateway</h1></body></html>"),
+            "not json": (json_type, b'{"choices": [{"message": '),
+            "null content": (json_type, completion({"role": "assistant", "content": None})),
+            "parts content": (json_type, completion({"role": "assistant", "content": [{"type": "text", "text": "[[A]]"}]})),
+            "number content": (json_type, completion({"role": "assistant", "content": 7})),
+            "no choices": (json_type, json.dumps({"id": "c", "object": "chat.completion", "choices": []}).encode()),
+            "no message": (json_type, completion(None)),
+            "array body": (json_type, b"[1, 2, 3]"),
+            "error body": (json_type, json.dumps({"error": {"message": "model overloaded", "code": 503}}).encode()),
+            "bad utf8": (json_type, b'{"choices": [{"message": {"content": "\xff\xfe [[A]]"}}]}'),
+            "huge body": (json_type, completion({"role": "assistant", "content": "w" * (2 << 20) + " [[A]]"})),
+        }
+        return next((shape for phrase, shape in shapes.items() if phrase in q), None)
 
 
 def _handler(server_state: FakeJudgeServer) -> type[BaseHTTPRequestHandler]:
@@ -157,10 +220,10 @@ def _handler(server_state: FakeJudgeServer) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             headers = {k.lower(): v for k, v in self.headers.items()}
             status, payload, extra = server_state.reply(headers, body)
-            data = json.dumps(payload).encode()
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            extra = {"content-type": "application/json", **extra}
             try:
                 self.send_response(status)
-                self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 for k, v in extra.items():
                     self.send_header(k, v)

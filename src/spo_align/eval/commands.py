@@ -7,7 +7,6 @@ judgments, 2 usage error (typer's own).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,31 +108,20 @@ def judge_command(
     """Judge every pair of models on every prompt, in both orders."""
     model_names = _split_models(models)
     with _one_line_errors():
-        from spo_align.eval.judge import Judge, judge_all, plan_judging
+        from spo_align.eval.judge import judge_all, plan_judging
+        from spo_align.eval.judge_factory import make_judge
 
-        # The HTTP client logs one INFO line per request; keep them for `spo -v` only.
-        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-            for name in ("httpx", "httpx2"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-        judge: Judge
-        if judge_model == REFERENCE_JUDGE:
-            from spo_align.eval.reference_judge import ReferenceJudge
-
-            judge = ReferenceJudge()
-        else:
-            from spo_align.eval.judge_client import OpenAIJudge
-            from spo_align.eval.judge_parse import load_judge_prompt
-
-            judge = OpenAIJudge(
-                judge_model,
-                base_url=base_url,
-                api_key_env=api_key_env,
-                prompt=load_judge_prompt(prompt),
-                timeout_s=timeout,
-                max_attempts=max_attempts,
-                parse_retries=parse_retries,
-                max_tokens=max_tokens,
-            )
+        judge = make_judge(
+            "reference" if judge_model == REFERENCE_JUDGE else "openai",
+            judge_model,
+            base_url=base_url,
+            api_key_env=api_key_env,
+            prompt=prompt,
+            timeout_s=timeout,
+            max_attempts=max_attempts,
+            parse_retries=parse_retries,
+            max_tokens=max_tokens,
+        )
         if dry_run:
             plan = plan_judging(gen_dir, judge, out, models=model_names, retry_errors=retry_errors)
             typer.echo(

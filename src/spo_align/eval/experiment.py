@@ -382,14 +382,9 @@ def run_stage(step: StageStep, starts_from: Path | None = None) -> tuple[float, 
 
 
 def _judge(section: JudgeSection) -> Any:
-    if section.type == "reference":
-        from spo_align.eval.reference_judge import ReferenceJudge
+    from spo_align.eval.judge_factory import make_judge
 
-        return ReferenceJudge()
-    from spo_align.eval.judge_client import OpenAIJudge
-
-    assert section.model is not None
-    return OpenAIJudge(section.model, base_url=section.base_url, api_key_env=section.api_key_env)
+    return make_judge(section.type, section.model, base_url=section.base_url, api_key_env=section.api_key_env)
 
 
 def evaluate_seed(experiment: LoadedExperiment, seed: int, prompts: Sequence[Any], judge: Any) -> Path:

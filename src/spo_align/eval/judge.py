@@ -28,8 +28,16 @@ from pathlib import Path
 from typing import Protocol
 
 from spo_align.eval.judge_parse import Verdict
-from spo_align.eval.judge_store import JudgmentKey, JudgmentRecord, JudgmentStore, latest_by_key
+from spo_align.eval.judge_store import (
+    MAX_ERROR_CHARS,
+    MAX_STORED_REPLY_CHARS,
+    JudgmentKey,
+    JudgmentRecord,
+    JudgmentStore,
+    latest_by_key,
+)
 from spo_align.eval.records import EvalInputError, PromptRow, read_generation_file
+from spo_align.eval.redact import clip
 
 logger = logging.getLogger(__name__)
 
@@ -219,14 +227,22 @@ def plan_judging(
     )
 
 
+def _stored(text: str | None, limit: int) -> str | None:
+    return None if text is None else clip(text, limit)
+
+
 def _record(key: JudgmentKey, result: JudgeResult | JudgeCallError, source: str = "judge") -> JudgmentRecord:
+    """The one way a judgment is made into a record: the reply and error are redacted, then cut to length."""
     if isinstance(result, JudgeCallError):
-        return JudgmentRecord(*key, status="error", verdict=None, reply=result.reply, error=result.message, attempts=result.attempts)
+        return JudgmentRecord(
+            *key, status="error", verdict=None, reply=_stored(result.reply, MAX_STORED_REPLY_CHARS),
+            error=clip(result.message, MAX_ERROR_CHARS, one_line=True), attempts=result.attempts,
+        )
     return JudgmentRecord(
         *key,
         status="ok",
         verdict=result.verdict,
-        reply=result.reply,
+        reply=_stored(result.reply, MAX_STORED_REPLY_CHARS),
         attempts=result.attempts,
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
@@ -235,10 +251,16 @@ def _record(key: JudgmentKey, result: JudgeResult | JudgeCallError, source: str 
 
 
 def _call(judge: Judge, item: JudgeItem) -> JudgeResult | JudgeCallError:
+    """One judgment; whatever goes wrong with it short of JudgeFatalError is recorded, and the run goes on."""
     try:
         return judge.judge(item)
     except JudgeCallError as exc:
         return exc
+    except JudgeFatalError:
+        raise
+    except Exception as exc:  # a judge that failed in a way it did not foresee: this judgment only
+        logger.debug("prompt %s: the judge raised %s", item.prompt_id, type(exc).__name__, exc_info=True)
+        return JudgeCallError(f"{type(exc).__name__}: {exc}", attempts=1)
 
 
 def judge_all(

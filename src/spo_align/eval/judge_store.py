@@ -3,8 +3,13 @@
 A judgment is keyed by (prompt id, model shown as A, model shown as B, judge model, prompt
 version); the pair of models and the order are both in (model_a, model_b). A rerun reads the file
 and skips keys that already hold an `ok` judgment. A run killed mid-write leaves a truncated last
-line: reading ignores it, and opening the store for appending cuts it off first, so the file stays
-valid JSONL. A bad line anywhere else is corruption and is reported with its line number.
+line (possibly cut inside a UTF-8 character): reading ignores it with a warning, and opening the
+store for appending cuts it off first, so the file stays valid JSONL. A bad line anywhere else (not
+UTF-8, not JSON, a field missing, null or of the wrong type) is corruption: an `EvalInputError`
+naming the file, the line and the field.
+
+A record's `reply` holds at most MAX_STORED_REPLY_CHARS characters and its `error` at most
+MAX_ERROR_CHARS, both redacted of API keys before they are cut (see `judge._record`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,19 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from spo_align.eval.judge_parse import Verdict
-from spo_align.eval.records import EvalInputError
+from spo_align.eval.records import (
+    EvalInputError,
+    field_count,
+    field_id,
+    field_optional_text,
+    field_text,
+    json_kind,
+)
 
 logger = logging.getLogger(__name__)
+
+MAX_STORED_REPLY_CHARS = 8000  # about 2,000 tokens: any judge reply written to the prompt's format
+MAX_ERROR_CHARS = 300  # one line
 
 Status = Literal["ok", "error"]
 Source = Literal["judge", "identical"]
@@ -71,30 +86,33 @@ class JudgmentRecord:
 
     @classmethod
     def from_json_obj(cls, obj: dict[str, Any], path: Path, line: int) -> JudgmentRecord:
-        try:
-            record = cls(
-                prompt_id=str(obj["prompt_id"]),
-                model_a=obj["model_a"],
-                model_b=obj["model_b"],
-                judge_model=obj["judge_model"],
-                prompt_version=obj["prompt_version"],
-                status=obj["status"],
-                verdict=obj.get("verdict"),
-                reply=obj.get("reply"),
-                error=obj.get("error"),
-                attempts=int(obj.get("attempts", 1)),
-                prompt_tokens=obj.get("prompt_tokens"),
-                completion_tokens=obj.get("completion_tokens"),
-                source=obj.get("source", "judge"),
-            )
-        except KeyError as exc:
-            raise EvalInputError(f"judgment lacks field {exc.args[0]!r}", path, line) from None
-        except (TypeError, ValueError) as exc:
-            raise EvalInputError(f"bad judgment: {exc}", path, line) from None
-        if record.status not in ("ok", "error"):
-            raise EvalInputError(f"status must be 'ok' or 'error', got {record.status!r}", path, line)
-        if (record.status == "ok") != (record.verdict in ("A", "B", "C")):
-            raise EvalInputError(f"status {record.status!r} with verdict {record.verdict!r}", path, line)
+        """The record on `line` of `path`, every field checked (an EvalInputError names the field)."""
+        status = field_text(obj, "status", path, line)
+        if status not in ("ok", "error"):
+            raise EvalInputError(f"status must be 'ok' or 'error', got {status!r}", path, line)
+        verdict = obj.get("verdict")
+        if verdict not in (None, "A", "B", "C"):
+            raise EvalInputError(f"'verdict' must be 'A', 'B', 'C' or null, got {verdict!r:.40}", path, line)
+        if (status == "ok") != (verdict is not None):
+            raise EvalInputError(f"status {status!r} with verdict {verdict!r}", path, line)
+        source = field_optional_text(obj, "source", path, line) or "judge"
+        if source not in ("judge", "identical"):
+            raise EvalInputError(f"'source' must be 'judge' or 'identical', got {source!r}", path, line)
+        record = cls(
+            prompt_id=field_id(obj, "prompt_id", path, line),
+            model_a=field_text(obj, "model_a", path, line, nonempty=True),
+            model_b=field_text(obj, "model_b", path, line, nonempty=True),
+            judge_model=field_text(obj, "judge_model", path, line, nonempty=True),
+            prompt_version=field_text(obj, "prompt_version", path, line, nonempty=True),
+            status=status,  # type: ignore[arg-type]
+            verdict=verdict,
+            reply=field_optional_text(obj, "reply", path, line),
+            error=field_optional_text(obj, "error", path, line),
+            attempts=field_count(obj, "attempts", path, line, default=1, nullable=False) or 0,
+            prompt_tokens=field_count(obj, "prompt_tokens", path, line),
+            completion_tokens=field_count(obj, "completion_tokens", path, line),
+            source=source,  # type: ignore[arg-type]
+        )
         if record.model_a == record.model_b:
             raise EvalInputError("model_a and model_b are the same model", path, line)
         return record
@@ -115,14 +133,17 @@ def _scan(path: Path) -> tuple[list[JudgmentRecord], int]:
         end = offset + len(raw) + (0 if is_last else 1)
         if raw.strip():
             try:
-                obj = json.loads(raw)
-                if not isinstance(obj, dict):
-                    raise ValueError("not an object")
-            except ValueError:
+                obj = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+                problem = None if isinstance(obj, dict) else f"{json_kind(obj)}, not an object"
+            except UnicodeDecodeError as exc:
+                problem = f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+            except (ValueError, RecursionError):
+                problem = "not JSON"
+            if problem is not None:
                 if is_last:  # no newline after it: the write was cut off
                     logger.warning("%s:%d: ignoring a truncated last line (an interrupted run)", path, number)
                     break
-                raise EvalInputError("not a valid judgment line", path, number) from None
+                raise EvalInputError(f"not a valid judgment line ({problem})", path, number) from None
             records.append(JudgmentRecord.from_json_obj(obj, path, number))
         good_end = end
         offset = end

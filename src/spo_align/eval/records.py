@@ -69,32 +69,98 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def json_kind(value: object) -> str:
+    """The JSON name of a value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _valid_unicode(text: str, path: Path, line: int, key: str) -> str:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EvalInputError(f"'{key}' holds an unpaired surrogate escape, which is not valid Unicode", path, line) from None
+    return text
+
+
+def field_id(obj: Mapping[str, Any], key: str, path: Path, line: int) -> str:
+    """A required, non-empty identifier: a string, or an integer (read as its decimal text)."""
+    if key not in obj:
+        raise EvalInputError(f"missing '{key}'", path, line)
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise EvalInputError(f"'{key}' must be a string or an integer, not {json_kind(value)}", path, line)
+    text = _valid_unicode(str(value), path, line, key)
+    if not text:
+        raise EvalInputError(f"'{key}' must not be empty", path, line)
+    return text
+
+
+def field_text(obj: Mapping[str, Any], key: str, path: Path, line: int, *, nonempty: bool = False) -> str:
+    """A required string field."""
+    if key not in obj:
+        raise EvalInputError(f"missing '{key}'", path, line)
+    value = obj[key]
+    if not isinstance(value, str):
+        raise EvalInputError(f"'{key}' must be a string, not {json_kind(value)}", path, line)
+    if nonempty and not value:
+        raise EvalInputError(f"'{key}' must not be empty", path, line)
+    return _valid_unicode(value, path, line, key)
+
+
+def field_optional_text(obj: Mapping[str, Any], key: str, path: Path, line: int) -> str | None:
+    """A string field that may be absent or null (None)."""
+    return None if obj.get(key) is None else field_text(obj, key, path, line)
+
+
+def field_count(obj: Mapping[str, Any], key: str, path: Path, line: int, default: int | None = None,
+                nullable: bool = True) -> int | None:
+    """A non-negative integer field; absent gives `default`, null gives None when `nullable`."""
+    if key not in obj:
+        return default
+    value = obj[key]
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        shown = json.dumps(value, ensure_ascii=False, default=repr)
+        raise EvalInputError(f"'{key}' must be a non-negative integer, got {shown:.40}", path, line)
+    return value
+
+
 def _iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each non-blank line of a JSONL file, which must be UTF-8 and hold one JSON object.
+
+    Lines end at a newline only: a raw U+2028 or U+0085 inside a JSON string is text, not a line break."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise EvalInputError("file not found", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvalInputError(f"cannot read: {exc}", path) from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    except IsADirectoryError:
+        raise EvalInputError("is a directory, not a file", path) from None
+    except OSError as exc:
+        raise EvalInputError(f"cannot read: {exc.strerror or exc}", path) from None
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EvalInputError(f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})", path, number) from None
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise EvalInputError(f"not valid JSON ({exc.msg} at column {exc.colno})", path, number) from None
+        except RecursionError:
+            raise EvalInputError("not valid JSON (nested too deeply)", path, number) from None
         if not isinstance(obj, dict):
-            raise EvalInputError("each line must be a JSON object", path, number)
+            raise EvalInputError(f"each line must be a JSON object, not {json_kind(obj)}", path, number)
         yield number, obj
-
-
-def _id_value(value: Any, path: Path, line: int, key: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise EvalInputError(f"'{key}' must be a string or an integer", path, line)
-    text = str(value)
-    if not text:
-        raise EvalInputError(f"'{key}' must not be empty", path, line)
-    return text
 
 
 def _optional_text(value: Any, path: Path, line: int, key: str) -> str | None:
@@ -102,7 +168,7 @@ def _optional_text(value: Any, path: Path, line: int, key: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise EvalInputError(f"'{key}' must be a string or a number", path, line)
-    return str(value)
+    return _valid_unicode(str(value), path, line, key)
 
 
 def read_prompt_jsonl(path: Path, n: int | None = None) -> list[PromptRow]:
@@ -110,15 +176,14 @@ def read_prompt_jsonl(path: Path, n: int | None = None) -> list[PromptRow]:
     rows: list[PromptRow] = []
     seen: dict[str, int] = {}
     for line, obj in _iter_json_objects(path):
-        if "id" not in obj:
-            raise EvalInputError("missing 'id'", path, line)
+        row_id = field_id(obj, "id", path, line)
         if not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
             raise EvalInputError("'prompt' must be a non-empty string", path, line)
-        row_id = _id_value(obj["id"], path, line, "id")
+        prompt = _valid_unicode(obj["prompt"], path, line, "prompt")
         if row_id in seen:
             raise EvalInputError(f"duplicate id {row_id!r} (first on line {seen[row_id]})", path, line)
         seen[row_id] = line
-        rows.append(PromptRow(row_id, obj["prompt"], _optional_text(obj.get("reference"), path, line, "reference")))
+        rows.append(PromptRow(row_id, prompt, _optional_text(obj.get("reference"), path, line, "reference")))
         if n is not None and len(rows) >= n:
             break
     if not rows:
@@ -127,28 +192,29 @@ def read_prompt_jsonl(path: Path, n: int | None = None) -> list[PromptRow]:
 
 
 def read_generation_file(path: Path) -> list[GenerationRecord]:
-    """Read one model's generation file, checking every line has the fields the judge needs."""
+    """Read one model's generation file, checking every line has the fields the judge needs.
+
+    Generation files are written whole (temporary file, then rename), so an interrupted run never
+    leaves a torn line: every bad line, the last one included, is an error with its line number."""
     records: list[GenerationRecord] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for line, obj in _iter_json_objects(path):
-        for key in ("model", "prompt_id", "prompt", "response"):
-            if key not in obj:
-                raise EvalInputError(f"missing '{key}' (is this a generation file?)", path, line)
-        if not all(isinstance(obj[k], str) for k in ("model", "prompt", "response")):
-            raise EvalInputError("'model', 'prompt' and 'response' must be strings", path, line)
-        prompt_id = _id_value(obj["prompt_id"], path, line, "prompt_id")
+        missing = [key for key in ("model", "prompt_id", "prompt", "response") if key not in obj]
+        if missing:
+            raise EvalInputError(f"missing '{missing[0]}' (is this a generation file?)", path, line)
+        prompt_id = field_id(obj, "prompt_id", path, line)
         if prompt_id in seen:
-            raise EvalInputError(f"duplicate prompt_id {prompt_id!r}", path, line)
-        seen.add(prompt_id)
+            raise EvalInputError(f"duplicate prompt_id {prompt_id!r} (first on line {seen[prompt_id]})", path, line)
+        seen[prompt_id] = line
         settings = obj.get("settings", {})
         if not isinstance(settings, dict):
-            raise EvalInputError("'settings' must be an object", path, line)
+            raise EvalInputError(f"'settings' must be an object, not {json_kind(settings)}", path, line)
         records.append(
             GenerationRecord(
-                model=obj["model"],
+                model=field_text(obj, "model", path, line),
                 prompt_id=prompt_id,
-                prompt=obj["prompt"],
-                response=obj["response"],
+                prompt=field_text(obj, "prompt", path, line),
+                response=field_text(obj, "response", path, line),
                 reference=_optional_text(obj.get("reference"), path, line, "reference"),
                 settings=settings,
             )
