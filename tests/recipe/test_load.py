@@ -233,3 +233,63 @@ def test_hidden_folders_are_not_searched(tmp_path: Path) -> None:
     write(tmp_path / ".ipynb_checkpoints" / "r-checkpoint.yaml", "junk: [")
     found, missing = find_recipe_files([tmp_path])
     assert [p.name for p in found] == ["r.yaml"] and not missing
+
+
+# ---------------------------------------------------------------- a tagged section without its tag
+
+
+def test_a_typo_of_type_is_reported_at_its_own_line_with_did_you_mean(tmp_path: Path) -> None:
+    text = VALID.replace("  type: spo\n", "  tpye: kto\n")
+    (error,) = errors_of(write(tmp_path / "r.yaml", text))
+    assert (error.line, error.key_path) == (10, "loss.tpye")
+    assert "unknown key 'tpye' in 'loss' (did you mean 'type'?)" in error.message
+    assert "spo, dpo, ipo, kto" in error.message
+
+
+def test_a_typo_of_type_from_set_names_the_override(tmp_path: Path) -> None:
+    text = VALID.replace("loss:\n  type: spo\n  beta: 0.1\n", "")
+    (error,) = errors_of(write(tmp_path / "r.yaml", text), ("loss.tyep=dpo",))
+    assert error.key_path == "loss.tyep" and "did you mean 'type'?" in error.message
+    assert "[from --set loss.tyep=dpo]" in error.message
+
+
+def test_an_untagged_section_reports_each_unknown_key_and_the_missing_type(tmp_path: Path) -> None:
+    text = VALID.replace("  type: spo\n  beta: 0.1\n", "  beta: 0.1\n  colour: red\n")
+    errors = errors_of(write(tmp_path / "r.yaml", text))
+    assert {(e.line, e.key_path) for e in errors} == {(9, "loss"), (11, "loss.colour")}
+    assert any("needs a 'type' key" in e.message for e in errors)
+
+
+# ---------------------------------------------------------------- strict types
+
+
+@pytest.mark.parametrize(
+    ("key", "written", "fragment"),
+    [
+        ("training.max_steps", "true", "got true, a boolean: booleans are not numbers"),
+        ("loss.beta", "true", "got true, a boolean: booleans are not numbers"),
+        ("training.seed", "'7'", "got '7', quoted text: write the number without quotes"),
+        ("training.per_device_batch_size", "2.0", "write a whole number"),
+        ("data.packing", "1", "got 1: write true or false"),
+        ("data.shuffle", "'true'", "write true or false"),
+        ("model.revision", "1234567", "got 1234567, a number: put it in quotes if you mean the text"),
+        ("data.train.0.split", "2024", "a number: put it in quotes"),
+        ("output.dir", "2024", "a number: put it in quotes"),
+        ("model.trust_remote_code", "1", "write true or false"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_converted(tmp_path: Path, key: str, written: str, fragment: str) -> None:
+    """Through --set here; the same values written in a file are in the broken-recipe corpus
+    (boolean_as_number.yaml, number_as_text.yaml)."""
+    (error,) = errors_of(write(tmp_path / "r.yaml", VALID), (f"{key}={written}",))
+    assert error.key_path == key and fragment in error.message and f"--set {key}={written}" in error.message
+
+
+def test_harmless_spellings_are_kept(tmp_path: Path) -> None:
+    """An integer where a float is expected, and exponent floats that YAML 1.1 would read as text."""
+    text = VALID.replace("learning_rate: 1.0e-6", "learning_rate: 5e-7\n  num_epochs: 3\n  warmup_ratio: 0")
+    recipe = load_recipe(write(tmp_path / "r.yaml", text), ["loss.beta=1e-1", "training.max_grad_norm=1.0e0"])
+    assert recipe.training.learning_rate == 5e-7 and recipe.training.num_epochs == 3.0
+    assert isinstance(recipe.training.num_epochs, float) and recipe.training.warmup_ratio == 0.0
+    assert isinstance(recipe.loss, SPOLoss) and recipe.loss.beta == 0.1 and recipe.training.max_grad_norm == 1.0
+    assert load_recipe(write(tmp_path / "q.yaml", VALID), ["model.revision='1234567'"]).model.revision == "1234567"

@@ -24,7 +24,7 @@ from spo_align.recipe.checks import check_recipe
 from spo_align.recipe.errors import RecipeError, RecipeErrors
 from spo_align.recipe.locate import findings_to_errors, make_error, validation_errors
 from spo_align.recipe.schema import Recipe
-from spo_align.recipe.yaml_positions import KeyPath, Loc, Positions, dotted, read_yaml_file
+from spo_align.recipe.yaml_positions import KeyPath, Loc, Positions, dotted, parse_yaml_value, read_yaml_file
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
@@ -121,7 +121,7 @@ def _parse_override(raw: str) -> tuple[list[str], Any]:
     if any(not part for part in parts):
         raise ValueError(f"bad key path {key.strip()!r}")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = parse_yaml_value(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ValueError(f"cannot read value {value!r} as YAML: {getattr(exc, 'problem', exc)}") from None
     return parts, parsed
