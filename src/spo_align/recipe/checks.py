@@ -8,11 +8,11 @@ them into errors located at the YAML line of that key. A message says what is wr
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from spo_align.recipe.paths import overlap_findings
 from spo_align.recipe.schema import KTOLoss, Recipe
 
 KeyPath = tuple[str | int, ...]
@@ -200,13 +200,7 @@ def _deepspeed_agrees(recipe: Recipe, config: dict[str, Any]) -> Iterator[Findin
 
 
 def output(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
-    out = os.path.normpath(str(recipe.output.dir))
-    for key, value in (("model", recipe.model.name_or_path), ("reference", recipe.reference.model)):
-        if value is not None and os.path.normpath(value) == out:
-            yield ("output", "dir"), (
-                f"output.dir is the {key} the run starts from ({value}); the run would overwrite it. "
-                "Give this run its own folder"
-            )
+    yield from overlap_findings(recipe, base_dir)
     report = recipe.output.report_to
     if "none" in report and len(report) > 1:
         yield ("output", "report_to"), "'none' cannot be combined with other loggers"
