@@ -430,3 +430,27 @@ def test_output_dir_beside_the_model_is_fine(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     _, dpo = _chain(tmp_path, "outputs/sft")
     assert load_recipe(dpo, ("output.dir=outputs/sft-dpo",)).output.dir == Path("outputs/sft-dpo")
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_float16_trains_only_with_float32_weights_to_update(tmp_path: Path) -> None:
+    """Full fine-tuning in float16 is refused without DeepSpeed; LoRA (float32 adapters) and DeepSpeed with
+    fp16 on (float32 masters) train; bfloat16 is never refused here."""
+    path = write(tmp_path / "r.yaml", VALID)
+    (error,) = errors_of(path, ("model.dtype=float16",))
+    assert (error.line, error.key_path) == (None, "model.dtype") and "bfloat16" in error.message
+    assert "[from --set model.dtype=float16]" in error.message
+    (tmp_path / "auto.json").write_text('{"fp16": {"enabled": "auto"}, "zero_optimization": {"stage": 3}}')
+    (tmp_path / "none.json").write_text('{"zero_optimization": {"stage": 2}}')
+    (tmp_path / "off.json").write_text('{"fp16": {"enabled": false}}')
+    for overrides in (
+        ("model.dtype=float16", "adapter={type: lora}"),
+        ("model.dtype=float16", "distributed.deepspeed=auto.json"),
+        ("model.dtype=float16", "distributed.deepspeed=none.json"),
+        ("model.dtype=bfloat16",),
+    ):
+        load_recipe(path, overrides)
+    (error,) = errors_of(path, ("model.dtype=float16", "adapter={type: lora}", "distributed.deepspeed=off.json"))
+    assert error.key_path == "distributed.deepspeed" and "disables fp16" in error.message

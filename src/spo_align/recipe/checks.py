@@ -125,6 +125,15 @@ def precision(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
         )
     if recipe.adapter is not None and recipe.adapter.type == "qlora" and model.dtype == "float32":
         yield ("model", "dtype"), "QLoRA computes in bfloat16/float16 over a 4-bit base; float32 is not supported"
+    if model.dtype == "float16" and recipe.adapter is None and recipe.distributed.deepspeed is None:
+        # The fp16 gradient scaler refuses float16 weights at the first clip ("Attempting to unscale FP16
+        # gradients"). LoRA trains float32 adapter weights (peft upcasts them); DeepSpeed keeps float32 masters.
+        yield ("model", "dtype"), (
+            "float16 full fine-tuning cannot train: on CUDA the fp16 gradient scaler stops at the first step "
+            "(\"Attempting to unscale FP16 gradients\"), and without it float16 weights and optimizer states "
+            "underflow. Use dtype bfloat16, or a LoRA adapter (its weights train in float32), or a DeepSpeed "
+            'config with fp16 "enabled": "auto" (it keeps float32 master weights)'
+        )
 
 
 def adapter(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
@@ -195,6 +204,10 @@ def _deepspeed_agrees(recipe: Recipe, config: dict[str, Any]) -> Iterator[Findin
         section = config.get(key)
         if isinstance(section, dict) and section.get("enabled") is True and dtype == wrong:
             yield where, f"the DeepSpeed config enables {key} but model.dtype is {dtype}; use \"enabled\": \"auto\""
+    fp16 = config.get("fp16")
+    if dtype == "float16" and isinstance(fp16, dict) and "enabled" in fp16 and fp16["enabled"] not in (True, "auto"):
+        # transformers refuses a DeepSpeed fp16 setting that contradicts its fp16 flag (set by float16 on CUDA).
+        yield where, 'the DeepSpeed config disables fp16 but model.dtype is float16; use "enabled": "auto"'
     if zero_stage_of(config) not in (0, 1, 2, 3):
         yield where, "zero_optimization.stage must be 0, 1, 2 or 3"
 
