@@ -62,12 +62,16 @@ def test_every_error_of_a_file_is_reported_at_once_with_its_line(tmp_path: Path)
 
 
 def test_errors_of_many_files_are_collected(tmp_path: Path) -> None:
+    write(tmp_path / "pairs.jsonl", "{}\n")  # validation checks that local dataset files exist
     good = write(tmp_path / "good.yaml", VALID)
     bad1 = write(tmp_path / "bad1.yaml", VALID.replace("beta: 0.1", "beta: -1"))
     bad2 = write(tmp_path / "bad2.yaml", "")
     valid, errors = validate_files([good, bad1, bad2])
     assert valid == 1
-    assert {Path(e.file).name for e in errors} == {"bad1.yaml", "bad2.yaml"}
+    assert {Path(e.file).name for e in errors if e.severity == "error"} == {"bad1.yaml", "bad2.yaml"}
+    assert [(Path(e.file).name, e.key_path) for e in errors if e.severity == "warning"] == [
+        ("good.yaml", "model.name_or_path")  # outputs/sft: an earlier stage's output, not written yet
+    ]
 
 
 def test_extends_deep_merges_mappings_and_replaces_lists(tmp_path: Path) -> None:
@@ -233,3 +237,220 @@ def test_hidden_folders_are_not_searched(tmp_path: Path) -> None:
     write(tmp_path / ".ipynb_checkpoints" / "r-checkpoint.yaml", "junk: [")
     found, missing = find_recipe_files([tmp_path])
     assert [p.name for p in found] == ["r.yaml"] and not missing
+
+
+# ---------------------------------------------------------------- a tagged section without its tag
+
+
+def test_a_typo_of_type_is_reported_at_its_own_line_with_did_you_mean(tmp_path: Path) -> None:
+    text = VALID.replace("  type: spo\n", "  tpye: kto\n")
+    (error,) = errors_of(write(tmp_path / "r.yaml", text))
+    assert (error.line, error.key_path) == (10, "loss.tpye")
+    assert "unknown key 'tpye' in 'loss' (did you mean 'type'?)" in error.message
+    assert "spo, dpo, ipo, kto" in error.message
+
+
+def test_a_typo_of_type_from_set_names_the_override(tmp_path: Path) -> None:
+    text = VALID.replace("loss:\n  type: spo\n  beta: 0.1\n", "")
+    (error,) = errors_of(write(tmp_path / "r.yaml", text), ("loss.tyep=dpo",))
+    assert error.key_path == "loss.tyep" and "did you mean 'type'?" in error.message
+    assert "[from --set loss.tyep=dpo]" in error.message
+
+
+def test_an_untagged_section_reports_each_unknown_key_and_the_missing_type(tmp_path: Path) -> None:
+    text = VALID.replace("  type: spo\n  beta: 0.1\n", "  beta: 0.1\n  colour: red\n")
+    errors = errors_of(write(tmp_path / "r.yaml", text))
+    assert {(e.line, e.key_path) for e in errors} == {(9, "loss"), (11, "loss.colour")}
+    assert any("needs a 'type' key" in e.message for e in errors)
+
+
+# ---------------------------------------------------------------- strict types
+
+
+@pytest.mark.parametrize(
+    ("key", "written", "fragment"),
+    [
+        ("training.max_steps", "true", "got true, a boolean: booleans are not numbers"),
+        ("loss.beta", "true", "got true, a boolean: booleans are not numbers"),
+        ("training.seed", "'7'", "got '7', quoted text: write the number without quotes"),
+        ("training.per_device_batch_size", "2.0", "write a whole number"),
+        ("data.packing", "1", "got 1: write true or false"),
+        ("data.shuffle", "'true'", "write true or false"),
+        ("model.revision", "1234567", "got 1234567, a number: put it in quotes if you mean the text"),
+        ("data.train.0.split", "2024", "a number: put it in quotes"),
+        ("output.dir", "2024", "a number: put it in quotes"),
+        ("model.trust_remote_code", "1", "write true or false"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_not_converted(tmp_path: Path, key: str, written: str, fragment: str) -> None:
+    """Through --set here; the same values written in a file are in the broken-recipe corpus
+    (boolean_as_number.yaml, number_as_text.yaml)."""
+    (error,) = errors_of(write(tmp_path / "r.yaml", VALID), (f"{key}={written}",))
+    assert error.key_path == key and fragment in error.message and f"--set {key}={written}" in error.message
+
+
+def test_harmless_spellings_are_kept(tmp_path: Path) -> None:
+    """An integer where a float is expected, and exponent floats that YAML 1.1 would read as text."""
+    text = VALID.replace("learning_rate: 1.0e-6", "learning_rate: 5e-7\n  num_epochs: 3\n  warmup_ratio: 0")
+    recipe = load_recipe(write(tmp_path / "r.yaml", text), ["loss.beta=1e-1", "training.max_grad_norm=1.0e0"])
+    assert recipe.training.learning_rate == 5e-7 and recipe.training.num_epochs == 3.0
+    assert isinstance(recipe.training.num_epochs, float) and recipe.training.warmup_ratio == 0.0
+    assert isinstance(recipe.loss, SPOLoss) and recipe.loss.beta == 0.1 and recipe.training.max_grad_norm == 1.0
+    assert load_recipe(write(tmp_path / "q.yaml", VALID), ["model.revision='1234567'"]).model.revision == "1234567"
+
+
+# ---------------------------------------------------------------- local paths that do not exist
+
+
+def _chain(tmp_path: Path, model: str, sft_folder: str = "recipes") -> tuple[Path, Path]:
+    """An SFT recipe writing outputs/sft and a preference recipe starting from `model`, with real data files."""
+    write(tmp_path / "recipes" / "pairs.jsonl", '{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    write(tmp_path / sft_folder / "chat.jsonl", '{"messages": []}\n')
+    sft = write(
+        tmp_path / sft_folder / "sft.yaml",
+        "stage: sft\nmodel:\n  name_or_path: tiny:arith\ndata:\n  train:\n    - path: chat.jsonl\n"
+        "training:\n  learning_rate: 1.0e-5\noutput:\n  dir: outputs/sft\n",
+    )
+    dpo = write(tmp_path / "recipes" / "dpo.yaml", VALID.replace("name_or_path: outputs/sft", f"name_or_path: {model}"))
+    return sft, dpo
+
+
+def errors_of_required(path: Path, overrides: tuple[str, ...] = ()) -> list[RecipeError]:
+    with pytest.raises(RecipeErrors) as caught:
+        load_recipe(path, overrides, require_local_paths=True)
+    return caught.value.errors
+
+
+def test_train_refuses_a_missing_local_model_at_its_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, dpo = _chain(tmp_path, "./outputs/sft")
+    assert load_recipe(dpo).model.name_or_path == "./outputs/sft"  # the library loads a chain before it runs
+    (error,) = errors_of_required(dpo)
+    assert (error.line, error.key_path) == (3, "model.name_or_path")
+    assert "model folder './outputs/sft' does not exist" in error.message
+    assert str(tmp_path / "outputs" / "sft") in error.message and "run the stage that writes it first" in error.message
+    (tmp_path / "outputs" / "sft").mkdir(parents=True)
+    assert load_recipe(dpo, require_local_paths=True).model.name_or_path == "./outputs/sft"
+
+
+def test_train_refuses_missing_tokenizer_reference_and_dataset_and_names_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    _, dpo = _chain(tmp_path, "./models/base")
+    errors = errors_of_required(
+        dpo, ("model.tokenizer=./models/bsae", "reference.model=/nowhere/ref", "data.train.0.path=./pairs.jsnol")
+    )
+    found = {e.key_path: e.message for e in errors}
+    assert set(found) == {"model.tokenizer", "reference.model", "data.train.0.path"}
+    assert "tokenizer folder './models/bsae' does not exist (did you mean 'base'?)" in found["model.tokenizer"]
+    assert "[from --set model.tokenizer=./models/bsae]" in found["model.tokenizer"]
+    assert "reference model folder '/nowhere/ref' does not exist" in found["reference.model"]
+    assert "dataset './pairs.jsnol' not found (did you mean 'pairs.jsonl'?)" in found["data.train.0.path"]
+    assert "relative to the recipe file" in found["data.train.0.path"]
+
+
+def test_hub_ids_tiny_models_and_hub_datasets_are_not_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, dpo = _chain(tmp_path, "Qwen/Qwen2.5-7B-Instruct")
+    overrides = ("model.tokenizer=tiny:arith", "data.train.0.path=HuggingFaceH4/ultrafeedback_binarized")
+    assert load_recipe(dpo, overrides, require_local_paths=True).model.tokenizer == "tiny:arith"
+
+
+def test_a_model_path_that_is_a_file_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "model.safetensors", "x")
+    _, dpo = _chain(tmp_path, "./model.safetensors")
+    (error,) = [e for e in validate_files([dpo])[1] if e.severity == "error"]
+    assert error.key_path == "model.name_or_path" and "is a file, not a model folder" in error.message
+
+
+def test_validate_accepts_a_chain_warns_on_an_unknown_output_and_refuses_other_missing_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    sft, dpo = _chain(tmp_path, "outputs/sft/checkpoint-500", sft_folder="sft")
+    assert validate_files([sft, dpo]) == (2, [])  # sft.yaml writes outputs/sft: an earlier stage's output
+    valid, (warning,) = validate_files([dpo])
+    assert valid == 1 and warning.severity == "warning" and (warning.line, warning.key_path) == (3, "model.name_or_path")
+    assert "does not exist yet" in warning.message and "run that stage first" in warning.message
+    valid, (error,) = validate_files([sft, dpo], strict=True)
+    assert valid == 1 and error.severity == "error" and "does not exist" in error.message
+    _, dpo = _chain(tmp_path, "./sft-model", sft_folder="sft")  # not under outputs/, no recipe writes it
+    valid, (error,) = validate_files([sft, dpo])
+    assert valid == 1 and error.severity == "error" and "validate that recipe together with this one" in error.message
+
+
+def test_validate_finds_the_stage_that_writes_a_model_beside_the_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pre-commit hook passes only the changed files: the SFT recipe beside it still counts as the writer."""
+    monkeypatch.chdir(tmp_path)
+    _, dpo = _chain(tmp_path, "./outputs/sft")
+    assert validate_files([dpo]) == (1, [])
+    assert [e.severity for e in validate_files([dpo], strict=True)[1]] == ["error"]
+
+
+def test_a_base_recipes_missing_dataset_is_reported_where_the_base_means_it(tmp_path: Path) -> None:
+    write(tmp_path / "base" / "b.yaml", VALID.replace("pairs.jsonl", "data/pairs.jsonl"))
+    child = write(tmp_path / "child" / "c.yaml", "extends: ../base/b.yaml\n")
+    (error,) = [e for e in validate_files([child])[1] if e.severity == "error"]
+    assert (Path(error.file).name, error.line) == ("b.yaml", 6)
+    assert str(tmp_path / "base" / "data" / "pairs.jsonl") in error.message
+
+
+# ---------------------------------------------------------------- output.dir against what the run reads
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (("model.name_or_path=./outputs/sft", "output.dir={cwd}/outputs/sft/"), "output.dir is the model the run starts from"),
+        (("model.name_or_path=outputs/sft/checkpoint-500", "output.dir=outputs/sft"), "output.dir holds the model"),
+        (("model.name_or_path=./outputs/sft", "output.dir=./outputs/sft/dpo"), "output.dir is inside the model"),
+        (("reference.model={cwd}/outputs/ref", "output.dir=outputs/x/../ref"), "output.dir is the reference model"),
+        (("model.tokenizer=./tok", "output.dir=tok/run"), "output.dir is inside the tokenizer"),
+        (("output.dir={cwd}/recipes",), "output.dir holds a dataset the run reads (data.train.0.path: pairs.jsonl)"),
+        (("model.name_or_path=./link/sft", "output.dir=outputs/sft"), "output.dir is the model the run starts from"),
+    ],
+)
+def test_output_dir_may_not_equal_hold_or_sit_inside_what_the_run_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: tuple[str, ...], fragment: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "outputs")  # another spelling of outputs/
+    _, dpo = _chain(tmp_path, "outputs/sft")
+    errors = errors_of(dpo, tuple(o.format(cwd=tmp_path) for o in overrides))
+    assert any(e.key_path == "output.dir" and fragment in e.message for e in errors), errors
+
+
+def test_output_dir_beside_the_model_is_fine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, dpo = _chain(tmp_path, "outputs/sft")
+    assert load_recipe(dpo, ("output.dir=outputs/sft-dpo",)).output.dir == Path("outputs/sft-dpo")
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_float16_trains_only_with_float32_weights_to_update(tmp_path: Path) -> None:
+    """Full fine-tuning in float16 is refused without DeepSpeed; LoRA (float32 adapters) and DeepSpeed with
+    fp16 on (float32 masters) train; bfloat16 is never refused here."""
+    path = write(tmp_path / "r.yaml", VALID)
+    (error,) = errors_of(path, ("model.dtype=float16",))
+    assert (error.line, error.key_path) == (None, "model.dtype") and "bfloat16" in error.message
+    assert "[from --set model.dtype=float16]" in error.message
+    (tmp_path / "auto.json").write_text('{"fp16": {"enabled": "auto"}, "zero_optimization": {"stage": 3}}')
+    (tmp_path / "none.json").write_text('{"zero_optimization": {"stage": 2}}')
+    (tmp_path / "off.json").write_text('{"fp16": {"enabled": false}}')
+    for overrides in (
+        ("model.dtype=float16", "adapter={type: lora}"),
+        ("model.dtype=float16", "distributed.deepspeed=auto.json"),
+        ("model.dtype=float16", "distributed.deepspeed=none.json"),
+        ("model.dtype=bfloat16",),
+    ):
+        load_recipe(path, overrides)
+    (error,) = errors_of(path, ("model.dtype=float16", "adapter={type: lora}", "distributed.deepspeed=off.json"))
+    assert error.key_path == "distributed.deepspeed" and "disables fp16" in error.message

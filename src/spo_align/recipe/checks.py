@@ -8,11 +8,11 @@ them into errors located at the YAML line of that key. A message says what is wr
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from spo_align.recipe.paths import overlap_findings
 from spo_align.recipe.schema import KTOLoss, Recipe
 
 KeyPath = tuple[str | int, ...]
@@ -125,6 +125,15 @@ def precision(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
         )
     if recipe.adapter is not None and recipe.adapter.type == "qlora" and model.dtype == "float32":
         yield ("model", "dtype"), "QLoRA computes in bfloat16/float16 over a 4-bit base; float32 is not supported"
+    if model.dtype == "float16" and recipe.adapter is None and recipe.distributed.deepspeed is None:
+        # The fp16 gradient scaler refuses float16 weights at the first clip ("Attempting to unscale FP16
+        # gradients"). LoRA trains float32 adapter weights (peft upcasts them); DeepSpeed keeps float32 masters.
+        yield ("model", "dtype"), (
+            "float16 full fine-tuning cannot train: on CUDA the fp16 gradient scaler stops at the first step "
+            "(\"Attempting to unscale FP16 gradients\"), and without it float16 weights and optimizer states "
+            "underflow. Use dtype bfloat16, or a LoRA adapter (its weights train in float32), or a DeepSpeed "
+            'config with fp16 "enabled": "auto" (it keeps float32 master weights)'
+        )
 
 
 def adapter(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
@@ -195,18 +204,16 @@ def _deepspeed_agrees(recipe: Recipe, config: dict[str, Any]) -> Iterator[Findin
         section = config.get(key)
         if isinstance(section, dict) and section.get("enabled") is True and dtype == wrong:
             yield where, f"the DeepSpeed config enables {key} but model.dtype is {dtype}; use \"enabled\": \"auto\""
+    fp16 = config.get("fp16")
+    if dtype == "float16" and isinstance(fp16, dict) and "enabled" in fp16 and fp16["enabled"] not in (True, "auto"):
+        # transformers refuses a DeepSpeed fp16 setting that contradicts its fp16 flag (set by float16 on CUDA).
+        yield where, 'the DeepSpeed config disables fp16 but model.dtype is float16; use "enabled": "auto"'
     if zero_stage_of(config) not in (0, 1, 2, 3):
         yield where, "zero_optimization.stage must be 0, 1, 2 or 3"
 
 
 def output(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
-    out = os.path.normpath(str(recipe.output.dir))
-    for key, value in (("model", recipe.model.name_or_path), ("reference", recipe.reference.model)):
-        if value is not None and os.path.normpath(value) == out:
-            yield ("output", "dir"), (
-                f"output.dir is the {key} the run starts from ({value}); the run would overwrite it. "
-                "Give this run its own folder"
-            )
+    yield from overlap_findings(recipe, base_dir)
     report = recipe.output.report_to
     if "none" in report and len(report) > 1:
         yield ("output", "report_to"), "'none' cannot be combined with other loggers"

@@ -42,8 +42,17 @@ def validate(
     fmt: ErrorFormatOption = typer.Option(
         ErrorFormatOption.text, "--format", help="text: path:line:col: key: message. github: ::error annotations."
     ),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Every local model, tokenizer, reference and dataset path must exist now (as `spo train` needs); "
+        "without it, a model folder that an earlier stage writes may be missing.",
+    ),
 ) -> None:
-    """Check recipes: schema, cross-field checks, referenced files. Prints every error of every file."""
+    """Check recipes: schema, cross-field checks, referenced files. Prints every error and warning of every file.
+
+    A local model folder that does not exist is not reported when a recipe validated alongside writes it
+    (its output.dir), is a warning when it lies under an outputs/ folder, and is an error otherwise."""
     from spo_align.recipe.load import find_recipe_files, validate_files
 
     roots = list(paths) if paths else [root for root in DEFAULT_ROOTS if root.exists()]
@@ -54,14 +63,17 @@ def validate(
         raise _usage_error("no such file or folder: " + ", ".join(str(m) for m in missing))
     if not files:
         raise _usage_error("no *.yaml or *.yml recipe found under " + ", ".join(str(r) for r in roots))
-    valid, errors = validate_files(files)
-    for error in errors:
-        typer.echo(error.format(fmt.value))
+    valid, findings = validate_files(files, strict=strict)
+    for finding in findings:
+        typer.echo(finding.format(fmt.value))
+    errors = sum(1 for finding in findings if finding.severity == "error")
+    warnings = len(findings) - errors
+    noted = f", {warnings} warning(s)" if warnings else ""
     invalid = len(files) - valid
     if invalid:
-        typer.echo(f"{invalid} of {len(files)} recipe(s) invalid, {len(errors)} error(s)", err=True)
+        typer.echo(f"{invalid} of {len(files)} recipe(s) invalid, {errors} error(s){noted}", err=True)
         raise typer.Exit(code=1)
-    typer.echo(f"{len(files)} recipe(s) valid", err=True)
+    typer.echo(f"{len(files)} recipe(s) valid{noted}", err=True)
 
 
 def resolve(

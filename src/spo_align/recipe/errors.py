@@ -1,5 +1,7 @@
 """Recipe errors as values with a location: `file:line:col: key.path: message`.
 
+A finding is an error (the recipe is invalid) or a warning (the recipe is valid, but something will have
+to change before it can run, such as a local model folder an earlier stage has not written yet).
 Nothing here imports more than the standard library. The CLI prints these; the library never exits.
 """
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ErrorFormat = Literal["text", "github"]
+Severity = Literal["error", "warning"]
 
 
 @dataclass(frozen=True, order=True)
@@ -22,6 +25,7 @@ class RecipeError:
     col: int | None
     key_path: str
     message: str
+    severity: Severity = "error"
 
     def format(self, fmt: ErrorFormat = "text") -> str:
         if fmt == "github":
@@ -32,7 +36,8 @@ class RecipeError:
             if self.col is not None:
                 where += f":{self.col}"
         key = f" {self.key_path}:" if self.key_path else ""
-        return f"{where}:{key} {self.message}"
+        label = " warning:" if self.severity == "warning" else ""
+        return f"{where}:{key}{label} {self.message}"
 
 
 def _escape_github_data(text: str) -> str:
@@ -51,14 +56,14 @@ def _github_line(error: RecipeError) -> str:
             props.append(f"col={error.col}")
     props.append(f"title={_escape_github_property('recipe ' + (error.key_path or 'error'))}")
     message = f"{error.key_path}: {error.message}" if error.key_path else error.message
-    return f"::error {','.join(props)}::{_escape_github_data(message)}"
+    return f"::{error.severity} {','.join(props)}::{_escape_github_data(message)}"
 
 
 class RecipeErrors(Exception):
     """Every error found in one or more recipes, sorted by file and line."""
 
     def __init__(self, errors: Iterable[RecipeError]):
-        self.errors: list[RecipeError] = sorted(set(errors), key=_sort_key)
+        self.errors: list[RecipeError] = sorted_errors(errors)
         if not self.errors:
             raise ValueError("RecipeErrors needs at least one error")
         super().__init__(self.format("text"))
@@ -71,6 +76,11 @@ class RecipeErrors(Exception):
 
     def __iter__(self) -> Iterator[RecipeError]:
         return iter(self.errors)
+
+
+def sorted_errors(errors: Iterable[RecipeError]) -> list[RecipeError]:
+    """Without repeats, by file, line, column and key."""
+    return sorted(set(errors), key=_sort_key)
 
 
 def _sort_key(error: RecipeError) -> tuple[str, int, int, str, str]:

@@ -11,9 +11,10 @@ the extending recipe, so the merged recipe reads them relative to its own folder
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +22,11 @@ import yaml
 from pydantic import ValidationError
 
 from spo_align.recipe.checks import check_recipe
-from spo_align.recipe.errors import RecipeError, RecipeErrors
+from spo_align.recipe.errors import RecipeError, RecipeErrors, sorted_errors
 from spo_align.recipe.locate import findings_to_errors, make_error, validation_errors
+from spo_align.recipe.paths import looks_like_local_data, missing_path_findings, output_dir
 from spo_align.recipe.schema import Recipe
-from spo_align.recipe.yaml_positions import KeyPath, Loc, Positions, dotted, read_yaml_file
+from spo_align.recipe.yaml_positions import KeyPath, Loc, Positions, dotted, parse_yaml_value, read_yaml_file
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
@@ -53,10 +55,12 @@ def _deep_merge(base: Any, child: Any, base_pos: Positions, child_pos: Positions
 
 
 def _rebase(value: Any, from_dir: Path, to_dir: Path, must_exist: bool) -> Any:
-    if not isinstance(value, str) or not value or os.path.isabs(value):
+    """`value` relative to `to_dir`; with `must_exist`, only a path that exists or can only be local (a hub
+    dataset id stays as it is)."""
+    if not isinstance(value, str) or not value or os.path.isabs(value) or value.startswith("~"):
         return value
     target = from_dir / value
-    if must_exist and not target.exists():
+    if must_exist and not target.exists() and not looks_like_local_data(value):
         return value
     return os.path.relpath(target, to_dir)
 
@@ -121,7 +125,7 @@ def _parse_override(raw: str) -> tuple[list[str], Any]:
     if any(not part for part in parts):
         raise ValueError(f"bad key path {key.strip()!r}")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = parse_yaml_value(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise ValueError(f"cannot read value {value!r} as YAML: {getattr(exc, 'problem', exc)}") from None
     return parts, parsed
@@ -170,20 +174,43 @@ def apply_overrides(data: dict[str, Any], positions: Positions, overrides: Seque
 # ---------------------------------------------------------------- public API
 
 
-def load_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read, merge, override, validate and check one recipe; raise `RecipeErrors` with every error."""
-    path = Path(path)
+def _load(path: Path, overrides: Sequence[str]) -> tuple[Recipe | None, list[RecipeError], Positions]:
+    """The recipe (None when the schema refuses it), every error found, and where each key is written."""
     file = str(path)
     data, positions, errors = _load_tree(path, ())
     if not isinstance(data, dict):
-        raise RecipeErrors(errors)
+        return None, errors, positions
     errors += apply_overrides(data, positions, overrides, file)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeErrors(errors + validation_errors(exc, data, positions, file)) from None
+        return None, errors + validation_errors(exc, data, positions, file), positions
     errors += findings_to_errors(check_recipe(recipe, path.resolve().parent), positions, file)
-    if errors:
+    return recipe, errors, positions
+
+
+def _path_findings(
+    recipe: Recipe, path: Path, positions: Positions, other_outputs: Collection[Path] | None
+) -> list[RecipeError]:
+    found = missing_path_findings(recipe, path.resolve().parent, other_outputs)
+    return [
+        dataclasses.replace(make_error(key, message, positions, str(path)), severity=severity)
+        for key, message, severity in found
+    ]
+
+
+def load_recipe(path: Path, overrides: Sequence[str] = (), *, require_local_paths: bool = False) -> Recipe:
+    """Read, merge, override, validate and check one recipe; raise `RecipeErrors` with every error.
+
+    `require_local_paths`: every local model, tokenizer, reference and dataset path must exist now (what
+    `spo train` needs before it loads anything). Off by default: a recipe may start from an earlier
+    stage's output that does not exist yet.
+    """
+    path = Path(path)
+    recipe, errors, positions = _load(path, overrides)
+    if recipe is not None and require_local_paths:
+        errors += _path_findings(recipe, path, positions, None)
+    if recipe is None or errors:
         raise RecipeErrors(errors)
     return recipe
 
@@ -217,18 +244,43 @@ def find_recipe_files(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
     return list(dict.fromkeys(found)), missing
 
 
-def validate_files(files: Iterable[Path]) -> tuple[int, list[RecipeError]]:
-    """Load every file; return how many were valid and the errors of the others."""
+def _writers(files: Sequence[Path], loaded: dict[Path, Recipe | None]) -> list[tuple[Path, Path]]:
+    """(output folder, recipe file) of every valid recipe among `files` and in their folders: a chain's stages
+    usually sit side by side, and a pre-commit hook passes only the files that changed."""
+    candidates = list(files)
+    for folder in dict.fromkeys(file.parent for file in files):
+        candidates += sorted(p for p in folder.glob("*") if p.suffix in RECIPE_SUFFIXES and p.is_file())
+    writers = []
+    for file in dict.fromkeys(candidates):
+        if file not in loaded:
+            loaded[file] = _load(file, ())[0]
+        recipe = loaded[file]
+        if recipe is not None:
+            writers.append((output_dir(recipe), file))
+    return writers
+
+
+def validate_files(files: Iterable[Path], *, strict: bool = False) -> tuple[int, list[RecipeError]]:
+    """Load every file and check its local paths; return how many were valid and every finding, errors and
+    warnings (`RecipeError.severity`), in file order.
+
+    A local model folder that another recipe writes (its output.dir), among `files` or beside them, is an
+    earlier stage's output and is not reported. `strict`: every local path must exist now, as for `spo train`.
+    """
+    files = [Path(file) for file in files]
+    results = {file: _load(file, ()) for file in files}
+    writers = [] if strict else _writers(files, {file: recipe for file, (recipe, _, _) in results.items()})
     valid = 0
-    errors: list[RecipeError] = []
+    findings: list[RecipeError] = []
     for file in files:
-        try:
-            load_recipe(file)
-        except RecipeErrors as exc:
-            errors.extend(exc.errors)
-        else:
+        recipe, errors, positions = results[file]
+        if recipe is not None:
+            others = None if strict else [out for out, other in writers if other != file]
+            errors = errors + _path_findings(recipe, file, positions, others)
+        if not any(error.severity == "error" for error in errors):
             valid += 1
-    return valid, errors
+        findings.extend(sorted_errors(errors))
+    return valid, findings
 
 
 def save_resolved(plan: RunPlan, path: Path) -> None:

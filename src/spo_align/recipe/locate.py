@@ -78,13 +78,51 @@ def model_at(path: KeyPath, data: Any) -> type[BaseModel] | None:
     return model
 
 
-def _tags_at(path: KeyPath, data: Any) -> list[str]:
-    """The `type` values a tagged union at `path` accepts (e.g. spo, dpo, ipo, kto for `loss`)."""
+def _members_at(path: KeyPath, data: Any) -> list[type[BaseModel]]:
+    """The models of the union that validates `path` (e.g. every loss section for `loss`)."""
     parent = model_at(path[:-1], data) if path else None
     field = parent.model_fields.get(str(path[-1])) if parent else None
-    if field is None:
-        return []
-    return [tag for tag in (_type_tag(m) for m in _models_in(field.annotation)) if tag]
+    return _models_in(field.annotation) if field is not None else []
+
+
+def _tags_at(path: KeyPath, data: Any) -> list[str]:
+    """The `type` values a tagged union at `path` accepts (e.g. spo, dpo, ipo, kto for `loss`)."""
+    return [tag for tag in (_type_tag(m) for m in _members_at(path, data)) if tag]
+
+
+def _node_at(path: KeyPath, data: Any) -> Any:
+    node = data
+    for part in path:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and -len(node) <= part < len(node):
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def _untagged(path: KeyPath, data: Any) -> list[tuple[KeyPath, str]]:
+    """A tagged section without its `type`: each key no member knows is reported at its own line (a typo of
+    `type` among them, with did-you-mean); the missing `type` itself only when no such typo explains it."""
+    tags = _tags_at(path, data)
+    valid = sorted({name for model in _members_at(path, data) for name in model.model_fields})
+    node = _node_at(path, data)
+    where = f"in '{dotted(path)}'" if path else "at the top level"
+    found: list[tuple[KeyPath, str]] = []
+    typo_of_type = False
+    for key in node if isinstance(node, dict) else ():
+        if key in valid:
+            continue
+        hint = did_you_mean(str(key), valid)
+        if hint == " (did you mean 'type'?)":
+            typo_of_type = True
+            found.append((path + (key,), f"unknown key '{key}' {where}{hint}; 'type' is one of: {', '.join(tags)}"))
+        else:
+            found.append((path + (key,), f"unknown key '{key}' {where}{hint}; valid keys: {', '.join(valid)}"))
+    if not typo_of_type:
+        found.append((path, f"needs a 'type' key, one of: {', '.join(tags)}"))
+    return found
 
 
 # ---------------------------------------------------------------- pydantic errors
@@ -124,8 +162,28 @@ def _looks_like_type_label(part: str) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = {True: "true", False: "false", None: "null"}.get(value, repr(value)) if _is_const(value) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_const(value: Any) -> bool:
+    return value is None or isinstance(value, bool)
+
+
+def _type_hint(kind: str, given: Any) -> str:
+    """Why a value of the wrong type is refused rather than converted (the schema's types are strict)."""
+    number = isinstance(given, (int, float)) and not isinstance(given, bool)
+    if kind in ("int_type", "float_type") and isinstance(given, bool):
+        return ", a boolean: booleans are not numbers"
+    if kind in ("int_type", "float_type") and isinstance(given, str):
+        return ", quoted text: write the number without quotes"
+    if kind == "int_type" and isinstance(given, float):
+        return ": write a whole number without a decimal point"
+    if kind == "bool_type":
+        return ": write true or false"
+    if kind in ("string_type", "path_type") and (number or isinstance(given, bool)):
+        return f", a {'number' if number else 'boolean'}: put it in quotes if you mean the text"
+    return ""
 
 
 def _message(err: dict[str, Any], path: KeyPath, data: Any) -> tuple[KeyPath, str]:
@@ -139,10 +197,8 @@ def _message(err: dict[str, Any], path: KeyPath, data: Any) -> tuple[KeyPath, st
         return path, f"unknown key '{path[-1]}' {where}{hint}; valid keys: {', '.join(valid)}"
     if kind == "missing":
         return path, f"required key '{path[-1]}' is missing"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
+    if kind == "union_tag_invalid":
         tags = err.get("ctx", {}).get("expected_tags", "")
-        if kind == "union_tag_not_found":
-            return path, f"needs a 'type' key, one of: {', '.join(_tags_at(path, data))}"
         tag = err.get("ctx", {}).get("tag", "")
         hint = did_you_mean(str(tag), [t.strip(" '") for t in str(tags).split(",")])
         return path + ("type",), f"unknown type '{tag}'{hint}; expected one of: {tags}"
@@ -150,12 +206,14 @@ def _message(err: dict[str, Any], path: KeyPath, data: Any) -> tuple[KeyPath, st
         return path, f"expected a mapping of keys, got {_short(given)}"
     message = str(err["msg"])
     message = message.removeprefix("Value error, ")
+    if kind == "path_type":
+        message = "Input should be a path, written as text"
     if kind == "literal_error" and isinstance(given, str):
         expected = err.get("ctx", {}).get("expected", "")
         choices = [c.strip(" '") for c in str(expected).replace(" or ", ",").split(",") if c.strip(" '")]
         message += did_you_mean(given, choices)
     if kind != "value_error" and not isinstance(given, (dict, list)) and "input" in err:
-        message += f" (got {_short(given)})"
+        message += f" (got {_short(given)}{_type_hint(kind, given)})"
     return path, message
 
 
@@ -164,10 +222,12 @@ def validation_errors(
 ) -> list[RecipeError]:
     merged: dict[KeyPath, list[str]] = {}
     for err in exc.errors(include_url=False):
-        path, message = _message(dict(err), _clean_loc(tuple(err["loc"]), data), data)
-        merged.setdefault(path, [])
-        if message not in merged[path]:
-            merged[path].append(message)
+        path = _clean_loc(tuple(err["loc"]), data)
+        found = _untagged(path, data) if err["type"] == "union_tag_not_found" else [_message(dict(err), path, data)]
+        for where, message in found:
+            merged.setdefault(where, [])
+            if message not in merged[where]:
+                merged[where].append(message)
     return [make_error(path, _join_alternatives(messages), positions, fallback_file) for path, messages in merged.items()]
 
 

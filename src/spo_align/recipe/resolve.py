@@ -15,23 +15,13 @@ from pydantic import BaseModel, ConfigDict
 
 from spo_align.recipe.checks import DeepSpeedConfigError, read_deepspeed_config, zero_stage_of
 from spo_align.recipe.errors import RecipeError, RecipeErrors
+from spo_align.recipe.paths import is_local_model_path, model_location
 from spo_align.recipe.schema import DPOLoss, IPOLoss, Loss, Recipe, SPOLoss
 
 Device = Literal["cpu", "cuda"]
 LauncherKind = Literal["inprocess", "torchrun", "accelerate", "deepspeed"]
 CPU_PACK_LENGTH_CAP = 1024
-
-
-def is_local_model_path(name_or_path: str) -> bool:
-    """True for model paths that name a local folder relative to the working directory (not a hub id)."""
-    return name_or_path.startswith(("./", "../", "~")) or "outputs/" in name_or_path or Path(name_or_path).is_absolute()
-
-
-def model_location(name_or_path: str) -> str:
-    """Absolute folder for local-looking model paths (relative to the working directory), else the hub id."""
-    if is_local_model_path(name_or_path):
-        return str(Path(name_or_path).expanduser().resolve())
-    return name_or_path
+__all__ = ["RunPlan", "is_local_model_path", "model_location", "resolve"]  # path helpers live in recipe/paths.py
 
 
 def loss_optimum(loss: Loss | None) -> dict[str, float | None] | None:

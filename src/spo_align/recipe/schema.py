@@ -1,4 +1,8 @@
-"""The recipe schema: nested pydantic models, unknown keys refused everywhere.
+"""The recipe schema: nested pydantic models, unknown keys refused everywhere, types strict.
+
+Strict types: a value is taken only as what it is written as. A boolean is never a number (`max_steps:
+true` is an error, not 1), a number is never text or a path (`revision: 1234567` is an error: quote it),
+and a quoted number is never a number. An integer where a float is expected is taken as that float.
 
 This module imports only pydantic and the standard library: validating a recipe never needs torch.
 Field descriptions feed `spo schema` (JSON Schema, editor autocompletion) and the docs.
@@ -14,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
-    """Base of every recipe section: frozen, unknown keys refused."""
+    """Base of every recipe section: frozen, unknown keys refused, no type coercion (see the module doc)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False, strict=True
+    )
 
 
 # ---------------------------------------------------------------- model
@@ -259,8 +265,9 @@ Launcher = Literal["auto", "torchrun", "accelerate", "deepspeed"]
 class DistributedSection(Section):
     num_processes: int = Field(1, gt=0, description="Processes (GPUs) per node.")
     num_nodes: int = Field(1, gt=0)
+    # strict=False on paths: a path is written as text (strict would take only Path objects); numbers stay refused.
     deepspeed: Path | None = Field(
-        None, description="DeepSpeed JSON config, relative to the recipe file (see deepspeed_configs/)."
+        None, strict=False, description="DeepSpeed JSON config, relative to the recipe file (see deepspeed_configs/)."
     )
     launcher: Launcher = Field(
         "auto",
@@ -268,7 +275,7 @@ class DistributedSection(Section):
         "a config is set, else torchrun.",
     )
     hostfile: Path | None = Field(
-        None, description="DeepSpeed hostfile for multi-node runs, relative to the recipe file."
+        None, strict=False, description="DeepSpeed hostfile for multi-node runs, relative to the recipe file."
     )
 
 
@@ -276,7 +283,9 @@ ReportTo = Literal["tensorboard", "wandb", "none"]
 
 
 class OutputSection(Section):
-    dir: Path = Field(description="Output folder (relative paths are relative to the working directory).")
+    dir: Path = Field(
+        strict=False, description="Output folder (relative paths are relative to the working directory)."
+    )
     report_to: list[ReportTo] = Field(
         default_factory=lambda: ["tensorboard"], description="Loggers besides metrics.jsonl."
     )

@@ -3,10 +3,14 @@
 PyYAML's own loader silently keeps the last of two equal keys and loses line numbers; this module
 composes the node tree itself so that duplicate keys, tabs, empty files and syntax errors are all
 reported as `RecipeError`s with a line and column.
+
+Numbers in exponent form without a dot or without an exponent sign (`5e-7`, `1.0e6`) are numbers, as in
+YAML 1.2 and in editors; PyYAML's YAML 1.1 rules would read them as text.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,18 @@ from spo_align.recipe.errors import RecipeError
 
 KeyPath = tuple[str | int, ...]
 # libyaml's parser when PyYAML was built with it (10x faster); the pure-Python one otherwise.
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
+    """The safe loader, plus YAML 1.2's exponent floats (a subclass: PyYAML's own loaders stay as they are)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 MAX_NODES = 20_000  # aliases can expand a small file into a huge tree ("billion laughs")
 
 
@@ -185,6 +200,11 @@ def parse_yaml(text: str, file: str) -> tuple[Any, Positions, list[RecipeError]]
         return data, walker.positions, walker.errors
     finally:
         loader.dispose()
+
+
+def parse_yaml_value(text: str) -> Any:
+    """One YAML value (a `--set` value), read with the same rules as recipe files."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a subclass of the safe loader
 
 
 def read_yaml_file(path: Path) -> tuple[Any, Positions, list[RecipeError]]:

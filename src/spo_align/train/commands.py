@@ -44,7 +44,10 @@ def train(
         typer.echo(f"error: no such recipe file: {recipe}", err=True)
         raise typer.Exit(code=1)
     try:
-        plan = resolve(load_recipe(recipe, overrides), recipe, "cuda" if torch.cuda.is_available() else "cpu")
+        # A real run refuses a local model or dataset path that does not exist before it loads anything; a dry
+        # run loads nothing, so it may show a later stage whose starting model is not written yet.
+        loaded = load_recipe(recipe, overrides, require_local_paths=not dry_run)
+        plan = resolve(loaded, recipe, "cuda" if torch.cuda.is_available() else "cpu")
     except RecipeErrors as exc:
         typer.echo(exc.format("text"))
         raise typer.Exit(code=1) from None

@@ -1,0 +1,177 @@
+"""Where a recipe's paths point on this machine, and what `spo validate` and `spo train` say when they are missing.
+
+Model, tokenizer, reference and output paths resolve against the working directory (where `spo train`
+runs); dataset paths against the recipe file's folder, then the working directory, as the data loader
+reads them. Hub ids (`owner/name`) and `tiny:<name>` models are not local paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from spo_align.recipe.errors import Severity, did_you_mean
+from spo_align.recipe.schema import Recipe
+
+KeyPath = tuple[str | int, ...]
+PathKind = Literal["model", "tokenizer", "reference model", "dataset"]
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+TINY_PREFIX = "tiny:"
+
+
+def is_local_model_path(name_or_path: str) -> bool:
+    """True for model paths that name a local folder relative to the working directory (not a hub id)."""
+    if name_or_path.startswith(TINY_PREFIX):
+        return False
+    return name_or_path.startswith(("./", "../", "~")) or "outputs/" in name_or_path or Path(name_or_path).is_absolute()
+
+
+def model_location(name_or_path: str) -> str:
+    """Absolute folder for local-looking model paths (relative to the working directory), else the hub id."""
+    if is_local_model_path(name_or_path):
+        return str(Path(name_or_path).expanduser().resolve())
+    return name_or_path
+
+
+def looks_like_local_data(path: str) -> bool:
+    """A dataset path that can only mean a local file or folder (never a hub id)."""
+    return path.startswith(("./", "../", "~", "/")) or Path(path).is_absolute() or path.lower().endswith(DATA_FILE_SUFFIXES)
+
+
+def data_location(path: str, base_dir: Path) -> Path | None:
+    """The local file or folder a dataset path names: where it exists (beside the recipe, else in the working
+    directory), or beside the recipe when it looks local but exists nowhere; None for a hub id."""
+    raw = Path(path).expanduser()
+    candidates = [raw] if raw.is_absolute() else [base_dir / raw, raw]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    return candidates[0].resolve() if looks_like_local_data(path) else None
+
+
+@dataclass(frozen=True)
+class LocalPath:
+    """A path the recipe reads from this machine: the key that writes it, as written, and where it points."""
+
+    key: KeyPath
+    written: str
+    location: Path
+    kind: PathKind
+
+
+def local_paths(recipe: Recipe, base_dir: Path) -> list[LocalPath]:
+    """Every local path a run of `recipe` reads. A model id that exists as a local folder counts: the
+    runner loads it from there."""
+    found: list[LocalPath] = []
+    models: list[tuple[KeyPath, str | None, PathKind]] = [
+        (("model", "name_or_path"), recipe.model.name_or_path, "model"),
+        (("model", "tokenizer"), recipe.model.tokenizer, "tokenizer"),
+        (("reference", "model"), recipe.reference.model, "reference model"),
+    ]
+    for key, value, kind in models:
+        if value is None or value.startswith(TINY_PREFIX):
+            continue
+        if is_local_model_path(value) or Path(value).expanduser().exists():
+            found.append(LocalPath(key, value, Path(value).expanduser().resolve(), kind))
+    for split in ("train", "eval"):
+        for index, source in enumerate(getattr(recipe.data, split)):
+            location = data_location(source.path, base_dir)
+            if location is not None:
+                found.append(LocalPath(("data", split, index, "path"), source.path, location, "dataset"))
+    return found
+
+
+def output_dir(recipe: Recipe) -> Path:
+    """The run's output folder, absolute (relative to the working directory)."""
+    return Path(recipe.output.dir).expanduser().resolve()
+
+
+# ---------------------------------------------------------------- paths that do not exist
+
+
+def _nearby(location: Path) -> str:
+    """` (did you mean 'x'?)` for a sibling with a close name, when the parent folder exists."""
+    try:
+        siblings = [entry.name for entry in location.parent.iterdir()]
+    except OSError:
+        return ""
+    return did_you_mean(location.name, siblings)
+
+
+def _written_by_a_run(location: Path, outputs: Collection[Path]) -> bool:
+    """True when `location` is, or lies in, one of the output folders (an earlier stage's output or checkpoint)."""
+    return any(location == out or out in location.parents for out in outputs)
+
+
+def missing_path_findings(
+    recipe: Recipe, base_dir: Path, other_outputs: Collection[Path] | None
+) -> list[tuple[KeyPath, str, Severity]]:
+    """Local paths that do not exist (or are not what the key needs), as `(key, message, severity)`.
+
+    `other_outputs=None` (`spo train`, `spo validate --strict`): every missing path is an error, the run is
+    about to read it. Otherwise (`spo validate`, with the output folders of the other recipes it knows): a
+    model, tokenizer or reference folder in one of them is an earlier stage's output and is not reported;
+    one under an `outputs/` folder is a warning (probably an earlier run's output); any other missing local
+    path is an error. A dataset is never a run's output: missing, it is always an error.
+    """
+    findings: list[tuple[KeyPath, str, Severity]] = []
+    for path in local_paths(recipe, base_dir):
+        if path.kind == "dataset":
+            if not path.location.exists():
+                message = (
+                    f"dataset '{path.written}' not found{_nearby(path.location)} (looked for {path.location}: "
+                    "dataset paths are relative to the recipe file)"
+                )
+                findings.append((path.key, message, "error"))
+            continue
+        if path.location.exists():
+            if not path.location.is_dir():
+                findings.append((path.key, f"{path.kind} '{path.written}' is a file, not a model folder", "error"))
+            continue
+        if other_outputs is not None and _written_by_a_run(path.location, other_outputs):
+            continue
+        where = f"{path.location}: local model paths are relative to the working directory"
+        under_outputs = "outputs" in Path(path.written).parts
+        if other_outputs is not None and under_outputs:
+            message = (
+                f"{path.kind} folder '{path.written}' does not exist yet ({where}); if an earlier stage writes "
+                "it, run that stage first"
+            )
+            findings.append((path.key, message, "warning"))
+            continue
+        if other_outputs is not None:
+            advice = "; if another recipe writes it, validate that recipe together with this one"
+        else:
+            advice = "; run the stage that writes it first" if under_outputs else ""
+        message = f"{path.kind} folder '{path.written}' does not exist{_nearby(path.location)} ({where}){advice}"
+        findings.append((path.key, message, "error"))
+    return findings
+
+
+_READS = {
+    "model": "the model the run starts from",
+    "tokenizer": "the tokenizer the run reads",
+    "reference model": "the reference model the run reads",
+    "dataset": "a dataset the run reads",
+}
+
+
+def overlap_findings(recipe: Recipe, base_dir: Path) -> list[tuple[KeyPath, str]]:
+    """output.dir equal to, holding, or inside a path the run reads: the run (or --overwrite) would destroy it,
+    or write a run into a model's folder."""
+    out = output_dir(recipe)
+    findings: list[tuple[KeyPath, str]] = []
+    for path in local_paths(recipe, base_dir):
+        read = f"{_READS[path.kind]} ({'.'.join(map(str, path.key))}: {path.written})"
+        if path.location == out:
+            problem = f"output.dir is {read}; the run would overwrite it"
+        elif out in path.location.parents:
+            problem = f"output.dir holds {read}; the run (or --overwrite) would delete it"
+        elif path.location in out.parents:
+            problem = f"output.dir is inside {read}; a run is not written into another one's folder"
+        else:
+            continue
+        findings.append((("output", "dir"), problem + ". Give this run its own folder"))
+    return findings
