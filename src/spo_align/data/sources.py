@@ -29,13 +29,12 @@ class DataSourceError(ValueError):
 
 
 def resolve_source_path(source: DatasetSource, base_dir: Path | None) -> str:
-    """A local path relative to the recipe's folder if it exists there, else the string as given (hub id)."""
-    raw = Path(source.path).expanduser()
-    candidates = [raw] if raw.is_absolute() else ([base_dir / raw] if base_dir else []) + [raw]
-    for candidate in candidates:
-        if candidate.exists():
-            return str(candidate.resolve())
-    return source.path
+    """The local file or folder a source names (relative to the recipe's folder, else the working directory),
+    or the string as given (a hub id); the same rule `spo validate` checks paths with."""
+    from spo_align.recipe.paths import data_location
+
+    location = data_location(source.path, base_dir if base_dir is not None else Path.cwd())
+    return str(location) if location is not None else source.path
 
 
 def data_columns(ds: datasets.Dataset) -> list[str]:
