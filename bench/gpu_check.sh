@@ -2,7 +2,7 @@
 # The GPU check: install, the tests marked gpu, then the bench, in one call of under 8 minutes on one
 # NVIDIA H100 or H200 with no network. It always leaves a report, whatever fails.
 #
-#   bash bench/gpu_check.sh [RESULTS_DIR]                 (default: bench/results/gpu-check)
+#   bash bench/gpu_check.sh [RESULTS_DIR]                 (default: bench/results/tmp/gpu-check, git-ignored)
 #   SPO_GPU_CHECK_CPU=1 bash bench/gpu_check.sh DIR       (dry run on a CPU: toy model, this Python, no install)
 #
 # Before it, on a machine with the package index: `bash bench/gpu_wheels.sh` (the bundle, in bench/wheels).
@@ -29,7 +29,7 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-RESULTS="${1:-bench/results/gpu-check}"
+RESULTS="${1:-bench/results/tmp/gpu-check}"
 mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"
 CPU_DRY="${SPO_GPU_CHECK_CPU:-0}"
