@@ -118,7 +118,7 @@ cuda=0
 
 # ---------------------------------------------------------------- tests marked gpu
 t0=$(date +%s)
-mapfile -t gpu_files < <(grep -rl --include='test_*.py' 'pytest.mark.gpu' tests | sort)
+mapfile -t gpu_files < <(grep -rlE --include='test_*.py' '^\s*(@pytest\.mark\.gpu|pytestmark.*pytest\.mark\.gpu)' tests | sort)
 if [ "${#gpu_files[@]}" -eq 0 ]; then
     phase gpu-tests skipped 0 "no test file holds a test marked gpu"
 else
