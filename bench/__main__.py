@@ -1,23 +1,31 @@
 """`python -m bench`: the performance bench of spo-align.
 
-    python -m bench run [--size full|toy|gpu] [--parts preference,sft,logp] [--rounds N]
+    python -m bench run [--size full|toy|gpu|gpu-cpu] [--parts preference,sft,logp] [--rounds N]
                         [--work-dir DIR] [--results-dir DIR] [--budget-s S]
     python -m bench profile RUN [--size full|toy]   (one preference run under torch.profiler)
     python -m bench gemm [--threads 2] [--width 256]   (matrix-product rate against row count)
+    python -m bench env OUT.json         (the machine's facts, for the GPU check)
+    python -m bench gpu-report --size gpu --work-dir DIR --results-dir DIR [--command TEXT]
     python -m bench worker SPEC OUT      (internal: one job in a fresh process)
 
-`run` writes `<results-dir>/<size>.json` and `<results-dir>/<size>.md` (default bench/results/).
+`run` writes `<results-dir>/<size>.json` and `<results-dir>/<size>.md` (default bench/results/). The GPU
+check's sizes (gpu, gpu-cpu) run their own plan (bench/gpu_plan.py; `--parts` does not apply) and are
+normally started by bench/gpu_check.sh, which also writes the work folder's phases and environment facts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
 
 logger = logging.getLogger("bench")
+NOT_ALL_SUCCEEDED = 3
+"""`gpu-report`'s exit status when the report was written but some phase or run did not succeed."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description="spo-align performance bench")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the bench and write the table")
-    run.add_argument("--size", choices=sorted(SIZES), default="full", help="full: the CPU bench; toy: seconds; gpu: the GPU check's MFU runs")
+    run.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="full",
+        help="full: the CPU bench; toy: seconds; gpu: the GPU check's runs; gpu-cpu: the same pipeline on CPU at toy size",
+    )
     run.add_argument(
         "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)"
     )
@@ -46,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     gemm = sub.add_parser("gemm", help="matrix-product rate against row count (explains row-by-row costs)")
     gemm.add_argument("--threads", type=int, default=2)
     gemm.add_argument("--width", type=int, default=256)
+    env = sub.add_parser("env", help="write the machine's facts (device, versions) as JSON")
+    env.add_argument("out", type=Path)
+    report = sub.add_parser("gpu-report", help="write the GPU check's report from its work folder")
+    report.add_argument("--size", choices=sorted(n for n, c in SIZES.items() if c.gpu is not None), default="gpu")
+    report.add_argument("--work-dir", type=Path, required=True)
+    report.add_argument("--results-dir", type=Path, required=True)
+    report.add_argument(
+        "--command", dest="shown_command", default=None, help="the command to print in the report (default: this one)"
+    )
     worker = sub.add_parser("worker", help="internal: run one job spec in this process")
     worker.add_argument("spec", type=Path)
     worker.add_argument("out", type=Path)
@@ -65,6 +87,21 @@ def main(argv: list[str] | None = None) -> int:
 
         worker_main(args.spec, args.out)
         return 0
+    if args.command == "env":
+        from bench.env_facts import write_facts
+
+        print(json.dumps(write_facts(args.out), indent=1))
+        return 0
+    if args.command == "gpu-report":
+        from bench.config import SIZES
+        from bench.gpu_report import build_gpu_report, write_gpu_report
+
+        config = SIZES[args.size]
+        command = args.shown_command or "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+        report = build_gpu_report(config, args.work_dir, command)
+        _, md_path = write_gpu_report(report, args.results_dir)
+        print(md_path.read_text(encoding="utf-8"))
+        return 0 if report["succeeded"] else NOT_ALL_SUCCEEDED
 
     from bench.config import SIZES, with_dirs
     from bench.report import build_report, write_report
@@ -80,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         logger.info("wrote %s", out)
         return 0
+    if SIZES[args.size].gpu is not None:
+        return _run_gpu_check(args, argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -99,6 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = write_report(report, config.results_dir)
     print(md_path.read_text(encoding="utf-8"))
     logger.info("wrote %s and %s", json_path, md_path)
+    return 0
+
+
+def _run_gpu_check(args: argparse.Namespace, argv: list[str]) -> int:
+    from bench.config import SIZES, with_dirs
+    from bench.gpu_plan import run_gpu_bench
+    from bench.gpu_report import build_gpu_report, write_gpu_report
+
+    config = with_dirs(SIZES[args.size], args.work_dir, args.results_dir, args.rounds)
+    command = os.environ.get("GPU_CHECK_COMMAND") or "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+
+    def report(_raw: dict) -> None:  # after every run, so a cut-off check keeps what it measured
+        write_gpu_report(build_gpu_report(config, config.work_dir, command), config.results_dir)
+
+    run_gpu_bench(config, args.budget_s, on_progress=report)
+    _, md_path = write_gpu_report(build_gpu_report(config, config.work_dir, command), config.results_dir)
+    print(md_path.read_text(encoding="utf-8"))
     return 0
 
 

@@ -20,7 +20,7 @@ def set_threads(threads: int) -> None:
 
 
 def device_facts() -> dict[str, Any]:
-    """On CUDA: the card's name and this process's peak allocated memory (MB); on CPU: nothing."""
+    """On CUDA: the card's name and this process's peak allocated and reserved memory (MB); on CPU: nothing."""
     import torch
 
     if not torch.cuda.is_available():
@@ -28,7 +28,16 @@ def device_facts() -> dict[str, Any]:
     return {
         "device_name": torch.cuda.get_device_name(),
         "cuda_peak_allocated_mb": torch.cuda.max_memory_allocated() / 1e6,
+        "cuda_peak_reserved_mb": torch.cuda.max_memory_reserved() / 1e6,
     }
+
+
+def sync_device() -> None:
+    """Wait for queued CUDA work, so a host clock read after it times the work (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def peak_rss_mb() -> float:
@@ -71,6 +80,8 @@ class LoopTimes:
     """Distinct parameters of the trained model (tied embeddings counted once), for MFU."""
     batch_real: list[int] = field(default_factory=list)
     batch_slots: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    """The training loss of every logged step, as the Trainer logged it."""
 
     @property
     def loop_s(self) -> float:
@@ -101,6 +112,7 @@ class LoopTimes:
         real, slots = sum(self.batch_real[:used]), sum(self.batch_slots[:used])
         if len(self.batch_real) < used:
             raise RuntimeError(f"saw {len(self.batch_real)} batches for {steps} steps: the collator was not tracked")
+        starts = [self.first_fetch, *self.step_ends[:-1]]
         return {
             "steps": steps,
             "real_tokens": real,
@@ -116,6 +128,12 @@ class LoopTimes:
             "steady_s": self.steady_s,
             "steady_real_tokens": sum(self.batch_real[micro_batches_per_step:used]),
             "n_params": self.n_params,
+            # Per optimizer step (the first one is the warm-up): seconds and the real tokens it trained on.
+            "step_seconds": [end - start for start, end in zip(starts, self.step_ends)],
+            "step_real_tokens": [
+                sum(self.batch_real[i * micro_batches_per_step : (i + 1) * micro_batches_per_step]) for i in range(steps)
+            ],
+            "losses": list(self.losses),
         }
 
 
@@ -124,6 +142,7 @@ def step_clock(times: LoopTimes) -> Any:
 
     At the start of training it wraps the train dataloader's `collate_fn` (the engine's own collator,
     called unchanged) to count each batch's tokens; the iterator that reads it is made after this point.
+    On CUDA it waits for the device at the end of every step, so each step's time is its own work.
     """
     from transformers import TrainerCallback
 
@@ -153,9 +172,15 @@ def step_clock(times: LoopTimes) -> Any:
             times.begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            sync_device()
             times.step_ends.append(time.perf_counter())
 
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "loss" in logs:
+                times.losses.append(float(logs["loss"]))
+
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            sync_device()
             times.end = time.perf_counter()
             times.end_cpu = time.process_time()
 

@@ -78,34 +78,83 @@ class LogpWork:
 
 
 @dataclass(frozen=True)
+class GpuCheck:
+    """What the GPU check (bench/gpu_check.sh) runs beyond the shared workload, and each run's time cap."""
+
+    attentions: tuple[str, ...] = ("sdpa", "flex_attention", "flash_attention_2")
+    """Kernels for packed SPO; each runs only where it imports (flash_attention_2 needs flash-attn)."""
+    peak_size: int = 8192
+    """Square matrix product that measures the card's dense peak (the MFU denominator)."""
+    peak_dtype: str = "bfloat16"
+    peak_repeats: int = 20
+    check_pairs: int = 8
+    """Pairs whose log-probs are compared between the padded and the packed layout."""
+    logp_tolerance: float = 1e-2
+    """Largest relative difference allowed between a sequence's packed and padded summed log-prob."""
+    lora_r: int = 64
+    lora_alpha: float = 128.0
+    lora_learning_rate: float = 1e-4
+    gen_prompts: int = 32
+    gen_batch: int = 16
+    gen_new_tokens: int = 256
+    gen_rounds: int = 2
+    caps: tuple[tuple[str, float], ...] = (
+        ("peak", 45.0),
+        ("trl", 120.0),
+        ("spo", 90.0),
+        ("spo-compiled", 150.0),
+        ("check", 75.0),
+        ("check-compiled", 100.0),
+        ("generate", 90.0),
+    )
+    """Seconds each kind of run may take (its process start, model load and compilation included):
+    'compiled' is flex_attention, whose kernels torch compiles on first use."""
+
+    def cap(self, kind: str) -> float:
+        return dict(self.caps)[kind]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> GpuCheck:
+        data = dict(data)
+        data["attentions"] = tuple(data["attentions"])
+        data["caps"] = tuple((str(kind), float(seconds)) for kind, seconds in data["caps"])
+        return GpuCheck(**data)
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     workload: Workload = field(default_factory=Workload)
     logp: LogpWork = field(default_factory=LogpWork)
     rounds: int = 3
     """Fresh-process repetitions of every run; the table shows medians."""
-    attentions: tuple[str, ...] = ("sdpa",)
-    """Attention kernels to compare (GPU check); one entry: the CPU bench's four runs (a)-(d)."""
     work_dir: Path = Path("bench/results/tmp")
     results_dir: Path = Path("bench/results")
     name: str = "cpu"
     job_timeout_s: float = 900.0
     keep_going: bool = False
     """Record a failed job in the report and go on (GPU check: one kernel failing must not hide the others)."""
+    gpu: GpuCheck | None = None
+    """Set for the GPU check's sizes: `python -m bench run` then runs its plan (bench/gpu_plan.py)."""
 
 
 FULL = BenchConfig()
 
+TOY_SHAPE = ModelShape(
+    vocab_size=512,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=256,
+)
+
 TOY = BenchConfig(
     workload=Workload(
-        shape=ModelShape(
-            vocab_size=512,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=256,
-        ),
+        shape=TOY_SHAPE,
         lengths=LengthModel(prompt_median=12, response_median=24, max_length=128),
         n_pairs=8,
         pairs_per_device=4,
@@ -119,8 +168,8 @@ TOY = BenchConfig(
 )
 
 # The GPU check (bench/gpu_check.sh): full fine-tuning of a random-weight model with Qwen2.5-1.5B's shape in
-# bf16, packed SPO under each attention kernel that imports, against TRL's DPOTrainer. One round: the device
-# time is short, and GPU step times vary far less than a shared CPU's.
+# bf16 on one GPU. One process per run; each run's first optimizer step is its warm-up and the figures are
+# medians over the 9 steps after it (16 pairs per step, 160 pairs, one epoch), so one round suffices.
 GPU = BenchConfig(
     workload=Workload(
         shape=QWEN25_1P5B,
@@ -135,13 +184,52 @@ GPU = BenchConfig(
         dtype="bfloat16",
     ),
     rounds=1,
-    attentions=("sdpa", "flex_attention", "flash_attention_2"),
     name="gpu",
-    job_timeout_s=150.0,
     keep_going=True,
+    gpu=GpuCheck(),
 )
 
-SIZES = {"full": FULL, "toy": TOY, "gpu": GPU}
+# The GPU check's whole pipeline on a CPU at toy size (SPO_GPU_CHECK_CPU=1 bash bench/gpu_check.sh): every
+# run, check and report path, in about a minute. Its figures describe nothing but the toy.
+GPU_CPU = BenchConfig(
+    workload=Workload(
+        shape=TOY_SHAPE,
+        lengths=LengthModel(prompt_median=12, response_median=24, max_length=128),
+        n_pairs=12,
+        pairs_per_device=2,
+        grad_accum=2,
+        learning_rate=1e-4,
+        loss="spo",
+        threads=1,
+    ),
+    rounds=1,
+    name="gpu-cpu",
+    keep_going=True,
+    gpu=GpuCheck(
+        attentions=("sdpa", "flash_attention_2"),
+        peak_size=512,
+        peak_dtype="float32",
+        peak_repeats=5,
+        check_pairs=4,
+        lora_r=4,
+        lora_alpha=8.0,
+        gen_prompts=4,
+        gen_batch=2,
+        gen_new_tokens=8,
+        gen_rounds=2,
+        caps=(
+            ("peak", 60.0),
+            ("trl", 90.0),
+            ("spo", 90.0),
+            ("spo-compiled", 120.0),
+            ("check", 60.0),
+            ("check-compiled", 120.0),
+            ("generate", 60.0),
+        ),
+    ),
+)
+
+SIZES = {"full": FULL, "toy": TOY, "gpu": GPU, "gpu-cpu": GPU_CPU}
 
 
 def with_dirs(config: BenchConfig, work_dir: Path | None, results_dir: Path | None, rounds: int | None) -> BenchConfig:

@@ -38,6 +38,8 @@ class Job:
     task: str
     """Worker task: trl | spo | sft | logp."""
     spec: dict[str, Any]
+    timeout_s: float | None = None
+    """This job's own time cap (process start included); None: the caller's."""
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -103,7 +105,7 @@ def run_job(job: Job, work_dir: Path, threads: int, timeout_s: float) -> dict[st
     if proc.returncode != 0 or not out_path.exists():
         raise BenchJobError(f"{job.name}: worker exited with code {proc.returncode}\n{_tail(log_path)}")
     result = json.loads(out_path.read_text(encoding="utf-8"))
-    result.update(name=job.name, wall_s=wall_s, sampled_peak_rss_mb=sampled_peak or None, log=str(log_path))
+    result.update(name=job.name, task=job.task, wall_s=wall_s, sampled_peak_rss_mb=sampled_peak or None, log=str(log_path))
     return result
 
 
@@ -132,14 +134,19 @@ def run_rounds(
     results: dict[str, list[dict[str, Any]]] = {job.name: [] for job in jobs}
     for round_index in range(rounds):
         for job in jobs:
+            cap = job.timeout_s if job.timeout_s is not None else timeout_s
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left < MIN_JOB_S:
-                results[job.name].append({"name": job.name, "round": round_index + 1, "error": "skipped: time budget spent"})
+            if left is not None and left < min(MIN_JOB_S, cap):
+                results[job.name].append(
+                    {"name": job.name, "task": job.task, "round": round_index + 1, "error": "skipped: time budget spent"}
+                )
+                if on_result is not None:
+                    on_result(results)
                 continue
             logger.info("round %d/%d: %s", round_index + 1, rounds, job.name)
-            capped = left is not None and left < timeout_s
+            capped = left is not None and left < cap
             try:
-                result = run_job(job, work_dir, threads, timeout_s if left is None else min(timeout_s, left))
+                result = run_job(job, work_dir, threads, cap if left is None else min(cap, left))
             except BenchJobError as exc:
                 if not keep_going:
                     raise
@@ -147,7 +154,7 @@ def run_rounds(
                 first = str(exc).splitlines()[0]
                 if capped and "killed after" in first:
                     first = f"skipped: time budget spent ({first})"
-                result = {"name": job.name, "error": first, "detail": str(exc)}
+                result = {"name": job.name, "task": job.task, "error": first, "detail": str(exc)}
             result["round"] = round_index + 1
             results[job.name].append(result)
             if on_result is not None:

@@ -230,4 +230,7 @@ def write_model(out_dir: Path, shape: ModelShape, seed: int = 0, device: str = "
     tokenizer.save_pretrained(out_dir)
     stamp.write_text(wanted, encoding="utf-8")
     logger.info("wrote %.1fM-parameter bench model to %s", sum(p.numel() for p in model.parameters()) / 1e6, out_dir)
+    del model
+    if device == "cuda":  # the runs are other processes: hand the memory back to the device
+        torch.cuda.empty_cache()
     return out_dir

@@ -43,35 +43,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-# Dense bf16 peak of the cards the GPU check may run on (vendor datasheets, no sparsity), FLOP/s.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-)
-
-
-def peak_flops(device_name: str | None) -> float | None:
-    if not device_name:
-        return None
-    override = os.environ.get("BENCH_PEAK_TFLOPS")
-    if override:
-        return float(override) * 1e12
-    for marker, flops in PEAK_BF16_FLOPS:
-        if marker in device_name:
-            return flops
-    return None
-
-
-def model_flops_per_token(n_params: int | None, live_reference: bool) -> float | None:
-    """6 N per trained token (forward + backward), plus 2 N for a live reference forward."""
-    if not n_params:
-        return None
-    return (6 + (2 if live_reference else 0)) * n_params
-
-
 def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in runs if "error" not in r]
     errors = [r["error"] for r in runs if "error" in r]
@@ -83,10 +54,6 @@ def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         run["tokens_per_cpu_s"] = run["real_tokens"] / cpu if cpu else None
         steady = run.get("steady_s")
         run["steady_tokens_per_s"] = run["steady_real_tokens"] / steady if steady else None
-        live = run.get("has_reference_model", run.get("variant") != "packed_precompute")
-        flops = model_flops_per_token(run.get("n_params"), live)
-        peak = peak_flops(run.get("device_name"))
-        run["mfu"] = run["tokens_per_s"] * flops / peak if flops and peak and run["tokens_per_s"] else None
 
     def med(key: str) -> float | None:
         return _median([r.get(key) for r in ok])
@@ -97,17 +64,14 @@ def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds": len(runs),
         "errors": errors,
         "attention": ok[0].get("attention") if ok else None,
-        "device_name": ok[0].get("device_name") if ok else None,
         "n_params": ok[0].get("n_params") if ok else None,
         "tokens_per_s": med("tokens_per_s"),
         "steady_tokens_per_s": med("steady_tokens_per_s"),
         "tokens_per_cpu_s": med("tokens_per_cpu_s"),
         "tokens_per_s_with_precompute": med("tokens_per_s_with_precompute"),
-        "mfu": med("mfu"),
         "padding_share": med("padding_share"),
         "peak_rss_mb": med("peak_rss_mb"),
         "sampled_peak_rss_mb": med("sampled_peak_rss_mb"),
-        "cuda_peak_allocated_mb": med("cuda_peak_allocated_mb"),
         "loop_s": med("loop_s"),
         "wall_s": med("wall_s"),
         "precompute_s": med("precompute_s"),
@@ -118,27 +82,17 @@ def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _baseline_for(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """TRL's row: 'trl' on the CPU bench; on the GPU check, TRL under the same attention kernel."""
-    names = {r["name"]: r for r in rows}
-    if "trl" in names:
-        return names["trl"]
-    suffix = row["name"].rsplit("-", 1)[-1] if row.get("attention") is None else row["attention"]
-    return names.get(f"trl-{suffix}")
-
-
 def summarize_preference(results: dict[str, list[dict[str, Any]]], pair_tokens: int) -> dict[str, Any]:
     rows = [_training_row(name, runs) for name, runs in results.items()]
     checks = []
+    base = next((row for row in rows if row["name"] == "trl"), None)
     for row in rows:
-        base = _baseline_for(row, rows)
         row["baseline"] = base["name"] if base else None
         row["tokens_per_s_ratio"] = _ratio(row["tokens_per_s"], base["tokens_per_s"]) if base else None
         row["with_precompute_ratio"] = (
             _ratio(row["tokens_per_s_with_precompute"], base["tokens_per_s"]) if base else None
         )
         row["peak_rss_ratio"] = _ratio(row["peak_rss_mb"], base["peak_rss_mb"]) if base else None
-        row["cuda_peak_ratio"] = _ratio(row["cuda_peak_allocated_mb"], base["cuda_peak_allocated_mb"]) if base else None
         # Every engine trains one epoch over the same pairs, so each must have seen exactly their tokens.
         row["tokens_match_workload"] = row["real_tokens"] == pair_tokens
         target = TARGETS.get(row["name"])
@@ -292,9 +246,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         + f"); AdamW, lr {w['learning_rate']:g}, {w['dtype']}.",
         "",
     ]
-    if "preference" in report and any(row.get("device_name") for row in report["preference"]["rows"]):
-        lines += _gpu_preference_lines(report["preference"])
-    elif "preference" in report:
+    if "preference" in report:
         lines += _cpu_preference_lines(report["preference"])
     if "sft" in report:
         lines += [
@@ -378,35 +330,6 @@ def _cpu_preference_lines(pref: dict[str, Any]) -> list[str]:
                 f"{_pct(t['padding_share'])} (target < 5%: {'met' if t['padding_share_met'] else 'MISSED'})"
             )
         lines.append("")
-    return lines
-
-
-def _gpu_preference_lines(pref: dict[str, Any]) -> list[str]:
-    device = next(row["device_name"] for row in pref["rows"] if row.get("device_name"))
-    n_params = next((row["n_params"] for row in pref["rows"] if row.get("n_params")), None)
-    lines = [
-        f"## GPU: full fine-tuning, {device}",
-        "",
-        f"N = {n_params:,} parameters (tied embedding counted once). MFU = real tokens/s x (6 N, plus 2 N when a "
-        "live reference model runs) / the card's dense bf16 peak; attention FLOPs are not counted. TRL pads; "
-        "spo packs. Peak memory = torch.cuda.max_memory_allocated of the process."
-        if n_params
-        else "MFU needs the parameter count, which no run reported.",
-        "",
-        "| run | attention | real tokens/s | vs TRL, same kernel | MFU | padding share | peak GPU memory (GB) | loop (s) | ref precompute (s) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in pref["rows"]:
-        if row["errors"] and row["tokens_per_s"] is None:
-            lines.append(f"| {row['name']} | | failed: {row['errors'][0]} | | | | | | |")
-            continue
-        memory = row["cuda_peak_allocated_mb"] / 1e3 if row["cuda_peak_allocated_mb"] else None
-        lines.append(
-            f"| {row['name']} | {row['attention'] or ''} | {_f(row['tokens_per_s'])} | {_x(row['tokens_per_s_ratio'])} | "
-            f"{_pct(row['mfu'])} | {_pct(row['padding_share'])} | {_f(memory, 1)} | {_f(row['loop_s'], 1)} | "
-            f"{_f(row['precompute_s'], 1)} |"
-        )
-    lines.append("")
     return lines
 
 

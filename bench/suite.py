@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,17 +49,6 @@ def _init_device(work: Workload) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def attention_importable(attention: str) -> bool:
-    """flash_attention_2 needs the flash-attn package; flex_attention needs torch's; sdpa/eager always work."""
-    import importlib.util
-
-    if attention == "flash_attention_2":
-        return importlib.util.find_spec("flash_attn") is not None
-    if attention == "flex_attention":
-        return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
-    return True
-
-
 def prepare(config: BenchConfig) -> WorkloadFiles:
     work = config.workload
     root = Path(config.work_dir).resolve()
@@ -76,31 +65,16 @@ def prepare(config: BenchConfig) -> WorkloadFiles:
 
 
 def preference_jobs(config: BenchConfig, files: WorkloadFiles) -> list[Job]:
-    """CPU bench: (a) TRL, (b) padded, (c) packed, (d) packed + precompute. GPU check: TRL and packed spo
-    under each importable attention kernel, plus packed + precompute under the first of them."""
+    """(a) TRL, (b) padded, (c) packed, (d) packed + precompute (the GPU check has its own plan: gpu_plan)."""
     root = Path(config.work_dir).resolve() / "runs"
     paths = {"model_dir": str(files.model_dir), "pairs": str(files.pairs)}
 
-    def job(name: str, task: str, work: Workload, **extra: Any) -> Job:
-        return Job(name, task, {"workload": work.to_json(), **paths, "out_dir": str(root / name), **extra})
+    def job(name: str, task: str, **extra: Any) -> Job:
+        return Job(name, task, {"workload": config.workload.to_json(), **paths, "out_dir": str(root / name), **extra})
 
-    work = config.workload
-    if len(config.attentions) == 1:
-        jobs = [job("trl", "trl", work)]
-        for variant in ("padded", "packed", "packed_precompute"):
-            jobs.append(job("spo-" + variant.replace("_", "-"), "spo", work, variant=variant))
-        return jobs
-    usable = [a for a in config.attentions if attention_importable(a)]
-    skipped = [a for a in config.attentions if a not in usable]
-    if skipped:
-        logger.info("attention kernels not importable here, skipped: %s", ", ".join(skipped))
-    jobs = []
-    for attention in usable:
-        w = replace(work, attention=attention)
-        jobs.append(job(f"trl-{attention}", "trl", w))
-        jobs.append(job(f"spo-packed-{attention}", "spo", w, variant="packed"))
-    w = replace(work, attention=usable[0])
-    jobs.append(job(f"spo-packed-precompute-{usable[0]}", "spo", w, variant="packed_precompute"))
+    jobs = [job("trl", "trl")]
+    for variant in ("padded", "packed", "packed_precompute"):
+        jobs.append(job("spo-" + variant.replace("_", "-"), "spo", variant=variant))
     return jobs
 
 

@@ -1,12 +1,16 @@
-"""Run (a): TRL's DPOTrainer, unmodified, on the bench workload (live reference model, sigmoid loss).
+"""Run (a): TRL's DPOTrainer, unmodified, on the bench workload (sigmoid loss; live reference model, or
+TRL's own `precompute_ref_log_probs`).
 
 The trainer is constructed and trained exactly as a user would; the bench only attaches the callback that
-reads the clock and counts the real and padded tokens of the batches TRL's own collator returns.
+reads the clock and counts the real and padded tokens of the batches TRL's own collator returns, and, with
+precompute, times TRL's reference pass (which TRL runs while the trainer is constructed).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,18 @@ from bench.config import Workload
 logger = logging.getLogger(__name__)
 
 
-def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Train one epoch over the pairs with TRL's DPOTrainer (loss sigmoid, live reference model built by
-    TRL from the same folder); return the measured figures."""
+PRECOMPUTE_HOOK = "_precompute_ref_logps"
+"""TRL 1.16's method that runs the reference pass of `precompute_ref_log_probs`; timed, never changed."""
+
+
+def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path, *, precompute: bool = False) -> dict[str, Any]:
+    """Train one epoch over the pairs with TRL's DPOTrainer (loss sigmoid; reference: a live model built
+    by TRL from the same folder, or with `precompute` TRL's reference pass before training); return the
+    measured figures."""
     started = time.perf_counter()
+    # A cache of this run's own: TRL stores its precomputed reference log-probs in the datasets cache, which
+    # another run over the same file would otherwise find and skip the pass the bench times.
+    os.environ["HF_DATASETS_CACHE"] = str(Path(out_dir).resolve() / "datasets-cache")
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,9 +67,23 @@ def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path) ->
         fp16=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        precompute_ref_log_probs=precompute,
     )
     times = LoopTimes()
-    trainer = DPOTrainer(
+    precompute_s: list[float] = []
+
+    class TimedDPOTrainer(DPOTrainer):
+        """DPOTrainer with its reference pass timed (the call itself is TRL's, unchanged)."""
+
+        def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            out = super()._precompute_ref_logps(*args, **kwargs)
+            precompute_s.append(time.perf_counter() - began)
+            return out
+
+    if precompute and not hasattr(DPOTrainer, PRECOMPUTE_HOOK):
+        raise RuntimeError(f"TRL's DPOTrainer has no {PRECOMPUTE_HOOK}: its precompute pass moved; update the bench")
+    trainer = TimedDPOTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -65,14 +91,19 @@ def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path) ->
         callbacks=[step_clock(times)],
     )
     setup_s = time.perf_counter() - started
+    if precompute and not precompute_s:
+        raise RuntimeError("precompute_ref_log_probs was set but TRL's reference pass never ran")
     trainer.train()
+    summary = times.summary(micro_batches_per_step=work.grad_accum)
     return {
         "engine": "trl",
+        "variant": "precompute" if precompute else "live",
         "attention": work.attention,
-        **times.summary(micro_batches_per_step=work.grad_accum),
+        **summary,
         **device_facts(),
         "setup_s": setup_s,
-        "precompute_s": 0.0,
+        "precompute_s": sum(precompute_s) if precompute else 0.0,
         "peak_rss_mb": peak_rss_mb(),
         "has_reference_model": trainer.ref_model is not None,
+        "loss_finite": bool(summary["losses"]) and all(math.isfinite(x) for x in summary["losses"]),
     }

@@ -70,6 +70,12 @@ def test_loop_summary_ignores_the_batch_fetched_ahead_and_the_pre_loop_pass():
     assert summary["loop_s"] == pytest.approx(3.5)  # from the first fetch, not from train begin
     assert summary["pre_loop_s"] == pytest.approx(5.0)
     assert summary["steady_real_tokens"] == 50
+    # per optimizer step: the first step runs from the first fetch, each later one from the step before
+    assert summary["step_seconds"] == pytest.approx([1.0, 1.0, 1.0])
+    assert summary["step_real_tokens"] == [10, 20, 30]
+    two_per_step = LoopTimes(begin=0.0, first_fetch=1.0, step_ends=[3.0, 4.0], end=4.0)
+    two_per_step.batch_real, two_per_step.batch_slots = [1, 2, 3, 4, 5], [1, 2, 3, 4, 5]
+    assert two_per_step.summary(micro_batches_per_step=2)["step_real_tokens"] == [3, 7]
     with pytest.raises(RuntimeError, match="collator was not tracked"):
         LoopTimes(begin=0.0, first_fetch=0.0, step_ends=[1.0], end=1.0).summary()
 
@@ -159,52 +165,6 @@ def test_trl_and_spo_train_on_exactly_the_same_tokens(tmp_path: Path):
     assert trl["padding_share"] > 0.05
     assert spo["padding_share"] == 0.0
     assert spo["loop_s"] > 0 and trl["loop_s"] > 0
-
-
-def test_gpu_rows_get_mfu_and_are_compared_with_trl_under_the_same_kernel():
-    def gpu_run(tokens_per_s: float, **extra) -> dict:
-        run = _run(int(tokens_per_s * 10), 10.0, 1000, 0.0)
-        run.update(device_name="NVIDIA H100 80GB HBM3", n_params=1_000_000_000, cuda_peak_allocated_mb=20_000, **extra)
-        return run
-
-    results = {
-        "trl-sdpa": [gpu_run(1000, has_reference_model=True, attention="sdpa")],
-        "spo-packed-sdpa": [gpu_run(3000, variant="packed", attention="sdpa")],
-        "trl-flash_attention_2": [gpu_run(2000, has_reference_model=True, attention="flash_attention_2")],
-        "spo-packed-flash_attention_2": [gpu_run(5000, variant="packed", attention="flash_attention_2")],
-        "spo-packed-precompute-sdpa": [gpu_run(4000, variant="packed_precompute", attention="sdpa")],
-        "trl-flex_attention": [{"error": "trl-flex_attention: worker exited with code 1"}],
-    }
-    rows = {row["name"]: row for row in summarize_preference(results, pair_tokens=0)["rows"]}
-    assert rows["spo-packed-sdpa"]["tokens_per_s_ratio"] == pytest.approx(3.0)
-    assert rows["spo-packed-flash_attention_2"]["tokens_per_s_ratio"] == pytest.approx(2.5)
-    # live reference: 8 N per token; precomputed: 6 N
-    assert rows["spo-packed-sdpa"]["mfu"] == pytest.approx(3000 * 8e9 / 989e12)
-    assert rows["spo-packed-precompute-sdpa"]["mfu"] == pytest.approx(4000 * 6e9 / 989e12)
-    assert rows["trl-flex_attention"]["errors"] and rows["trl-flex_attention"]["tokens_per_s"] is None
-    report = {"preference": {"rows": list(rows.values()), "targets": [], "pair_tokens": 0}}
-    from bench.report import _gpu_preference_lines
-
-    text = "\n".join(_gpu_preference_lines(report["preference"]))
-    assert "NVIDIA H100" in text and "failed: trl-flex_attention" in text
-
-
-def test_gpu_check_compares_each_importable_kernel_and_skips_the_others(tmp_path: Path, monkeypatch):
-    import bench.suite as suite
-    from bench.config import GPU
-
-    monkeypatch.setattr(suite, "attention_importable", lambda name: name != "flash_attention_2")
-    files = suite.WorkloadFiles(tmp_path / "model", tmp_path / "pairs.jsonl", tmp_path / "sft.jsonl", 0)
-    jobs = suite.preference_jobs(dataclasses.replace(GPU, work_dir=tmp_path), files)
-    assert [job.name for job in jobs] == [
-        "trl-sdpa",
-        "spo-packed-sdpa",
-        "trl-flex_attention",
-        "spo-packed-flex_attention",
-        "spo-packed-precompute-sdpa",
-    ]
-    assert {job.spec["workload"]["attention"] for job in jobs} == {"sdpa", "flex_attention"}
-    assert all(job.spec["workload"]["dtype"] == "bfloat16" and job.spec["workload"]["loss"] == "spo" for job in jobs)
 
 
 def test_a_spent_budget_skips_jobs_but_still_returns_results(tmp_path: Path):
