@@ -133,6 +133,10 @@ def test_spo_plot_writes_png_and_svg_for_the_chosen_seed(tmp_path: Path) -> None
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = out.with_suffix(".svg").read_text(encoding="utf-8")
     assert "<svg" in svg and "seed 1" in svg
+    first = out.read_bytes()
+    again = CliRunner().invoke(app, ["plot", str(exp), "--seed", "1", "--svg", "--out", str(out)])
+    assert again.exit_code == 0 and out.read_bytes() == first  # no timestamp: the same figure, the same bytes
+    assert out.with_suffix(".svg").read_text(encoding="utf-8") == svg
     default = CliRunner().invoke(app, ["plot", str(exp)])
     assert default.exit_code == 0 and (exp / "curves_seed0.png").is_file() and not (exp / "curves_seed0.svg").exists()
     svg_only = CliRunner().invoke(app, ["plot", str(exp / "seed0" / "spo"), "--out", str(tmp_path / "spo.svg")])
