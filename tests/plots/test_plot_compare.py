@@ -105,7 +105,7 @@ def test_experiment_folder_overlays_its_seeds_preference_runs_with_log_ratios_in
     panels = _panels(fig)
     assert list(panels) == [
         "chosen answer: log π/π_ref", "rejected answer: log π/π_ref", "margin: chosen − rejected log-ratio",
-        "reward accuracy (chosen > rejected)", "both answers below the reference", "loss (each run its own)",
+        "reward accuracy (chosen > rejected)", "both answers below the reference",
         "KTO reference point z₀ (kl)", "SPO margin term f(β·Δ)", "SPO rejected term f(α·(log π_ref − log π))",
     ]
     chosen = panels["chosen answer: log π/π_ref"]
@@ -117,7 +117,11 @@ def test_experiment_folder_overlays_its_seeds_preference_runs_with_log_ratios_in
     assert panels["margin: chosen − rejected log-ratio"][3][2] == pytest.approx([3.0, 6.0, 9.0])
     assert "nats" in fig.axes[0].get_ylabel() and "β" in fig.axes[0].get_ylabel()
     assert _labels(panels["reward accuracy (chosen > rejected)"]) == [LABELS[0], LABELS[1], LABELS[3]]  # KTO logs none
-    assert _labels(panels["loss (each run its own)"]) == LABELS
+    assert "loss" not in panels  # IPO's loss starts near 25, the others near 1: not one axis
+    assert _labels(_panels(draw(build_figure(runs, "all", every_curve=True)))["loss"]) == LABELS
+    colours = {label: colour for label, colour in zip(LABELS, ("tab:red", "tab:green", "tab:orange", "tab:blue"))}
+    assert all(line.get_color() == colours[line.get_label()] for line in fig.axes[0].get_lines()
+               if not line.get_label().startswith("_"))
     assert _labels(panels["KTO reference point z₀ (kl)"]) == ["kto β=0.1"]
     assert _labels(panels["SPO margin term f(β·Δ)"]) == ["spo β=0.2 α=1"]
     legend = fig.legends[0]
@@ -157,6 +161,13 @@ def test_several_run_folders_overlay_and_shared_labels_get_their_folder_names(tm
     assert apart.exit_code == 1 and "--out" in apart.output
 
 
+def test_each_loss_keeps_its_colour_unless_it_appears_twice() -> None:
+    from spo_align.plots.compare import run_colours
+
+    assert run_colours(["dpo", "spo"]) == ("tab:red", "tab:blue")
+    assert run_colours(["spo", "spo", "dpo", None]) == ("tab:blue", "tab:green", "tab:red", "tab:orange")
+
+
 def test_smoothing_keeps_constants_and_monotone_steps_and_stops_at_gaps() -> None:
     assert smooth([0.75] * 9, 4) == pytest.approx([0.75] * 9, rel=1e-15)
     step = [0.0] * 6 + [1.0] * 6
@@ -194,7 +205,7 @@ def test_nan_and_inf_are_drawn_as_gaps_and_named(tmp_path: Path, caplog: pytest.
     chosen = panels["chosen answer: log π/π_ref"].lines[0]
     assert chosen.steps == (10, 20, 30, 40)  # the NaN point is kept, so the line breaks there
     assert math.isnan(chosen.values[1]) and chosen.values[3] == pytest.approx(4.0)
-    assert math.isnan(panels["loss (each run its own)"].lines[0].values[3])
+    assert math.isnan(panels["loss"].lines[0].values[3])
     note = content.notes[-1]
     assert note.startswith("gaps where a run logged NaN/inf:")
     assert "spo β=0.2 α=1 rewards/chosen (step 20)" in note and "spo β=0.2 α=1 loss (step 40)" in note

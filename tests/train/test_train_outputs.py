@@ -166,6 +166,6 @@ def test_spo_plot_draws_a_png_of_every_curve(tmp_path: Path):
     from spo_align.plots.runs import load_runs
 
     titles = [p.title for p in build_figure(load_runs([tmp_path]), "run", every_curve=True).panels]
-    assert titles == ["loss (each run its own)", "learning_rate", "rewards/margins (as logged)", "spo_margin_term"]
+    assert titles == ["loss", "learning_rate", "rewards/margins (as logged)", "spo_margin_term"]
     missing = CliRunner().invoke(app, ["plot", str(tmp_path / "nothing")])
     assert missing.exit_code == 1 and "does not exist" in missing.output

@@ -2,9 +2,11 @@
 
 The panels that compare preference runs come first: the chosen and the rejected answers' log-ratio
 log π/π_ref and their margin, in nats (each run's logged reward divided by its reward scale, so runs with
-different β compare), the reward accuracy, the share of pairs with both answers below the reference, the
-loss, and each loss's own terms (SPO's two terms, KTO's reference point). One colour per run; evaluation
-values (`eval_*`) dashed in the run's colour. For a single run every other logged metric follows.
+different β compare), the reward accuracy, the share of pairs with both answers below the reference, and
+each loss's own terms (SPO's two terms, KTO's reference point). One colour per run (SPO blue, DPO red, IPO
+green, KTO orange when each appears once); evaluation values (`eval_*`) dashed in the run's colour. For a
+single run every other logged metric follows, the loss first. The losses of different runs are not
+compared by default: their scales differ too much (IPO's starts near (1/2τ)², 25 for τ = 0.1).
 
 NaN and ±inf values are drawn as gaps (the line breaks there); the figure's footnote and the log name the
 series that have them. Smoothing is a centred mean over a window of logged points, taken within each
@@ -43,7 +45,6 @@ PANELS = (
     Panel("rewards/margins", "margin: chosen − rejected log-ratio", LOG_RATIO_UNIT, log_ratio=True),
     Panel("rewards/accuracies", "reward accuracy (chosen > rejected)", "share of pairs"),
     Panel("both_below_ref", "both answers below the reference", "share of pairs"),
-    Panel("loss", "loss (each run its own)", "loss"),
 )
 TERM_TITLES = {
     "spo_margin_term": "SPO margin term f(β·Δ)",
@@ -51,9 +52,10 @@ TERM_TITLES = {
     "kl": "KTO reference point z₀ (kl)",
 }
 # Order of the remaining curves of a single run; any other metric follows by name.
-PREFERRED = ("learning_rate", "logps/chosen", "logps/rejected", "grad_norm", "mean_token_accuracy", "entropy")
+PREFERRED = ("loss", "learning_rate", "logps/chosen", "logps/rejected", "grad_norm", "mean_token_accuracy", "entropy")
 COLOURS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
            "tab:olive", "tab:cyan")
+KIND_COLOURS = {"spo": "tab:blue", "dpo": "tab:red", "ipo": "tab:green", "kto": "tab:orange", "sft": "tab:gray"}
 FORMATS = (".png", ".svg")
 
 
@@ -87,6 +89,22 @@ class FigureContent:
     runs: tuple[str, ...]
     panels: tuple[PanelContent, ...]
     notes: tuple[str, ...] = ()
+    colours: tuple[str, ...] = ()
+    """One per run; default: COLOURS in turn."""
+
+
+def run_colours(kinds: Sequence[str | None]) -> tuple[str, ...]:
+    """A loss's own colour for a loss that appears once; the other runs take the unused colours in turn."""
+    fixed = {kind: KIND_COLOURS[kind] for kind in kinds if kind in KIND_COLOURS and list(kinds).count(kind) == 1}
+    spare = [c for c in COLOURS if c not in fixed.values()]
+    colours, taken = [], 0
+    for kind in kinds:
+        if kind in fixed:
+            colours.append(fixed[kind])
+        else:
+            colours.append(spare[taken % len(spare)])
+            taken += 1
+    return tuple(colours)
 
 
 def smooth(values: Sequence[float], window: int) -> tuple[float, ...]:
@@ -170,7 +188,8 @@ def build_figure(runs: Sequence[Run], title: str, *, smooth_window: int = 1, eve
     gaps = gap_report(content)
     if gaps:
         notes.append("gaps where a run logged NaN/inf: " + gaps)
-    return FigureContent(title, tuple(r.label for r in runs), tuple(content), tuple(notes))
+    labels = tuple(r.label for r in runs)
+    return FigureContent(title, labels, tuple(content), tuple(notes), run_colours([r.kind for r in runs]))
 
 
 def gap_report(panels: Sequence[PanelContent]) -> str:
@@ -194,7 +213,8 @@ def draw(content: FigureContent) -> Any:
     rows = math.ceil(len(content.panels) / cols)
     fig = Figure(figsize=(4.0 * cols, 2.8 * rows + 0.9), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
-    colour = {run: COLOURS[i % len(COLOURS)] for i, run in enumerate(content.runs)}
+    colours = content.colours or tuple(COLOURS[i % len(COLOURS)] for i in range(len(content.runs)))
+    colour = dict(zip(content.runs, colours))
     for ax, panel in zip(axes.flat, content.panels):
         if panel.zero_line:
             ax.axhline(0.0, color="0.6", linewidth=0.8)

@@ -109,6 +109,8 @@ class Run:
     label: str
     facts: LossFacts
     metrics: RunMetrics
+    kind: str | None = None
+    """The loss type, or the stage for a run without a loss (`sft`); None when unknown."""
 
 
 def experiment_seeds(folder: Path) -> dict[int, Path]:
@@ -212,6 +214,6 @@ def load_runs(paths: Sequence[Path], seed: int | None = None) -> list[Run]:
     labels = [loss_label(f.stage, f.loss) if not f.problem else folder.name for (folder, _), f in zip(found, facts)]
     labels = _unique_labels([folder for folder, _ in found], labels)
     return [
-        Run(folder, label, loss_facts(fact.loss), metrics)
+        Run(folder, label, loss_facts(fact.loss), metrics, fact.loss.type if fact.loss is not None else fact.stage)
         for (folder, metrics), fact, label in zip(found, facts, labels)
     ]
