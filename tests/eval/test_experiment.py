@@ -190,6 +190,7 @@ def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_pat
     win_rates = (out / "win_rates.md").read_text(encoding="utf-8")
     assert "Averaged over 2 seed(s) (0, 1)" in win_rates and "n=48" in win_rates
     assert (out / "win_rates.png").stat().st_size > 0 and (out / "win_rates_seed1.md").is_file()
+    assert all((out / f"curves_seed{s}.{ext}").stat().st_size > 0 for s in (0, 1) for ext in ("png", "svg"))
     accuracy = (out / "accuracy.md").read_text(encoding="utf-8")
     assert "carry (n=" in accuracy and "no-carry (n=" in accuracy and "all (n=24)" in accuracy
     log_ratios = (out / "log_ratios.md").read_text(encoding="utf-8")

@@ -162,11 +162,10 @@ def test_spo_plot_draws_a_png_of_every_curve(tmp_path: Path):
     assert result.exit_code == 0, result.output
     png = tmp_path / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from spo_align.train.outputs import read_metrics
-    from spo_align.train.plot import curves
+    from spo_align.plots.compare import build_figure
+    from spo_align.plots.runs import load_runs
 
-    assert list(curves(read_metrics(tmp_path / "metrics.jsonl"))) == [
-        "loss", "learning_rate", "rewards/margins", "spo_margin_term",
-    ]
+    titles = [p.title for p in build_figure(load_runs([tmp_path]), "run", every_curve=True).panels]
+    assert titles == ["loss", "learning_rate", "rewards/margins (as logged)", "spo_margin_term"]
     missing = CliRunner().invoke(app, ["plot", str(tmp_path / "nothing")])
     assert missing.exit_code == 1 and "does not exist" in missing.output

@@ -14,6 +14,7 @@ Layout under `output_dir`:
     win_rates.{md,csv,png}    the matrix pooled over seeds; win_rates_seed<S>.md per seed
     accuracy.{md,csv}         model x group accuracy, mean over seeds (reference answers only)
     log_ratios.md             end-of-training chosen/rejected log pi/pi_ref per preference run
+    curves_seed<S>.{png,svg}  training curves of the seed's preference runs overlaid (`spo plot`)
     runs.jsonl                one line per invocation: stages trained/skipped, wall and CPU seconds
 
 Nothing finished is redone: a stage whose folder holds the runner's completion marker is skipped,
@@ -508,8 +509,10 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
         write_log_ratios,
         write_win_rates,
     )
+    from spo_align.plots.compare import write_experiment_curves
 
     _, result.files = write_win_rates(experiment, judge)
+    result.files += write_experiment_curves(experiment.output_dir, spec.seeds)  # beside the win rates, per seed
     rows = accuracy_rows(experiment, groups)
     if rows:
         result.files += write_accuracy(rows, experiment)

@@ -70,18 +70,38 @@ def train(
 
 
 def plot(
-    output_dir: Path = typer.Argument(..., help="A spo train output folder (holds metrics.jsonl)."),
-    out: Path = typer.Option(None, "--out", help="PNG to write (default: OUTPUT_DIR/metrics.png)."),
+    paths: list[Path] = typer.Argument(
+        ..., help="Run folders (each holds metrics.jsonl), or an experiment folder (holds seed<S>/): its runs of one seed."
+    ),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        help="Figure to write, .png or .svg. Default: RUN/metrics.png for one run, EXPERIMENT/curves_seed<S>.png for "
+        "an experiment folder, FOLDER/curves.png for several runs of one folder.",
+    ),
+    seed: int = typer.Option(None, "--seed", help="Which seed's runs of an experiment folder (default: the lowest)."),
+    smooth: int = typer.Option(
+        1, "--smooth", min=1, help="Centred mean over N logged points for noisy curves (raw values stay faint); 1: off."
+    ),
+    svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
+    every_curve: bool = typer.Option(
+        False, "--all", help="After the comparison panels, every other metric the runs logged (always for one run)."
+    ),
 ) -> None:
-    """Draw a run's training curves (loss, learning rate, rewards, margins, log-probs, ...) to PNG."""
-    from spo_align.train.plot import PlotError, plot_run
+    """Draw training curves; several runs overlay, one colour each: log-ratios, margin, accuracy, loss terms."""
+    from spo_align.plots.compare import plot_runs
+    from spo_align.plots.runs import PlotError
 
     try:
-        path = plot_run(output_dir, out)
+        written = plot_runs(paths, out, seed=seed, smooth_window=smooth, svg=svg, every_curve=every_curve or None)
     except PlotError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
-    typer.echo(str(path))
+    except OSError as exc:
+        typer.echo(f"error: cannot write the figure: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    for path in written:
+        typer.echo(str(path))
 
 
 def register(app: typer.Typer) -> None:
