@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import FakeJudgeServer, write_generations
 from typer.testing import CliRunner
 
 from spo_align.eval.commands import register
+from tests.eval.judge_server import FakeJudgeServer, write_generations
 
 runner = CliRunner()
 

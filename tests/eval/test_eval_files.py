@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import write_generations
 from typer.testing import CliRunner
 
 from spo_align.eval.commands import register
 from spo_align.eval.judge_store import JudgmentRecord, JudgmentStore, read_judgments
 from spo_align.eval.records import GenerationRecord, read_generation_file
+from tests.eval.judge_server import write_generations
 
 runner = CliRunner()
 

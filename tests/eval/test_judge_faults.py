@@ -8,11 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import FakeJudgeServer, write_generations
 
 from spo_align.eval.judge import JudgeFatalError, judge_all, plan_judging
 from spo_align.eval.judge_client import OpenAIJudge
 from spo_align.eval.judge_store import read_judgments
+from tests.eval.judge_server import FakeJudgeServer, write_generations
 
 KEY_ENV = "SPO_TEST_JUDGE_KEY"
 QUESTIONS = {

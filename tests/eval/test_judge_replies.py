@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import FakeJudgeServer, write_generations
 from typer.testing import CliRunner
 
 from spo_align.eval.commands import register
@@ -18,6 +17,7 @@ from spo_align.eval.judge_client import OpenAIJudge
 from spo_align.eval.judge_reply import MAX_REPLY_BYTES
 from spo_align.eval.judge_store import MAX_ERROR_CHARS, MAX_STORED_REPLY_CHARS, read_judgments
 from spo_align.eval.reference_judge import ReferenceJudge
+from tests.eval.judge_server import FakeJudgeServer, write_generations
 
 KEY_ENV = "SPO_TEST_JUDGE_KEY"
 # The question's phrase picks the server's reply (see FakeJudgeServer); the value is what the error says.

@@ -12,11 +12,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import FakeJudgeServer, write_generations
 
 from spo_align.eval.judge import judge_all
 from spo_align.eval.judge_client import OpenAIJudge
 from spo_align.eval.judge_store import JudgmentStore, read_judgments
+from tests.eval.judge_server import FakeJudgeServer, write_generations
 
 KEY_ENV = "SPO_TEST_JUDGE_KEY"
 CLI = "import typer; from spo_align.eval.commands import register; app = typer.Typer(); register(app); app()"

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FakeJudgeServer, write_generations
 
 from spo_align.eval.judge import judge_all
 from spo_align.eval.judge_client import OpenAIJudge
 from spo_align.eval.judge_store import read_judgments
 from spo_align.eval.redact import redact, register_secret
+from tests.eval.judge_server import FakeJudgeServer, write_generations
 
 KEY_ENV = "SPO_TEST_JUDGE_KEY"
 WINDOW = 8
@@ -70,6 +70,8 @@ def test_library_logging_at_debug_keeps_the_key_out(
     judge_server.echo_key = True
     monkeypatch.setenv(KEY_ENV, secret)
     caplog.set_level(logging.DEBUG)
+    for name in ("httpcore", "httpcore2", "httpx", "httpx2", "openai"):  # earlier in-process CLI runs quiet them
+        caplog.set_level(logging.DEBUG, logger=name)
     gen = write_generations(tmp_path / "gen", ANSWERS, QUESTIONS)
     out = tmp_path / "judgments.jsonl"
     judge = OpenAIJudge("judge-x", base_url=judge_server.url, api_key_env=KEY_ENV, max_attempts=2, backoff_s=0.01)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_generations
 
 from spo_align.eval.judge import JudgeItem, judge_all, plan_judging
 from spo_align.eval.records import EvalInputError
 from spo_align.eval.reference_judge import ReferenceJudge, exact_match
 from spo_align.eval.table import win_rate_table
+from tests.eval.judge_server import write_generations
 
 
 def test_verdicts_by_correctness() -> None:
