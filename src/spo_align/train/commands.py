@@ -1,7 +1,8 @@
 """`spo train` and `spo plot`. Thin: parse, call the library, print. torch is imported inside the bodies.
 
 Exit codes: 0 success; 1 bad input (recipe errors printed exactly like `spo validate`, or one `error:` line
-for data, model, output-folder and launch problems); a failed launcher's own exit code otherwise.
+for data, model, output-folder, reference-cache and launch problems) or a failed write (a full disk, an
+unwritable folder: one `error:` line); a failed launcher's own exit code otherwise.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from spo_align.data.sources import DataSourceError
     from spo_align.train.model import ModelSetupError
     from spo_align.train.outputs import OutputFolderError
+    from spo_align.train.reference import ReferenceCacheError
     from spo_align.train.sft import ChatTemplateError
 
-    errors: list[type[BaseException]] = [DataSourceError, ModelSetupError, OutputFolderError, ChatTemplateError]
+    errors: list[type[BaseException]] = [
+        DataSourceError, ModelSetupError, OutputFolderError, ChatTemplateError, ReferenceCacheError,
+    ]
     try:
         from spo_align.data.policies import RowPolicyError
         from spo_align.data.tokenize import TemplateError
@@ -36,8 +40,14 @@ def train(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the launch command and the trainer arguments; load nothing, train nothing."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in output.dir from its last checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished (or unfinished) run in output.dir."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue the unfinished run in output.dir from its last complete checkpoint; fail if there is none. "
+        "(Without a flag, an unfinished run of the same recipe is continued too, or started over if it has no checkpoint.)",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start over: delete the finished or unfinished run in output.dir (only files spo-align wrote)."
+    ),
 ) -> None:
     """Train: SFT, preference (SPO/DPO/IPO) or KTO, as the recipe says; in-process or under its launcher."""
     import torch
@@ -70,6 +80,14 @@ def train(
     except LaunchError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=exc.returncode) from None
+    except Exception as exc:
+        from spo_align.train.disk import write_failure
+
+        message = write_failure(exc, Path(plan.output_dir))
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(code=1) from None
     typer.echo(f"done: {output_dir}")
 
 

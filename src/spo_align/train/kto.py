@@ -168,8 +168,8 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
     from trl import KTOConfig, KTOTrainer
 
     from spo_align.train.args import build_training_args
+    from spo_align.train.loop import train_and_save
     from spo_align.train.model import load_model, load_tokenizer, lora_config
-    from spo_align.train.run import train_and_save
 
     args = build_training_args(plan, ctx.output_dir, KTOConfig, **kto_config_kwargs(plan))
     tokenizer = load_tokenizer(plan)

@@ -259,8 +259,8 @@ def run_sft(plan: RunPlan, ctx: RunContext) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from spo_align.train.args import build_training_args
+    from spo_align.train.loop import train_and_save
     from spo_align.train.model import apply_adapter, load_model, load_tokenizer
-    from spo_align.train.run import train_and_save
 
     args = build_training_args(plan, ctx.output_dir, SFTConfig, **sft_config_kwargs(plan))
     tokenizer = load_tokenizer(plan)
