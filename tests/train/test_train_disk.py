@@ -24,7 +24,6 @@ import pytest
 from typer.testing import CliRunner
 
 from spo_align.cli import app
-from spo_align.train.checkpoints import is_sealed
 
 RECIPES = Path(__file__).resolve().parents[1] / "data" / "recipes"
 PAGE = 4096
@@ -107,6 +106,8 @@ def test_a_full_disk_is_one_error_line_and_the_run_continues_once_there_is_room(
     assert not (kept / "COMPLETE").exists()
 
     if tmpfs:  # checkpoint-3 was saved before the disk filled: with room again, the run goes on from it
+        from spo_align.train.checkpoints import is_sealed
+
         assert is_sealed(kept / "checkpoint-3") and not is_sealed(kept / "checkpoint-6")
         again = CliRunner().invoke(app, _args(small_model, kept))
         assert again.exit_code == 0, again.output

@@ -118,3 +118,17 @@ def test_a_changed_recipe_is_refused_and_the_folder_left_as_it_was(straight: Pat
         assert "another recipe (loss.beta: 0.2 -> 0.3)" in refused.stderr
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert "beta: 0.2" in (out / "resolved_recipe.yaml").read_text()
+
+
+def test_a_failed_runs_folder_is_started_over_keeping_the_users_files(small_model: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "resolved_recipe.yaml").write_text("stage: preference\n")  # a run that failed while setting up
+    (out / "metrics.jsonl").write_text("")
+    (out / "notes.md").write_text("my notes")
+    (out / "eval").mkdir()
+    (out / "eval" / "scores.csv").write_text("a,b\n")
+    result = CliRunner().invoke(app, _args(small_model, out, "--set", "training.max_steps=2"))
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.md").read_text() == "my notes" and (out / "eval" / "scores.csv").exists()
+    assert (out / "COMPLETE").exists()
