@@ -13,6 +13,7 @@ from spo_align.train.checkpoints import SEAL, is_sealed, last_checkpoint, rotate
 from spo_align.train.outputs import (
     COMPLETE_MARKER,
     RESOLVED_RECIPE,
+    Claim,
     OutputFolderError,
     claim_folder,
     finished_at,
@@ -105,6 +106,24 @@ def test_a_rerun_with_another_recipe_is_refused_naming_the_keys(tmp_path: Path):
     assert is_sealed(out / "checkpoint-5")
     assert _claim(out, overwrite=True, settings=other).checkpoint is None
     assert not (out / "checkpoint-5").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_over_whatever_its_recipe(tmp_path: Path):
+    out = _run_folder(tmp_path / "run")
+    _checkpoint(out, 5, sealed=False)
+    other = RecipeSettings({**SETTINGS.values, "loss.beta": 0.2})
+    with pytest.raises(OutputFolderError, match="no complete checkpoint to resume from"):
+        _claim(out, resume=True, settings=other)
+    assert _claim(out, settings=other) == Claim(None, continued=False)
+    assert list(out.iterdir()) == []
+
+
+def test_unreadable_recorded_settings_refuse_continuing_a_checkpoint(tmp_path: Path):
+    out = _run_folder(tmp_path / "run", checkpoints=(5,))
+    (out / "recipe_hash.json").write_text("{not json")
+    with pytest.raises(OutputFolderError, match="cannot read the recorded settings of the run in .*; pass --overwrite"):
+        _claim(out)
+    assert is_sealed(out / "checkpoint-5")
 
 
 def test_keys_that_cannot_change_the_weights_do_not_change_the_hash(plan_for):

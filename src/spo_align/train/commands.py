@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 bad input (recipe errors printed exactly like `spo validate`, or one `error:` line
 for data, model, output-folder, reference-cache and launch problems) or a failed write (a full disk, an
-unwritable folder: one `error:` line); a failed launcher's own exit code otherwise.
+unwritable folder: one `error:` line); 130 when interrupted (Ctrl-C: one line, the run left to continue);
+a failed launcher's own exit code otherwise.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def train(
     except LaunchError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=exc.returncode) from None
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: the run in {plan.output_dir} is not finished; run the same command again to continue "
+            "from its last complete checkpoint",
+            err=True,
+        )
+        raise typer.Exit(code=130) from None
     except Exception as exc:
         from spo_align.train.disk import write_failure
 

@@ -68,18 +68,20 @@ def make_save_final(plan: RunPlan, ctx: RunContext) -> Any:
 
         output_dir = ctx.output_dir
         trainer.save_model(str(output_dir))  # every rank: ZeRO-3 gathers the shards here
-        if not trainer.is_world_process_zero():
-            return
-        tokenizer = getattr(trainer, "processing_class", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(output_dir))
-        if plan.recipe.adapter is not None and plan.recipe.output.save_merged:
-            _save_merged(trainer, output_dir / "merged", tokenizer)
-        info = write_final_info(output_dir, plan, ctx)
-        write_card(output_dir, plan, info)
-        _flush_outputs(output_dir)
-        write_durably(output_dir / COMPLETE_MARKER, now() + "\n")
-        logger.info("finished: %s", output_dir)
+        if trainer.is_world_process_zero():
+            tokenizer = getattr(trainer, "processing_class", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(output_dir))
+            if plan.recipe.adapter is not None and plan.recipe.output.save_merged:
+                _save_merged(trainer, output_dir / "merged", tokenizer)
+            info = write_final_info(output_dir, plan, ctx)
+            write_card(output_dir, plan, info)
+            _flush_outputs(output_dir)
+            write_durably(output_dir / COMPLETE_MARKER, now() + "\n")
+            logger.info("finished: %s", output_dir)
+        # The other ranks wait for the marker: a rank that exits while rank 0 still writes can take the
+        # launch down with it (torchrun stops every rank when one ends badly).
+        trainer.accelerator.wait_for_everyone()
 
     return save_final
 

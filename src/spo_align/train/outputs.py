@@ -148,17 +148,18 @@ def _ensure_folder(output_dir: Path) -> None:
         raise OutputFolderError(f"output.dir {output_dir} is not writable: {exc.strerror or exc}") from None
 
 
-def _refuse_other_recipe(output_dir: Path, settings: RecipeSettings) -> None:
-    try:
-        recorded = RecipeSettings.read(output_dir, output_dir / RESOLVED_RECIPE)
-    except RecipeHashError as exc:
-        raise OutputFolderError(f"{exc}; pass --overwrite to start the run over") from None
+_SHOWN_KEYS = 12
+
+
+def _other_recipe(output_dir: Path, settings: RecipeSettings) -> str | None:
+    """`key: old -> new; ...` when the folder's run was of other settings (None when the same); raises
+    `RecipeHashError` when its recorded settings cannot be read."""
+    recorded = RecipeSettings.read(output_dir, output_dir / RESOLVED_RECIPE)
     changed = differences(recorded, settings)
-    if changed:
-        raise OutputFolderError(
-            f"output.dir {output_dir} holds an unfinished run of another recipe ({'; '.join(changed)}); run the "
-            "same recipe to continue it, pass --overwrite to start over, or set another output.dir"
-        )
+    if not changed:
+        return None
+    more = f"; and {len(changed) - _SHOWN_KEYS} more" if len(changed) > _SHOWN_KEYS else ""
+    return "; ".join(changed[:_SHOWN_KEYS]) + more
 
 
 def claim_folder(
@@ -167,9 +168,11 @@ def claim_folder(
     """Make `output_dir` ready for a run of `settings`; say where it starts.
 
     - finished run: refused unless `overwrite` (then deleted, marker first);
-    - unfinished run of the same settings (equal recipe hash): continued from its newest sealed checkpoint,
-      or started over (its files deleted) when it has none; `resume` refuses the latter;
-    - unfinished run of other settings: refused, naming the keys that differ, unless `overwrite`;
+    - unfinished run of the same settings (equal recipe hash): continued from its newest sealed checkpoint;
+    - unfinished run of other settings, with a sealed checkpoint: refused, naming the keys that differ,
+      unless `overwrite`;
+    - unfinished run without a sealed checkpoint (it failed or was stopped before its first one): started
+      over, its files deleted, whatever its settings; `resume` refuses it;
     - a folder of other files only: refused, never emptied; missing or empty: created (`resume` refuses).
 
     `primary` False (a second node of a multi-node launch) decides the same way and changes nothing.
@@ -202,8 +205,18 @@ def claim_folder(
             logger.warning("--overwrite: removing the unfinished run in %s", output_dir)
             clear_run(output_dir)
     elif occupied:
-        _refuse_other_recipe(output_dir, settings)
         checkpoint = last_checkpoint(output_dir)
+        try:
+            other = _other_recipe(output_dir, settings)
+        except RecipeHashError as exc:
+            if checkpoint is not None:
+                raise OutputFolderError(f"{exc}; pass --overwrite to start the run over") from None
+            other = str(exc)
+        if checkpoint is not None and other is not None:
+            raise OutputFolderError(
+                f"output.dir {output_dir} holds an unfinished run of another recipe ({other}); run the same recipe "
+                "to continue it, pass --overwrite to start over, or set another output.dir"
+            )
         if checkpoint is not None:
             if primary:
                 _drop_unsealed(output_dir, checkpoint)
@@ -214,8 +227,11 @@ def claim_folder(
                 f"output.dir {output_dir} holds no complete checkpoint to resume from; run without --resume "
                 "to start the run over"
             )
-        if primary:
-            logger.warning("no complete checkpoint in %s: starting the unfinished run over", output_dir)
+        if primary:  # nothing to continue, so nothing to protect: a run that failed before its first checkpoint
+            logger.warning(
+                "no complete checkpoint in %s: starting the unfinished run over%s", output_dir,
+                f" with the changed recipe ({other})" if other else "",
+            )
             clear_run(output_dir)
     elif resume:
         raise OutputFolderError(f"output.dir {output_dir} holds no run to resume; run without --resume to start one")
