@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import preference_helpers as h
 import pytest
@@ -88,7 +89,7 @@ def test_resume_and_second_run_read_the_cache(tok, ds, tmp_path):
                      save_strategy="steps", save_steps=1, max_steps=2)
     first.train()
     assert first.reference_forwards == 3
-    assert len(list(cache.iterdir())) == 1
+    assert len(list(cache.glob("*.pt"))) == 1
 
     # Resume from checkpoint-1 with a fresh model (starting weights again): reads, does not recompute.
     resumed = _trainer(tok, ds, tmp_path / "run", h.model(tok), _precomputed(cache, False),
@@ -133,14 +134,42 @@ def test_changed_data_or_max_length_invalidates(tok, ds, tmp_path):
     third = _trainer(tok, ds, tmp_path / "c", h.model(tok), spec, max_steps=1)
     third.train()
     assert third.reference_forwards == 3
-    assert len(list(cache.iterdir())) == 3
+    assert len(list(cache.glob("*.pt"))) == 3
     # A file whose stored key differs (e.g. copied over) is not trusted.
     rc = ReferenceCache(cache)
     path = rc.path(key, "train")
     stored = torch.load(path, weights_only=True)
     stored["key"]["data"] = "0" * 64
     torch.save(stored, path)
+    rc.checksum_path(path).write_text(hashlib.sha256(path.read_bytes()).hexdigest())  # intact, other key
     assert rc.load(key, "train") is None
+    assert path.is_file()  # not damaged: kept for the key it was written for
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "zero-length", "no checksum"])
+def test_a_damaged_cache_file_is_reported_deleted_and_computed_again(tok, ds, tmp_path, caplog, damage):
+    cache = tmp_path / "cache"
+    first = _trainer(tok, ds, tmp_path / "a", h.model(tok), _precomputed(cache, False), max_steps=1)
+    first.train()
+    (path,) = cache.glob("*.pt")
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a torch file" * 50)
+    elif damage == "zero-length":
+        path.write_bytes(b"")
+    else:
+        ReferenceCache.checksum_path(path).unlink()
+    caplog.set_level("WARNING", logger="spo_align.train.reference")
+    again = _trainer(tok, ds, tmp_path / "b", h.model(tok), _precomputed(cache, False), max_steps=1)
+    again.train()
+    assert again.reference_forwards == 3  # computed again, not read
+    assert any("is damaged" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    assert torch.equal(again._tables["train"], first._tables["train"])
+    third = _trainer(tok, ds, tmp_path / "c", h.model(tok), _precomputed(cache, False), max_steps=1)
+    third.train()
+    assert third.reference_forwards == 0  # the new file is whole
 
 
 def test_live_lora_reference_uses_no_second_model(tok, ds, tmp_path):

@@ -105,3 +105,18 @@ def test_zero3_two_processes_spo_full_fine_tune_and_resume_from_its_checkpoint(
         for key, value in want.items():
             if key not in skip:
                 assert have[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (want["step"], key)
+
+    # The state of a run killed during its final save (after checkpoint-12): the same command finishes it
+    # without a training step, the final weights being checkpoint-12's, gathered from the ZeRO-3 shards.
+    from safetensors.torch import load_file
+
+    for name in ("COMPLETE", "README.md", "run.json"):
+        (out / name).unlink()
+    model = out / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    finished = _train(3, small_model, out)
+    assert finished.exit_code == 0, finished.output
+    assert _records(out) == got  # nothing trained, nothing logged
+    final, checkpoint = load_file(model), load_file(out / "checkpoint-12" / "model.safetensors")
+    assert final.keys() == checkpoint.keys() and all((final[k] == checkpoint[k]).all() for k in final)
+    assert (out / "COMPLETE").exists()

@@ -3,63 +3,172 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from spo_align.train.checkpoints import SEAL, is_sealed, last_checkpoint, rotate, seal
 from spo_align.train.outputs import (
     COMPLETE_MARKER,
     RESOLVED_RECIPE,
+    Claim,
     OutputFolderError,
-    is_complete,
-    last_checkpoint,
-    prepare_output_dir,
+    claim_folder,
+    finished_at,
 )
+from spo_align.train.recipe_hash import RecipeSettings
+
+SETTINGS = RecipeSettings({"stage": "sft", "loss.beta": 0.1, "training.learning_rate": 1e-3})
 
 
-def _run_folder(path: Path, *, complete: bool = False, checkpoints: tuple[int, ...] = ()) -> Path:
+def _checkpoint(out: Path, step: int, *, sealed: bool = True) -> Path:
+    folder = out / f"checkpoint-{step}"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"w" * 64)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 100}))
+    if sealed:
+        seal(folder)
+    return folder
+
+
+def _run_folder(path: Path, *, complete: bool = False, checkpoints: tuple[int, ...] = (), settings=SETTINGS) -> Path:
     path.mkdir(parents=True)
-    (path / RESOLVED_RECIPE).write_text("stage: sft\n")
-    for step in checkpoints:
-        (path / f"checkpoint-{step}").mkdir()
-        (path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    if complete:
-        (path / "model.safetensors").write_bytes(b"x")
+    if complete:  # the marker first, so that directory order cannot put it first by chance
         (path / COMPLETE_MARKER).write_text("done\n")
+    (path / RESOLVED_RECIPE).write_text("stage: sft\n")
+    settings.write(path)
+    for step in checkpoints:
+        _checkpoint(path, step)
+    if complete:
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "run.json", "metrics.jsonl"):
+            (path / name).write_bytes(b"x")
     return path
+
+
+def _claim(out: Path, *, resume: bool = False, overwrite: bool = False, settings=SETTINGS):
+    return claim_folder(out, settings, resume=resume, overwrite=overwrite)
 
 
 def test_a_finished_run_is_not_overwritten_without_overwrite(tmp_path: Path):
     out = _run_folder(tmp_path / "run", complete=True)
     for resume in (False, True):
         with pytest.raises(OutputFolderError, match="holds a finished run; pass --overwrite"):
-            prepare_output_dir(out, resume=resume, overwrite=False)
-    assert is_complete(out)
-    assert prepare_output_dir(out, resume=False, overwrite=True) is None
+            _claim(out, resume=resume)
+    assert finished_at(out) is not None
+    assert _claim(out, overwrite=True).checkpoint is None
     assert list(out.iterdir()) == []
 
 
-def test_an_unfinished_run_needs_resume_or_overwrite(tmp_path: Path):
+def test_overwrite_removes_the_completion_marker_before_anything_else(tmp_path: Path, monkeypatch):
+    out = _run_folder(tmp_path / "run", complete=True, checkpoints=(5,))
+    deleted: list[str] = []
+    real_unlink = Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        deleted.append(self.name)
+        if self.name != COMPLETE_MARKER:
+            raise KeyboardInterrupt  # interrupted at the first file after the marker
+        return real_unlink(self, *args, **kwargs)
+
+    def rmtree(path, *args, **kwargs):
+        deleted.append(Path(path).name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        _claim(out, overwrite=True)
+    monkeypatch.undo()
+    assert deleted[0] == COMPLETE_MARKER and len(deleted) == 2
+    assert finished_at(out) is None  # the folder no longer says finished, though its model is half deleted
+
+
+def test_a_plain_rerun_continues_an_unfinished_run_of_the_same_recipe(tmp_path: Path):
     out = _run_folder(tmp_path / "run", checkpoints=(5, 10))
-    with pytest.raises(OutputFolderError, match="unfinished run; pass --resume"):
-        prepare_output_dir(out, resume=False, overwrite=False)
-    assert prepare_output_dir(out, resume=True, overwrite=False) == out / "checkpoint-10"
+    _checkpoint(out, 15, sealed=False)  # killed while saving
+    claim = _claim(out)
+    assert claim.checkpoint == out / "checkpoint-10" and claim.continued
+    assert not (out / "checkpoint-15").exists()  # the torn one is gone
+    assert _claim(out, resume=True).checkpoint == out / "checkpoint-10"
 
 
-def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path: Path):
+def test_a_rerun_with_another_recipe_is_refused_naming_the_keys(tmp_path: Path):
     out = _run_folder(tmp_path / "run", checkpoints=(5,))
-    (out / "checkpoint-10").mkdir()  # killed while saving: no trainer_state.json yet
-    (out / "checkpoint-10" / "model.safetensors").write_bytes(b"partial")
-    assert last_checkpoint(out) == out / "checkpoint-5"
-    assert not is_complete(out)
+    other = RecipeSettings({**SETTINGS.values, "loss.beta": 0.2, "data.train.0.max_samples": 64})
+    for resume in (False, True):
+        with pytest.raises(OutputFolderError) as exc:
+            _claim(out, resume=resume, settings=other)
+        message = str(exc.value)
+        assert "another recipe" in message and "loss.beta: 0.1 -> 0.2" in message
+        assert "data.train.0.max_samples: (unset) -> 64" in message
+    assert is_sealed(out / "checkpoint-5")
+    assert _claim(out, overwrite=True, settings=other).checkpoint is None
+    assert not (out / "checkpoint-5").exists()
 
 
-def test_a_folder_left_by_a_failed_set_up_is_reused(tmp_path: Path):
+def test_a_run_stopped_before_its_first_checkpoint_is_started_over_whatever_its_recipe(tmp_path: Path):
     out = _run_folder(tmp_path / "run")
-    (out / "metrics.jsonl").write_text("")
-    assert prepare_output_dir(out, resume=False, overwrite=False) is None
+    _checkpoint(out, 5, sealed=False)
+    other = RecipeSettings({**SETTINGS.values, "loss.beta": 0.2})
+    with pytest.raises(OutputFolderError, match="no complete checkpoint to resume from"):
+        _claim(out, resume=True, settings=other)
+    assert _claim(out, settings=other) == Claim(None, continued=False)
     assert list(out.iterdir()) == []
+
+
+def test_unreadable_recorded_settings_refuse_continuing_a_checkpoint(tmp_path: Path):
+    out = _run_folder(tmp_path / "run", checkpoints=(5,))
+    (out / "recipe_hash.json").write_text("{not json")
+    with pytest.raises(OutputFolderError, match="cannot read the recorded settings of the run in .*; pass --overwrite"):
+        _claim(out)
+    assert is_sealed(out / "checkpoint-5")
+
+
+def test_keys_that_cannot_change_the_weights_do_not_change_the_hash(plan_for):
+    base = RecipeSettings.from_plan(plan_for("spo"))
+    same = RecipeSettings.from_plan(plan_for(
+        "spo", "training.save_steps=3", "training.logging_steps=2", "output.report_to=[tensorboard]",
+        "description=another", "output.dir=/elsewhere", "training.cpu_threads=2",
+    ))
+    assert same.hash == base.hash
+    assert RecipeSettings.from_plan(plan_for("spo", "loss.beta=0.3")).hash != base.hash
+    assert RecipeSettings.from_plan(plan_for("spo", "data.train.0.max_samples=64")).hash != base.hash
+
+
+def test_a_failed_set_up_is_started_over_deleting_only_what_the_tool_wrote(tmp_path: Path, caplog):
+    out = _run_folder(tmp_path / "run")  # a resolved recipe, no checkpoint: a run that failed while setting up
+    (out / "metrics.jsonl").write_text("")
+    (out / "notes.txt").write_text("keep me")
+    (out / "README.md").write_text("# my own notes\n")
+    (out / "data").mkdir()
+    (out / "data" / "rows.jsonl").write_text("{}\n")
+    (out / "reference_logps").mkdir()
+    (out / "reference_logps" / "train-x.pt").write_bytes(b"cache")
+    caplog.set_level("WARNING", logger="spo_align.train.outputs")
+    assert _claim(out).checkpoint is None
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "data", "notes.txt", "reference_logps"]
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "data" / "rows.jsonl").exists()
+    assert any("README.md, data, notes.txt" in r.getMessage() for r in caplog.records)
+
+
+def test_overwrite_keeps_files_the_tool_did_not_write(tmp_path: Path):
+    out = _run_folder(tmp_path / "run", complete=True, checkpoints=(5,))
+    (out / "README.md").write_text("---\ntags: [spo-align]\n---\n<!-- model card written by spo-align -->\n")
+    (out / "runs").mkdir()
+    (out / "my_eval.csv").write_text("a,b\n")
+    _claim(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["my_eval.csv"]
+
+
+def test_resume_fails_where_there_is_nothing_to_continue(tmp_path: Path):
+    with pytest.raises(OutputFolderError, match="holds no run to resume"):
+        _claim(tmp_path / "new", resume=True)
+    out = _run_folder(tmp_path / "run")
+    with pytest.raises(OutputFolderError, match="no complete checkpoint to resume from"):
+        _claim(out, resume=True)
+    assert (out / RESOLVED_RECIPE).exists()
 
 
 def test_a_folder_of_other_files_is_never_emptied(tmp_path: Path):
@@ -68,8 +177,46 @@ def test_a_folder_of_other_files_is_never_emptied(tmp_path: Path):
     (out / "notes.txt").write_text("keep me")
     for overwrite in (False, True):
         with pytest.raises(OutputFolderError, match="not a spo-align run"):
-            prepare_output_dir(out, resume=False, overwrite=overwrite)
+            _claim(out, overwrite=overwrite)
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_an_output_dir_on_or_under_a_file_is_a_clear_error(tmp_path: Path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(OutputFolderError, match="exists and is not a folder"):
+        _claim(afile)
+    with pytest.raises(OutputFolderError, match=f"output.dir {afile}/run cannot be created: Not a directory"):
+        _claim(afile / "run")
+
+
+def test_a_checkpoint_is_resumed_from_only_when_sealed_and_whole(tmp_path: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    five = _checkpoint(out, 5)
+    ten = _checkpoint(out, 10, sealed=False)
+    (ten / "trainer_state.json").write_text('{"global_st')  # torn while written
+    assert last_checkpoint(out) == five
+    seal(ten)
+    assert last_checkpoint(out) == ten
+    with (ten / "model.safetensors").open("r+b") as handle:
+        handle.truncate(10)  # a file lost its tail after the seal (a copy cut short, a lost page cache)
+    assert not is_sealed(ten) and last_checkpoint(out) == five
+    (five / SEAL).write_text(json.dumps({"step": 6, "files": {"model.safetensors": 64}}))
+    assert last_checkpoint(out) is None  # a seal for another step
+
+
+def test_old_checkpoints_are_deleted_only_after_the_new_one_is_sealed(tmp_path: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for step in (5, 10, 15):
+        _checkpoint(out, step)
+    torn = _checkpoint(out, 20, sealed=False)
+    rotate(out, 1)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-15", "checkpoint-20"]  # unsealed newest stays
+    seal(torn)
+    rotate(out, 1)
+    assert [p.name for p in out.iterdir()] == ["checkpoint-20"]
 
 
 def test_training_arguments_follow_the_recipe_on_cpu(plan_for, tmp_path: Path):

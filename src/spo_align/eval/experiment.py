@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
 from spo_align.recipe.locate import make_error
 from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
+from spo_align.train.outputs import finished_at
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ class StageStep:
     def command(self) -> str:
         """The equivalent `spo train` command line (what a user would type to run this step alone)."""
         sets = " ".join(f"--set '{o}'" for o in self.overrides)
-        return f"spo train {self.recipe_path} {sets} --resume"
+        return f"spo train {self.recipe_path} {sets}"  # continues an unfinished run of the same recipe
 
 
 def plan_stages(experiment: LoadedExperiment) -> list[StageStep]:
@@ -325,23 +326,10 @@ def plan_stages(experiment: LoadedExperiment) -> list[StageStep]:
     return steps
 
 
-def stage_is_complete(output_dir: Path) -> bool:
-    """True when the runner has marked the folder as a finished run."""
-    return finished_at(output_dir) is not None
-
-
 def _device() -> Literal["cpu", "cuda"]:
     from spo_align.train.model import cuda_available
 
     return "cuda" if cuda_available() else "cpu"
-
-
-def finished_at(output_dir: Path) -> float | None:
-    """When the run in `output_dir` was marked finished (the marker's mtime), or None if it was not."""
-    from spo_align.train.outputs import COMPLETE_MARKER
-
-    marker = Path(output_dir) / COMPLETE_MARKER
-    return marker.stat().st_mtime if marker.is_file() else None
 
 
 def run_stage(step: StageStep, starts_from: Path | None = None) -> tuple[float, float]:
@@ -369,12 +357,13 @@ def run_stage(step: StageStep, starts_from: Path | None = None) -> tuple[float, 
     plan = resolve(load_recipe(step.recipe_path, step.overrides), step.recipe_path, _device())
     started, cpu_started = time.perf_counter(), time.process_time()
     logger.info("seed %d %s: training (%s)", step.seed, step.name, step.command)
-    started_before = step.output_dir.is_dir() and any(step.output_dir.iterdir())
     try:  # in-process for one process; DeepSpeed/torchrun recipes go through their launcher
-        launch(plan, step.recipe_path, step.overrides, resume=started_before, overwrite=False)
+        # An unfinished stage of the same recipe is continued from its last complete checkpoint, as
+        # `spo train` run again would; one of another recipe is refused with the keys that differ.
+        launch(plan, step.recipe_path, step.overrides, resume=False, overwrite=False)
     except LaunchError as exc:
         raise ExperimentError(f"seed {step.seed} {step.name}: {exc}") from exc
-    if not stage_is_complete(step.output_dir):
+    if finished_at(step.output_dir) is None:
         raise ExperimentError(f"seed {step.seed} {step.name}: the run ended without marking {step.output_dir} finished")
     return time.perf_counter() - started, time.process_time() - cpu_started
 

@@ -32,11 +32,11 @@ def experiment_command(
         typer.echo(exc.format("text"), err=True)
         raise typer.Exit(1) from None
     if dry_run:
-        from spo_align.eval.experiment import stage_is_complete
+        from spo_align.train.outputs import finished_at
 
         for step in steps:
             started = step.output_dir.is_dir() and any(step.output_dir.iterdir())
-            state = "done" if stage_is_complete(step.output_dir) else "resume" if started else "to run"
+            state = "done" if finished_at(step.output_dir) is not None else "resume" if started else "to run"
             typer.echo(f"seed {step.seed} {step.name:<12} {state:<7} {step.command}")
         typer.echo(f"then: generate, judge ({experiment.spec.eval.judge.type}) and tabulate into {experiment.output_dir}")
         return

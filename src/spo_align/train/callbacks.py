@@ -1,6 +1,7 @@
-"""Trainer callbacks every stage attaches: metrics.jsonl and the progress bar.
+"""Trainer callbacks every stage attaches: metrics.jsonl, checkpoint sealing and the progress bar.
 
-Both act on the main process only. `metrics.jsonl` gets one JSON object per `Trainer.log` call
+The metrics file and the progress bar are the main process's; sealing waits for every rank, then the main
+process seals (see `checkpoints`). `metrics.jsonl` gets one JSON object per `Trainer.log` call
 (every logging step, plus the final summary), with `step`, `epoch` and wall time added. On resume, records
 past the checkpoint's step (logged by the killed run after its last checkpoint) are dropped, so the file of a
 resumed run reads like the file of an uninterrupted one.
@@ -17,6 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from spo_align.train.checkpoints import rotate, seal, write_durably
 from spo_align.train.outputs import METRICS, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -58,11 +60,7 @@ class MetricsJsonlCallback(TrainerCallback):
             return
         self._started = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if state.global_step > 0 and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= state.global_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        elif state.global_step == 0 and self.path.exists():
-            self.path.unlink()
+        _keep_records_up_to(self.path, state.global_step)
 
     def on_log(
         self,
@@ -80,6 +78,49 @@ class MetricsJsonlCallback(TrainerCallback):
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    if step > 0 and path.exists():
+        kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
+        write_durably(path, "".join(json.dumps(r) + "\n" for r in kept))
+    elif step == 0 and path.exists():
+        path.unlink()
+
+
+def keep_metrics_up_to(output_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl records past `step` (and a torn last line): a run continued from checkpoint `step`."""
+    _keep_records_up_to(Path(output_dir) / METRICS, step)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class CheckpointSealCallback(TrainerCallback):
+    """Seal each checkpoint once every rank has written its part, then delete old ones (main process).
+
+    See `checkpoints`: the Trainer's own rotation (which deletes before the new checkpoint is whole) is
+    switched off here, and `training.save_total_limit` is applied after sealing instead."""
+
+    def __init__(self) -> None:
+        self.keep: int | None = None
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self.keep = args.save_total_limit
+        args.save_total_limit = None
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        _barrier()  # every rank has written its optimizer shards and RNG state
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                seal(folder)
+                rotate(Path(args.output_dir), self.keep)
+        _barrier()
 
 
 class ProgressBar:
@@ -154,7 +195,7 @@ class ProgressCallback(TrainerCallback):
 
 
 def default_callbacks(output_dir: Path, description: str) -> list[TrainerCallback]:
-    return [MetricsJsonlCallback(Path(output_dir) / METRICS), ProgressCallback(description)]
+    return [MetricsJsonlCallback(Path(output_dir) / METRICS), CheckpointSealCallback(), ProgressCallback(description)]
 
 
 def quiet_trainer(trainer: Any) -> Any:

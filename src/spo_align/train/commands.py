@@ -1,7 +1,9 @@
 """`spo train` and `spo plot`. Thin: parse, call the library, print. torch is imported inside the bodies.
 
 Exit codes: 0 success; 1 bad input (recipe errors printed exactly like `spo validate`, or one `error:` line
-for data, model, output-folder and launch problems); a failed launcher's own exit code otherwise.
+for data, model, output-folder, reference-cache and launch problems) or a failed write (a full disk, an
+unwritable folder: one `error:` line); 130 when interrupted (Ctrl-C: one line, the run left to continue);
+a failed launcher's own exit code otherwise.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from spo_align.data.tokenize import TemplateError
     from spo_align.train.model import ModelSetupError
     from spo_align.train.outputs import OutputFolderError
+    from spo_align.train.reference import ReferenceCacheError
 
-    return (DataSourceError, ModelSetupError, OutputFolderError, TemplateError, RowPolicyError)
+    return (DataSourceError, ModelSetupError, OutputFolderError, TemplateError, RowPolicyError, ReferenceCacheError)
 
 
 def train(
@@ -29,8 +32,14 @@ def train(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the launch command and the trainer arguments; load nothing, train nothing."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in output.dir from its last checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished (or unfinished) run in output.dir."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue the unfinished run in output.dir from its last complete checkpoint; fail if there is none. "
+        "(Without a flag, an unfinished run of the same recipe is continued too, or started over if it has no checkpoint.)",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start over: delete the finished or unfinished run in output.dir (only files spo-align wrote)."
+    ),
 ) -> None:
     """Train: SFT, preference (SPO/DPO/IPO) or KTO, as the recipe says; in-process or under its launcher."""
     import torch
@@ -66,6 +75,21 @@ def train(
     except LaunchError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=exc.returncode) from None
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: the run in {plan.output_dir} is not finished; run the same command again to continue "
+            "from its last complete checkpoint",
+            err=True,
+        )
+        raise typer.Exit(code=130) from None
+    except Exception as exc:
+        from spo_align.train.disk import write_failure
+
+        message = write_failure(exc, Path(plan.output_dir))
+        if message is None:
+            raise
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(code=1) from None
     typer.echo(f"done: {output_dir}")
 
 

@@ -42,8 +42,8 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
     from spo_align.data.kto import load_kto_dataset
     from spo_align.train.args import build_training_args
     from spo_align.train.kto_trainer import PretokenizedKTOTrainer
+    from spo_align.train.loop import train_and_save
     from spo_align.train.model import load_model, load_tokenizer, lora_config
-    from spo_align.train.run import train_and_save
 
     args = build_training_args(plan, ctx.output_dir, KTOConfig, **kto_config_kwargs(plan))
     tokenizer = load_tokenizer(plan)

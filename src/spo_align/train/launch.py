@@ -147,12 +147,16 @@ def launch(
 ) -> Path:
     """Run the plan to completion, in-process or under its launcher; returns the output folder."""
     from spo_align.train.model import check_model_setup
-    from spo_align.train.run import claim_output, run
+    from spo_align.train.run import claim_output, run, train_command
 
+    command = train_command(recipe_path, overrides)
     if plan.launcher == "inprocess":
-        return run(plan, resume=resume, overwrite=overwrite)
+        return run(plan, resume=resume, overwrite=overwrite, command=command)
     check_model_setup(plan)
-    resume_from = claim_output(plan, resume=resume, overwrite=overwrite)
+    # A second node of a torchrun/accelerate launch runs this same command: it finds the same checkpoint
+    # and leaves the folder to the first node.
+    primary = plan.launcher == "deepspeed" or _node_env()[0] == "0"
+    resume_from = claim_output(plan, resume=resume, overwrite=overwrite, command=command, primary=primary)
     _materialise_models(plan)
     spec = launch_command(plan, recipe_path, overrides, resume_from)
     assert spec.command is not None
@@ -191,7 +195,16 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     plan = resolve(load_recipe(args.recipe, args.overrides), args.recipe, "cuda" if torch.cuda.is_available() else "cpu")
-    execute(plan, args.resume_from)
+    try:
+        execute(plan, args.resume_from)
+    except Exception as exc:
+        from spo_align.train.disk import write_failure
+
+        message = write_failure(exc, Path(plan.output_dir))
+        if message is None:
+            raise
+        logger.error("%s", message)  # one line, no traceback; the parent reports the exit code
+        return 1
     return 0
 
 

@@ -1,30 +1,38 @@
-"""The output folder's lifecycle: claim it, resume in it, finish it.
+"""The output folder's lifecycle: claim it, continue a run in it, start it over, tell whether it is finished.
 
-A folder holds a finished run exactly when its completion marker exists. The marker is written last,
-atomically (temporary file + rename), after the model, tokenizer and run.json; so a run killed at any
-point leaves a folder that is never mistaken for a finished one.
+A folder holds a finished run exactly when its completion marker exists (`finished_at`). The marker is
+written last, flushed to disk, after the model, tokenizer, run.json and model card; it is removed first,
+before anything else, when a run is replaced. So a folder is never taken as finished without its model.
 
-Layout: model or adapter + tokenizer (`from_pretrained`-loadable), `resolved_recipe.yaml`,
-`metrics.jsonl`, `run.json`, `checkpoint-N/` (Trainer checkpoints), `runs/` (TensorBoard), `COMPLETE`.
+Layout: model or adapter + tokenizer (`from_pretrained`-loadable), `resolved_recipe.yaml`, `recipe_hash.json`,
+`metrics.jsonl`, `metrics.png`, `run.json`, `README.md` (model card), sealed `checkpoint-N/` folders,
+`runs/` (TensorBoard), `merged/` (LoRA merged into the base, if asked), `reference_logps/` (a cache that
+outlives runs: its files are checked before use), `COMPLETE`.
+
+Starting a run over deletes only what spo-align (or the Trainer it drives) writes: the names above and the
+Trainer's model, adapter and tokenizer files. Anything else in the folder stays, and is named in the log.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
-import platform
 import re
 import shutil
-import subprocess
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from spo_align.recipe.resolve import RunPlan
-    from spo_align.train.context import RunContext
+from spo_align.train.checkpoints import (
+    CHECKPOINT,
+    checkpoint_folders,
+    fsync_dir,
+    last_checkpoint,
+    remove_checkpoint,
+    rotate,
+)
+from spo_align.train.recipe_hash import HASH_FILE, RecipeHashError, RecipeSettings, differences
 
 logger = logging.getLogger(__name__)
 
@@ -32,96 +40,214 @@ COMPLETE_MARKER = "COMPLETE"
 RUN_INFO = "run.json"
 METRICS = "metrics.jsonl"
 RESOLVED_RECIPE = "resolved_recipe.yaml"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-PACKAGES = (
-    "spo-align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "deepspeed",
-    "flash-attn", "bitsandbytes",
+MODEL_CARD = "README.md"
+CURVES = "metrics.png"
+REFERENCE_CACHE = "reference_logps"
+CARD_MARK = "<!-- model card written by spo-align -->"
+"""The line that tells a README.md spo-align wrote from one a person put in the folder."""
+
+_TOOL_NAMES = frozenset({
+    COMPLETE_MARKER, RUN_INFO, METRICS, RESOLVED_RECIPE, HASH_FILE, CURVES, "runs", "merged",
+    # what Trainer.save_model and save_pretrained write for a model, an adapter and a tokenizer
+    "config.json", "generation_config.json", "training_args.bin", "model.safetensors", "pytorch_model.bin",
+    "model.safetensors.index.json", "pytorch_model.bin.index.json", "adapter_config.json",
+    "adapter_model.safetensors", "adapter_model.bin", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+    "merges.txt", "tokenizer.model",
+})
+_TOOL_PATTERNS = (
+    CHECKPOINT,
+    re.compile(r"^model-\d+-of-\d+\.safetensors$"),
+    re.compile(r"^pytorch_model-\d+-of-\d+\.bin$"),
+    re.compile(r"^\..+\.tmp-\d+$"),  # checkpoints.write_durably
+    re.compile(r"^.+\.tmp$"),  # recipe.load.save_resolved
 )
 
 
 class OutputFolderError(ValueError):
-    """The output folder cannot be used as asked (finished run without --overwrite, unfinished without --resume)."""
+    """The output folder cannot be used as asked (finished run without --overwrite, another recipe, not writable)."""
 
 
-def is_complete(output_dir: Path) -> bool:
-    return (Path(output_dir) / COMPLETE_MARKER).is_file()
+def finished_at(output_dir: Path) -> float | None:
+    """When the run in `output_dir` was marked finished (the marker's mtime), or None if it is not finished.
 
-
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` whose trainer state was written (the Trainer writes it last), else None."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
+    The one test of "is this run finished", for `spo train` and `spo experiment` alike."""
+    marker = Path(output_dir) / COMPLETE_MARKER
+    try:
+        return marker.stat().st_mtime if marker.is_file() else None
+    except OSError:
         return None
-    found: list[tuple[int, Path]] = []
-    for child in output_dir.iterdir():
-        match = _CHECKPOINT.match(child.name)
-        if match and child.is_dir() and (child / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
 
 
-def _has_progress(output_dir: Path) -> bool:
-    """True if the folder holds a checkpoint or saved weights (work a restart would throw away)."""
-    return any(
-        _CHECKPOINT.match(child.name) or child.name.endswith((".safetensors", ".bin"))
-        for child in output_dir.iterdir()
-    )
+def _is_tool_file(path: Path) -> bool:
+    if path.name == REFERENCE_CACHE:
+        return False
+    if path.name in _TOOL_NAMES or any(p.match(path.name) for p in _TOOL_PATTERNS):
+        return True
+    if path.name == MODEL_CARD and path.is_file():
+        try:
+            with path.open(encoding="utf-8", errors="replace") as handle:
+                return CARD_MARK in handle.read(65536)
+        except OSError:
+            return False
+    return False
 
 
-def _clear(output_dir: Path) -> None:
-    for child in output_dir.iterdir():
-        if child.name == "reference_logps":
-            continue  # precomputed reference log-probs: keyed by model/tokenizer/data/settings, safe to reuse
-        if child.is_dir() and not child.is_symlink():
+def _has_recipe(output_dir: Path) -> bool:
+    return (output_dir / RESOLVED_RECIPE).is_file() or (output_dir / HASH_FILE).is_file()
+
+
+def _only_tool_files(output_dir: Path) -> bool:
+    return all(_is_tool_file(child) or child.name == REFERENCE_CACHE for child in output_dir.iterdir())
+
+
+def clear_run(output_dir: Path) -> list[str]:
+    """Delete the run in `output_dir`: the marker first (flushed), then every file spo-align or the Trainer
+    writes. The reference cache and anything else stay; returns the names of what was kept."""
+    output_dir = Path(output_dir)
+    marker = output_dir / COMPLETE_MARKER
+    if marker.exists():
+        marker.unlink()
+        fsync_dir(output_dir)
+    kept = []
+    for child in sorted(output_dir.iterdir()):
+        if not _is_tool_file(child):
+            kept.append(child.name)
+        elif CHECKPOINT.match(child.name) and child.is_dir() and not child.is_symlink():
+            remove_checkpoint(child)
+        elif child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
             child.unlink()
+    others = [name for name in kept if name != REFERENCE_CACHE]
+    if others:
+        logger.warning("kept in %s what spo-align did not write: %s", output_dir, ", ".join(others))
+    return kept
 
 
-def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """Make `output_dir` ready for a run; return the checkpoint to resume from (or None).
+@dataclass(frozen=True)
+class Claim:
+    """What `claim_folder` decided."""
 
-    - finished run: refused unless `overwrite` (then emptied);
-    - unfinished run (files, no marker): `resume` continues from its last checkpoint, `overwrite` empties it,
-      neither is refused so that nothing is silently thrown away;
-    - empty or missing: created; a folder with other files (not a run) is refused, never emptied.
+    checkpoint: Path | None
+    """The sealed checkpoint to continue from, or None to train from the start."""
+    continued: bool
+    """True when an unfinished run of the same recipe is continued from `checkpoint`."""
+
+
+def _ensure_folder(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputFolderError(f"output.dir {output_dir} cannot be created: {exc.strerror or exc}") from None
+    probe = output_dir / f".spo-write-test-{os.getpid()}.tmp"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputFolderError(f"output.dir {output_dir} is not writable: {exc.strerror or exc}") from None
+
+
+_SHOWN_KEYS = 12
+
+
+def _other_recipe(output_dir: Path, settings: RecipeSettings) -> str | None:
+    """`key: old -> new; ...` when the folder's run was of other settings (None when the same); raises
+    `RecipeHashError` when its recorded settings cannot be read."""
+    recorded = RecipeSettings.read(output_dir, output_dir / RESOLVED_RECIPE)
+    changed = differences(recorded, settings)
+    if not changed:
+        return None
+    more = f"; and {len(changed) - _SHOWN_KEYS} more" if len(changed) > _SHOWN_KEYS else ""
+    return "; ".join(changed[:_SHOWN_KEYS]) + more
+
+
+def claim_folder(
+    output_dir: Path, settings: RecipeSettings, *, resume: bool, overwrite: bool, primary: bool = True
+) -> Claim:
+    """Make `output_dir` ready for a run of `settings`; say where it starts.
+
+    - finished run: refused unless `overwrite` (then deleted, marker first);
+    - unfinished run of the same settings (equal recipe hash): continued from its newest sealed checkpoint;
+    - unfinished run of other settings, with a sealed checkpoint: refused, naming the keys that differ,
+      unless `overwrite`;
+    - unfinished run without a sealed checkpoint (it failed or was stopped before its first one): started
+      over, its files deleted, whatever its settings; `resume` refuses it;
+    - a folder of other files only: refused, never emptied; missing or empty: created (`resume` refuses).
+
+    `primary` False (a second node of a multi-node launch) decides the same way and changes nothing.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputFolderError(f"output.dir {output_dir} exists and is not a folder")
-    if is_complete(output_dir):
+    occupied = output_dir.is_dir() and any(output_dir.iterdir())
+    if finished_at(output_dir) is not None:
         if not overwrite:
             raise OutputFolderError(
                 f"output.dir {output_dir} holds a finished run; pass --overwrite to replace it "
                 "or set another output.dir (e.g. --set output.dir=...)"
             )
-        logger.warning("--overwrite: removing the finished run in %s", output_dir)
-        _clear(output_dir)
-    elif output_dir.is_dir() and any(output_dir.iterdir()):
-        if not (output_dir / RESOLVED_RECIPE).is_file():
+        if primary:
+            logger.warning("--overwrite: removing the finished run in %s", output_dir)
+            clear_run(output_dir)
+    elif occupied and not _has_recipe(output_dir) and _only_tool_files(output_dir):
+        if resume:  # leftovers with no recorded recipe (a cache, a log): nothing to continue
+            raise OutputFolderError(f"output.dir {output_dir} holds no run to resume; run without --resume to start one")
+        if primary:
+            clear_run(output_dir)
+    elif occupied and not _has_recipe(output_dir):
+        raise OutputFolderError(
+            f"output.dir {output_dir} holds files that are not a spo-align run (no {RESOLVED_RECIPE}); "
+            "choose a new or empty folder"
+        )
+    elif occupied and overwrite:
+        if primary:
+            logger.warning("--overwrite: removing the unfinished run in %s", output_dir)
+            clear_run(output_dir)
+    elif occupied:
+        checkpoint = last_checkpoint(output_dir)
+        try:
+            other = _other_recipe(output_dir, settings)
+        except RecipeHashError as exc:
+            if checkpoint is not None:
+                raise OutputFolderError(f"{exc}; pass --overwrite to start the run over") from None
+            other = str(exc)
+        if checkpoint is not None and other is not None:
             raise OutputFolderError(
-                f"output.dir {output_dir} holds files that are not a spo-align run (no {RESOLVED_RECIPE}); "
-                "choose a new or empty folder"
+                f"output.dir {output_dir} holds an unfinished run of another recipe ({other}); run the same recipe "
+                "to continue it, pass --overwrite to start over, or set another output.dir"
             )
-        if overwrite or not _has_progress(output_dir):
-            # Without a checkpoint or a saved model nothing would be lost: a run that failed while setting up.
-            if overwrite:
-                logger.warning("--overwrite: removing the unfinished run in %s", output_dir)
-            _clear(output_dir)
-        elif not resume:
+        if checkpoint is not None:
+            if primary:
+                _drop_unsealed(output_dir, checkpoint)
+            logger.info("continuing the unfinished run in %s from %s", output_dir, checkpoint.name)
+            return Claim(checkpoint, continued=True)
+        if resume:
             raise OutputFolderError(
-                f"output.dir {output_dir} holds an unfinished run; pass --resume to continue it "
-                "or --overwrite to start over"
+                f"output.dir {output_dir} holds no complete checkpoint to resume from; run without --resume "
+                "to start the run over"
             )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if not resume or overwrite:
-        return None
-    checkpoint = last_checkpoint(output_dir)
-    if checkpoint is None:
-        logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", output_dir)
-    else:
-        logger.info("resuming from %s", checkpoint)
-    return checkpoint
+        if primary:  # nothing to continue, so nothing to protect: a run that failed before its first checkpoint
+            logger.warning(
+                "no complete checkpoint in %s: starting the unfinished run over%s", output_dir,
+                f" with the changed recipe ({other})" if other else "",
+            )
+            clear_run(output_dir)
+    elif resume:
+        raise OutputFolderError(f"output.dir {output_dir} holds no run to resume; run without --resume to start one")
+    if primary:
+        _ensure_folder(output_dir)
+    return Claim(None, continued=False)
+
+
+def _drop_unsealed(output_dir: Path, checkpoint: Path) -> None:
+    """Remove checkpoint folders an interrupted save left (unsealed, or newer than the one continued from)."""
+    step = int(CHECKPOINT.match(checkpoint.name).group(1))  # type: ignore[union-attr]
+    for other_step, folder in checkpoint_folders(output_dir):
+        if other_step > step:
+            logger.warning("removing %s: an interrupted save left it incomplete", folder)
+            remove_checkpoint(folder)
+    rotate(output_dir, None)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -139,109 +265,3 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             logger.warning("skipping a torn line in %s", path)
     return records
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _git_revision() -> str | None:
-    source = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=source, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{out}{'+dirty' if dirty else ''}" if out else None
-
-
-def package_versions() -> dict[str, str]:
-    versions: dict[str, str] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def hardware() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-    }
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_run_info(output_dir: Path, plan: RunPlan, ctx: RunContext, *, started: str, finished: str | None) -> None:
-    info = {
-        "stage": plan.recipe.stage,
-        "loss": plan.recipe.loss.type if plan.recipe.loss is not None else None,
-        "recipe": str(plan.recipe_path),
-        "started": started,
-        "finished": finished,
-        "resumed_from": ctx.resume_from_checkpoint,
-        "git_revision": _git_revision(),
-        "packages": package_versions(),
-        "hardware": hardware(),
-        "run_info": ctx.run_info,
-    }
-    atomic_write_text(Path(output_dir) / RUN_INFO, json.dumps(info, indent=2, default=str) + "\n")
-
-
-def save_resolved_recipe(plan: RunPlan, output_dir: Path) -> Path:
-    from spo_align.recipe.load import save_resolved
-
-    path = Path(output_dir) / RESOLVED_RECIPE
-    save_resolved(plan, path)
-    return path
-
-
-def make_save_final(plan: RunPlan, ctx: RunContext, *, started: str) -> Any:
-    """The `RunContext.save_final` callable: model/adapter + tokenizer, run.json, then the marker."""
-
-    def save_final(trainer: Any) -> None:
-        output_dir = ctx.output_dir
-        trainer.save_model(str(output_dir))  # every rank: ZeRO-3 gathers the shards here
-        if not trainer.is_world_process_zero():
-            return
-        tokenizer = getattr(trainer, "processing_class", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(output_dir))
-        if plan.recipe.adapter is not None and plan.recipe.output.save_merged:
-            _save_merged(trainer, output_dir / "merged", tokenizer)
-        write_run_info(output_dir, plan, ctx, started=started, finished=now())
-        atomic_write_text(output_dir / COMPLETE_MARKER, now() + "\n")
-        logger.info("finished: %s", output_dir)
-
-    return save_final
-
-
-def _save_merged(trainer: Any, path: Path, tokenizer: Any) -> None:
-    import copy
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    merged = copy.deepcopy(model).merge_and_unload()
-    merged.save_pretrained(str(path))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
-    logger.info("saved the merged model to %s", path)

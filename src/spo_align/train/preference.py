@@ -146,13 +146,12 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
         pair_loss=pair_loss,
         reference=reference,
     )
-    from spo_align.train.callbacks import quiet_trainer
+    from spo_align.train.loop import train
 
-    quiet_trainer(trainer)  # the Trainer's PrinterCallback would print every log dict beside our progress bar
-    result = trainer.train(resume_from_checkpoint=ctx.resume_from_checkpoint)
+    result = train(trainer, ctx)  # None: continued from a checkpoint at the last step, nothing trained
     tokens = torch.tensor([trainer.real_tokens], dtype=torch.long, device=args.device)
     tokens = trainer.accelerator.reduce(tokens, reduction="sum")
-    runtime = float(result.metrics.get("train_runtime", 0.0))
+    runtime = float(result.metrics.get("train_runtime", 0.0)) if result is not None else 0.0
     ctx.run_info["real_tokens"] = int(tokens.item())
     ctx.run_info["real_tokens_per_second"] = round(int(tokens.item()) / runtime, 2) if runtime > 0 else None
     ctx.run_info["reference_forwards"] = trainer.reference_forwards

@@ -155,7 +155,8 @@ class PreferenceTrainer(Trainer):
         if resumed and not self.reference.adapter and self.reference.model is None:
             raise ReferenceCacheError(
                 f"resuming a full fine-tuning run whose reference log-probs ({', '.join(missing)}) are not in "
-                f"{self.reference.cache_dir}: the starting weights are gone, so they cannot be recomputed"
+                f"{self.reference.cache_dir}: the starting weights are gone, so they cannot be recomputed; "
+                "pass --overwrite to start the run over"
             )
         assert self.reference.cache_dir is not None
         cache = ReferenceCache(Path(self.reference.cache_dir))

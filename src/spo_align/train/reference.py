@@ -128,30 +128,70 @@ def make_key(model: nn.Module, tokenizer: Any, ds: datasets.Dataset, settings: d
 
 @dataclass(frozen=True)
 class ReferenceCache:
-    """A folder of reference log-prob tables, one file per key (split name in the file name)."""
+    """A folder of reference log-prob tables, one file per key (split name in the file name).
+
+    Beside each table, `<file>.sha256` holds the SHA-256 of its bytes, written after the table. A table
+    whose checksum is missing or wrong, or that does not load as a [N, 2] table for its key (a run killed
+    while writing, a truncated copy, a full disk), is reported, deleted and computed again."""
 
     directory: Path
 
     def path(self, key: CacheKey, split: str) -> Path:
         return self.directory / f"{split}-{key.digest[:24]}.pt"
 
+    @staticmethod
+    def checksum_path(path: Path) -> Path:
+        return path.with_name(path.name + ".sha256")
+
+    def _damage(self, path: Path) -> str | None:
+        """Why the file at `path` cannot be used for `key`, or None if it can."""
+        checksum = self.checksum_path(path)
+        if not checksum.is_file():
+            return "its checksum file is missing"
+        data = path.read_bytes()
+        if _sha(data) != checksum.read_text(encoding="utf-8").strip():
+            return f"its checksum does not match ({len(data)} bytes)"
+        return None
+
+    def _discard(self, path: Path, reason: str) -> None:
+        logger.warning("reference cache %s is damaged (%s): deleting it and computing the log-probs again", path, reason)
+        path.unlink(missing_ok=True)
+        self.checksum_path(path).unlink(missing_ok=True)
+
     def load(self, key: CacheKey, split: str) -> torch.Tensor | None:
         path = self.path(key, split)
         if not path.is_file():
             return None
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        reason = self._damage(path)
+        if reason is None:
+            try:
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is treated alike: recomputed
+                reason = f"it does not load: {type(exc).__name__}"
+            else:
+                table = stored.get("logps") if isinstance(stored, dict) else None
+                if not isinstance(table, torch.Tensor) or table.ndim != 2 or table.shape[1] != 2:
+                    reason = "it holds no [N, 2] table"
+        if reason is not None:
+            self._discard(path, reason)
+            return None
         if stored.get("key") != asdict(key):
             logger.warning("reference cache %s was written for another key; recomputing", path)
             return None
         logger.info("reference log-probs read from %s", path)
-        return stored["logps"]
+        return table
 
     def save(self, key: CacheKey, split: str, table: torch.Tensor) -> Path:
         path = self.path(key, split)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"key": asdict(key), "logps": table.cpu()}, tmp)
+        digest = _sha(tmp.read_bytes())
+        self.checksum_path(path).unlink(missing_ok=True)  # never a new table beside an old checksum
         tmp.replace(path)
+        checksum_tmp = self.checksum_path(path).with_suffix(f".tmp{os.getpid()}")
+        checksum_tmp.write_text(digest + "\n", encoding="utf-8")
+        checksum_tmp.replace(self.checksum_path(path))
         logger.info("reference log-probs (%d pairs) written to %s", table.shape[0], path)
         return path
 

@@ -1,15 +1,17 @@
 """One run, in this process: claim the output folder, build the `RunContext`, call exactly one stage.
 
 `run()` is the whole in-process path. A multi-process launch (see `launch.py`) splits it: the parent
-claims the folder (`claim_output`), each worker process calls `execute()`.
+claims the folder (`claim_output`), each worker process calls `execute()`. What a stage does with its
+Trainer (train, continue, finish) is in `loop.py`, which the stages import.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import shlex
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from spo_align.train.context import RunContext
 
@@ -39,39 +41,67 @@ def stage_function(plan: RunPlan) -> StageFn:
     return run_preference
 
 
-def train_and_save(trainer: Any, ctx: RunContext) -> None:
-    """The end of every TRL-backed stage: quiet the Trainer, train (resuming if asked), save through ctx."""
-    from spo_align.train.callbacks import quiet_trainer, restore_token_count
-
-    quiet_trainer(trainer)
-    restore_token_count(trainer, ctx.resume_from_checkpoint)
-    trainer.train(resume_from_checkpoint=ctx.resume_from_checkpoint)
-    if ctx.save_final is not None:
-        ctx.save_final(trainer)
-
-
 def stage_name(plan: RunPlan) -> str:
     recipe = plan.recipe
     return recipe.stage if recipe.loss is None else recipe.loss.type
 
 
-def claim_output(plan: RunPlan, *, resume: bool, overwrite: bool) -> str | None:
-    """Prepare the output folder and write the resolved recipe; returns the checkpoint to resume from."""
-    from spo_align.train.outputs import prepare_output_dir, save_resolved_recipe
+def train_command(recipe_path: Path, overrides: Sequence[str]) -> str:
+    """The `spo train` command line that runs this plan again (recorded in run.json and the model card)."""
+    args = ["spo", "train", str(recipe_path)]
+    for override in overrides:
+        args += ["--set", override]
+    return shlex.join(args)
 
-    checkpoint = prepare_output_dir(Path(plan.output_dir), resume=resume, overwrite=overwrite)
-    save_resolved_recipe(plan, Path(plan.output_dir))
-    return str(checkpoint) if checkpoint is not None else None
+
+def claim_output(
+    plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None, primary: bool = True
+) -> str | None:
+    """Claim the output folder (see `outputs.claim_folder`) and record the run in it: the resolved recipe,
+    its hash and run.json. Returns the checkpoint to continue from, or None."""
+    from spo_align.train.outputs import RESOLVED_RECIPE, claim_folder
+    from spo_align.train.recipe_hash import RecipeSettings
+    from spo_align.train.run_info import write_claim_info
+
+    output_dir = Path(plan.output_dir)
+    settings = RecipeSettings.from_plan(plan)
+    claim = claim_folder(output_dir, settings, resume=resume, overwrite=overwrite, primary=primary)
+    if primary:
+        from spo_align.recipe.load import save_resolved
+
+        changed = _changed_since(output_dir / RESOLVED_RECIPE, plan) if claim.continued else []
+        if changed:
+            logger.info("continuing with keys that do not change the weights changed: %s", "; ".join(changed))
+        save_resolved(plan, output_dir / RESOLVED_RECIPE)
+        settings.write(output_dir)
+        write_claim_info(
+            output_dir, plan, command=command or train_command(plan.recipe_path, []), recipe_hash=settings.hash,
+            resumed_from=claim.checkpoint, continued=claim.continued, changed=changed,
+        )
+    return str(claim.checkpoint) if claim.checkpoint is not None else None
+
+
+def _changed_since(resolved: Path, plan: RunPlan) -> list[str]:
+    """Keys of the folder's resolved recipe that this continuation changes (only non-deciding ones can)."""
+    import yaml
+
+    from spo_align.train.recipe_hash import changed_keys
+
+    try:
+        old = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    return changed_keys(old, plan.recipe_dict()) if isinstance(old, dict) else []
 
 
 def build_context(plan: RunPlan, resume_from_checkpoint: str | None) -> RunContext:
     from spo_align.train.callbacks import default_callbacks
-    from spo_align.train.outputs import make_save_final, now
+    from spo_align.train.finish import make_save_final
 
     output_dir = Path(plan.output_dir)
     ctx = RunContext(output_dir=output_dir, resume_from_checkpoint=resume_from_checkpoint)
     ctx.callbacks = default_callbacks(output_dir, stage_name(plan))
-    ctx.save_final = make_save_final(plan, ctx, started=now())
+    ctx.save_final = make_save_final(plan, ctx)
     return ctx
 
 
@@ -87,10 +117,10 @@ def execute(plan: RunPlan, resume_from_checkpoint: str | None) -> Path:
     return ctx.output_dir
 
 
-def run(plan: RunPlan, *, resume: bool, overwrite: bool) -> Path:
+def run(plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None) -> Path:
     """Run the plan in this process: claim the output folder, then execute its stage; returns the folder."""
     from spo_align.train.model import check_model_setup
 
     check_model_setup(plan)
-    checkpoint = claim_output(plan, resume=resume, overwrite=overwrite)
+    checkpoint = claim_output(plan, resume=resume, overwrite=overwrite, command=command)
     return execute(plan, checkpoint)

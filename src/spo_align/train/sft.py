@@ -44,8 +44,8 @@ def run_sft(plan: RunPlan, ctx: RunContext) -> None:
 
     from spo_align.data.sft import load_sft_dataset
     from spo_align.train.args import build_training_args
+    from spo_align.train.loop import train_and_save
     from spo_align.train.model import apply_adapter, load_model, load_tokenizer
-    from spo_align.train.run import train_and_save
 
     args = build_training_args(plan, ctx.output_dir, SFTConfig, **sft_config_kwargs(plan))
     tokenizer = load_tokenizer(plan)

@@ -1,0 +1,246 @@
+"""The model card (README.md) of a finished run, in the Hugging Face Hub's convention.
+
+YAML front matter (base_model when the base is a hub id, hub datasets, library_name, license when the base's
+own card states one, pipeline_tag, tags), then: what was trained (stage, loss and its parameters with the
+optimum they imply, adapter, data with the run's row-policy counts), the final metrics, the curves, how to
+load it, the exact `spo train` command and the resolved recipe. Every number is copied from run.json,
+metrics.jsonl or the resolved recipe, never computed again. Written before the completion marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from spo_align.train.outputs import CARD_MARK, CURVES, MODEL_CARD, RESOLVED_RECIPE
+
+if TYPE_CHECKING:
+    from spo_align.recipe.resolve import RunPlan
+
+logger = logging.getLogger(__name__)
+
+_NOT_SHOWN = {"step", "epoch", "elapsed_s"}
+
+
+def number(value: Any) -> str:
+    """How the card shows a value: floats to 6 significant digits, everything else as JSON would."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, int):
+        return str(value)
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    return number(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("", "")) -> list[str]:
+    lines = [f"| {head[0]} | {head[1]} |", "| --- | --- |"]
+    lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in rows]
+    return lines
+
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts and lists as (dotted key, scalar) rows, in their order."""
+    if isinstance(value, dict) and value:
+        return [row for key, item in value.items() for row in flatten(item, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(value, list) and value and any(isinstance(item, (dict, list)) for item in value):
+        return [row for i, item in enumerate(value) for row in flatten(item, f"{prefix}.{i}")]
+    return [(prefix, value)]
+
+
+def _front_matter_of(path: Path) -> dict[str, Any]:
+    try:
+        from huggingface_hub.repocard import metadata_load
+
+        return metadata_load(path) or {}
+    except Exception:  # noqa: BLE001 - a card we cannot read tells us nothing
+        return {}
+
+
+def _is_local(plan: RunPlan, path: str) -> bool:
+    return Path(path).is_absolute() or (plan.base_dir / path).exists() or Path(path).exists()
+
+
+def base_model(plan: RunPlan) -> str | None:
+    """The base as a hub id; None for a local folder or an embedded `tiny:` model."""
+    path = plan.model_path
+    if path.startswith("tiny:") or _is_local(plan, path):
+        return None
+    return path
+
+
+def base_license(plan: RunPlan) -> str | None:
+    """The license the base model's own card states: a local folder's README.md, or a cached hub card."""
+    path = plan.model_path
+    card: Path | None = None
+    if path.startswith("tiny:"):
+        return None
+    if Path(path).is_dir():
+        card = Path(path) / MODEL_CARD
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, MODEL_CARD, revision=plan.recipe.model.revision)
+        except Exception:  # noqa: BLE001 - not a repo id, or no cache: the license is unknown
+            cached = None
+        card = Path(cached) if isinstance(cached, str) else None
+    if card is None or not card.is_file():
+        return None
+    license_ = _front_matter_of(card).get("license")
+    return str(license_) if license_ else None
+
+
+def _sources(plan: RunPlan) -> list[tuple[str, dict[str, Any]]]:
+    """Every data source as the resolved recipe has it (local paths absolute), with its split."""
+    data = plan.recipe_dict()["data"]
+    return [(split, source) for split in ("train", "eval") for source in data[split]]
+
+
+def front_matter(plan: RunPlan) -> dict[str, Any]:
+    recipe = plan.recipe
+    meta: dict[str, Any] = {}
+    base = base_model(plan)
+    if base is not None:
+        meta["base_model"] = base
+    datasets = []
+    for _, source in _sources(plan):
+        if not _is_local(plan, source["path"]) and source["path"] not in datasets:
+            datasets.append(source["path"])
+    if datasets:
+        meta["datasets"] = datasets
+    meta["library_name"] = "peft" if recipe.adapter is not None else "transformers"
+    license_ = base_license(plan)
+    if license_ is not None:
+        meta["license"] = license_
+    meta["pipeline_tag"] = "text-generation"
+    tags = ["spo-align", recipe.loss.type if recipe.loss is not None else recipe.stage]
+    if recipe.adapter is not None:
+        tags.append(recipe.adapter.type)
+    meta["tags"] = tags
+    return meta
+
+
+def _training_rows(plan: RunPlan, info: dict[str, Any]) -> list[tuple[str, Any]]:
+    from spo_align.recipe.resolve import loss_optimum
+
+    recipe = plan.recipe
+    rows: list[tuple[str, Any]] = [("stage", recipe.stage), ("base model", plan.model_path)]
+    if recipe.loss is not None:
+        params = {k: v for k, v in recipe.loss.model_dump(mode="json").items() if k != "type" and v is not None}
+        if plan.ipo_tau is not None:
+            params["tau (resolved)"] = plan.ipo_tau
+        rows.append(("loss", recipe.loss.type))
+        rows += [(f"loss.{key}", value) for key, value in params.items()]
+        optimum = loss_optimum(recipe.loss)
+        if optimum:
+            rows += [(f"optimum {key} (summed log-ratio)", value) for key, value in optimum.items()]
+    if recipe.adapter is not None:
+        rows += [(f"adapter.{k}", v) for k, v in recipe.adapter.model_dump(mode="json").items()]
+    else:
+        rows.append(("adapter", "none (full fine-tuning)"))
+    t = recipe.training
+    rows += [
+        ("learning rate", t.learning_rate), ("scheduler", t.lr_scheduler),
+        ("global batch", plan.global_batch_size),
+        ("max_steps", t.max_steps) if t.max_steps is not None else ("epochs", t.num_epochs),
+        ("max_length", recipe.data.max_length), ("recipe hash", info.get("recipe_hash")),
+    ]
+    return rows
+
+
+def _final_metrics(records: list[dict[str, Any]]) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """(the last logged step's values, the closing summary) from metrics.jsonl."""
+    steps = [r for r in records if not any(str(k).startswith("train_") for k in r)]
+    summary = [r for r in records if any(str(k).startswith("train_") for k in r)]
+    last = [("step", steps[-1].get("step"))] + [(k, v) for k, v in steps[-1].items() if k not in _NOT_SHOWN] if steps else []
+    closing = [(k, v) for k, v in summary[-1].items() if k not in _NOT_SHOWN] if summary else []
+    return last, closing
+
+
+def _load_section(output_dir: Path, lora: bool, merged: bool) -> list[str]:
+    folder = str(output_dir)
+    if lora:
+        lines = [
+            "This folder holds a LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`) and the tokenizer;",
+            "peft loads the base model the adapter names and puts the adapter on it:",
+            "", "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            f"model = AutoPeftModelForCausalLM.from_pretrained({folder!r})  # or the hub id it is pushed to",
+            f"tokenizer = AutoTokenizer.from_pretrained({folder!r})",
+            "model = model.merge_and_unload()  # optional: one plain model, no adapter layers",
+            "```",
+        ]
+        if merged:
+            lines += ["", "`merged/` holds the adapter already merged into the base, loadable with `AutoModelForCausalLM`."]
+        return lines
+    return [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"model = AutoModelForCausalLM.from_pretrained({folder!r})  # or the hub id it is pushed to",
+        f"tokenizer = AutoTokenizer.from_pretrained({folder!r})",
+        "```",
+    ]
+
+
+def render(
+    output_dir: Path, plan: RunPlan, info: dict[str, Any], records: list[dict[str, Any]], curves_error: str | None
+) -> str:
+    """The card's text (see the module docstring)."""
+    output_dir = Path(output_dir)
+    recipe = plan.recipe
+    meta = front_matter(plan)
+    what = f"{recipe.loss.type.upper()} preference training" if recipe.loss is not None else "supervised fine-tuning"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", CARD_MARK, ""]
+    lines += [f"# {output_dir.name}", "", f"{what} of `{plan.model_path}` with spo-align"
+              + (f" ({recipe.adapter.type} adapter)." if recipe.adapter is not None else " (full fine-tuning).")]
+    if recipe.description:
+        lines += ["", recipe.description]
+    if "base_model" not in meta and not plan.model_path.startswith("tiny:"):
+        lines += ["", f"The base is a local folder (`{plan.model_path}`); if you publish it, add its hub id as "
+                  "`base_model` in the front matter above."]
+    lines += ["", "## Training", "", *_table(_training_rows(plan, info), ("setting", "value"))]
+    lines += ["", "## Data", ""]
+    rows = []
+    for split, source in _sources(plan):
+        index = sum(1 for key, _ in rows if key.startswith(split + "."))
+        limit = f", max_samples {source['max_samples']}" if source.get("max_samples") is not None else ""
+        rows.append((f"{split}.{index}", f"{source['path']} ({source['format']}, split {source['split']}{limit})"))
+    lines += _table(rows, ("source", "dataset"))
+    facts = flatten(info.get("run_info") or {})
+    if facts:
+        lines += ["", "What the run reported (row-policy counts, sizes, layout; from `run.json`):", ""]
+        lines += _table(facts, ("fact", "value"))
+    last, closing = _final_metrics(records)
+    lines += ["", "## Final metrics", ""]
+    if last:
+        lines += ["Last logged step (`metrics.jsonl`):", "", *_table(last, ("metric", "value"))]
+    if closing:
+        lines += ["", "Closing summary of the last session:", "", *_table(closing, ("metric", "value"))]
+    if not last and not closing:
+        lines.append("No metrics were logged.")
+    lines += ["", "## Curves", ""]
+    lines.append(f"![training curves]({CURVES})" if curves_error is None else f"The curves could not be drawn: {curves_error}")
+    lines += ["", "## How to load", "", *_load_section(output_dir, recipe.adapter is not None, recipe.output.save_merged)]
+    lines += ["", "## Reproduce", "", "```bash", str(info.get("command") or "(not recorded)"), "```"]
+    sessions = info.get("sessions") or []
+    if len(sessions) > 1:
+        lines += ["", f"The run was continued {len(sessions) - 1} time(s) from a checkpoint:", ""]
+        lines += [f"- {s.get('started')}: from {s.get('resumed_from') or 'the start'}" for s in sessions]
+    resolved = output_dir / RESOLVED_RECIPE
+    if resolved.is_file():
+        lines += ["", "## Resolved recipe", "", "```yaml", resolved.read_text(encoding="utf-8").rstrip(), "```"]
+    lines += ["", f"Trained {info.get('started')} to {info.get('finished')} "
+              f"(spo-align {info.get('packages', {}).get('spo-align', '?')}, git {info.get('git_revision') or '?'})."]
+    return "\n".join(lines) + "\n"
