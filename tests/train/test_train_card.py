@@ -58,7 +58,7 @@ def test_card_of_a_full_run_carries_the_numbers_of_its_files(small_model: Path, 
     assert shown == {"step": str(last["step"]), **{k: number(v) for k, v in last.items() if k not in ("step", "epoch", "elapsed_s")}}
     facts = _table(card, "What the run reported")
     assert facts == {k: number(v) for k, v in flatten(info["run_info"])}
-    assert facts["row_policy.rows_in"] == "16"
+    assert facts["row_policy.train.total.rows_in"] == "16"
     training = _table(card, "## Training")
     assert training["loss.beta"] == "0.25" and training["optimum margin (summed log-ratio)"] == "4"  # 1/beta
     assert training["recipe hash"] == info["recipe_hash"]
