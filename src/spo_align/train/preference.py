@@ -96,6 +96,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     from spo_align.train.args import build_training_args
     from spo_align.train.columns import require_columns
     from spo_align.train.model import apply_adapter, load_model, load_tokenizer, resolve_attention
+    from spo_align.train.one_device import device_info
     from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
     from spo_align.train.reference import CACHE_DIRNAME
 
@@ -106,6 +107,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
 
     # TrainingArguments first: under ZeRO-3 it makes from_pretrained load the weights already sharded.
     args = build_training_args(plan, ctx.output_dir, remove_unused_columns=False)
+    ctx.run_info["device"] = device_info(args, plan.world_size)
     _ensure_deepspeed_comm(plan, args)
     tokenizer = load_tokenizer(plan)
 

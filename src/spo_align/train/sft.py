@@ -260,9 +260,11 @@ def run_sft(plan: RunPlan, ctx: RunContext) -> None:
 
     from spo_align.train.args import build_training_args
     from spo_align.train.model import apply_adapter, load_model, load_tokenizer
+    from spo_align.train.one_device import device_info
     from spo_align.train.run import train_and_save
 
     args = build_training_args(plan, ctx.output_dir, SFTConfig, **sft_config_kwargs(plan))
+    ctx.run_info["device"] = device_info(args, plan.world_size)
     tokenizer = load_tokenizer(plan)
     train_ds, train_counts = load_sft_dataset(plan, tokenizer, "train")
     eval_ds, eval_counts = load_sft_dataset(plan, tokenizer, "eval")
