@@ -9,8 +9,9 @@ of `per_device_batch_size`, so every batch holds both classes and no batch holds
 by construction. Rows already in KTO layout (`format: kto`: prompt / completion / label) are used as they are.
 
 With LoRA the reference is the same model with the adapter disabled (TRL does this when it wraps the model
-itself from `peft_config`); with full fine-tuning a frozen copy is loaded (sharded like the policy under
-ZeRO-3 by TRL's DeepSpeed preparation).
+itself from `peft_config`), unless `reference.model` names another model; with full fine-tuning a frozen
+copy is loaded (sharded like the policy under ZeRO-3 by TRL's DeepSpeed preparation). A reference that is
+the starting model is loaded at `model.revision`, like the policy.
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ def load_kto_dataset(plan: RunPlan, tokenizer: Any, split: str) -> tuple[dataset
 
 def kto_config_kwargs(plan: RunPlan) -> dict[str, Any]:
     """The KTOConfig fields beyond the shared training arguments."""
+    from spo_align.train.model import dropout_disabled
+
     loss = plan.recipe.loss
     if loss is None or loss.type != "kto":
         raise ValueError("the kto stage needs loss.type: kto")
@@ -161,6 +164,7 @@ def kto_config_kwargs(plan: RunPlan) -> dict[str, Any]:
         "precompute_ref_log_probs": plan.recipe.reference.precompute,
         "dataset_num_proc": plan.recipe.data.num_proc,
         "remove_unused_columns": False,
+        "disable_dropout": dropout_disabled(plan),  # TRL defaults it on; the recipe's setting wins
     }
 
 
@@ -168,7 +172,7 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
     from trl import KTOConfig, KTOTrainer
 
     from spo_align.train.args import build_training_args
-    from spo_align.train.model import load_model, load_tokenizer, lora_config
+    from spo_align.train.model import apply_dropout_setting, load_model, load_tokenizer, lora_config
     from spo_align.train.one_device import device_info
     from spo_align.train.run import train_and_save
 
@@ -181,11 +185,13 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
     ctx.run_info["train_examples"] = len(train_ds) if train_ds is not None else 0
 
     model = load_model(plan)
-    peft_config = None
+    ctx.run_info["dropout_disabled"] = apply_dropout_setting(model, plan)  # TRL then disables LoRA's (kwargs)
+    peft_config = lora_config(plan) if plan.recipe.adapter is not None else None
+    separate_reference = plan.reference_model_path not in (None, plan.model_path)
     ref_model = None
-    if plan.recipe.adapter is not None:
-        peft_config = lora_config(plan)  # TRL wraps the model; reference = adapter disabled, no second copy
-    else:
+    if peft_config is None or separate_reference:
+        # A frozen copy of the starting model (at model.revision), or the reference the recipe names; with LoRA
+        # and no other reference, TRL disables the adapter instead of holding a second copy.
         ref_model = load_model(plan, plan.reference_model_path or plan.model_path, for_training=False)
     trainer = KTOTrainer(
         model=model,

@@ -141,10 +141,19 @@ def _quantization_config(plan: RunPlan) -> Any:
     )
 
 
+def revision_of(plan: RunPlan, name_or_path: str | None) -> str | None:
+    """The revision to load `name_or_path` at: model.revision for the starting model (None, or its own path,
+    as a reference that names the model is the starting model), the default branch for any other model."""
+    if name_or_path is None or name_or_path in (plan.model_path, plan.recipe.model.name_or_path):
+        return plan.recipe.model.revision
+    return None
+
+
 def load_model(
     plan: RunPlan, name_or_path: str | None = None, *, for_training: bool = True
 ) -> PreTrainedModel:
-    """Load the policy (or, with `name_or_path`, another model such as a reference) with the recipe's settings.
+    """Load the policy (or, with `name_or_path`, another model such as a reference) with the recipe's settings,
+    at the revision `revision_of` gives.
 
     A folder holding only a LoRA adapter (an earlier LoRA stage's output) is loaded onto its base and merged,
     so a later stage starts from the adapted weights. `for_training=False` puts the model in eval mode with
@@ -156,7 +165,7 @@ def load_model(
     model_section = plan.recipe.model
     path = resolve_model_path(name_or_path or model_section.name_or_path)
     kwargs: dict[str, Any] = {
-        "revision": model_section.revision if name_or_path is None else None,
+        "revision": revision_of(plan, name_or_path),
         "trust_remote_code": model_section.trust_remote_code,
         "attn_implementation": resolve_attention(plan),
         "dtype": resolve_dtype(plan),
@@ -219,3 +228,40 @@ def apply_adapter(model: PreTrainedModel, plan: RunPlan) -> Any:
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info("%s adapter: %d of %d parameters trainable", adapter.type, trainable, total)
     return peft_model
+
+
+def dropout_disabled(plan: RunPlan) -> bool:
+    """training.disable_dropout, or its stage default: on for preference stages, off for SFT."""
+    value = plan.recipe.training.disable_dropout
+    return plan.recipe.stage == "preference" if value is None else value
+
+
+def disable_dropout(model: Any) -> int:
+    """Set every dropout of `model` to 0: dropout layers (LoRA's included) and the float dropout rates modules
+    copy from their config (e.g. Llama's ``attention_dropout``, used as a functional dropout). The config
+    itself is left as it is, so a saved model keeps its rates. Returns how many rates were above 0."""
+    from torch import nn
+
+    layers = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, layers) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        rates = [
+            name for name, value in vars(module).items()
+            if "dropout" in name and isinstance(value, float) and value > 0
+        ]
+        for name in rates:
+            setattr(module, name, 0.0)
+            changed += 1
+    return changed
+
+
+def apply_dropout_setting(model: Any, plan: RunPlan) -> bool:
+    """Disable the model's dropout when `dropout_disabled(plan)`; returns whether it did."""
+    if not dropout_disabled(plan):
+        return False
+    changed = disable_dropout(model)
+    logger.info("dropout off for training: %d rate(s) set to 0 (training.disable_dropout)", changed)
+    return True

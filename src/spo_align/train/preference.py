@@ -95,7 +95,13 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
 
     from spo_align.train.args import build_training_args
     from spo_align.train.columns import require_columns
-    from spo_align.train.model import apply_adapter, load_model, load_tokenizer, resolve_attention
+    from spo_align.train.model import (
+        apply_adapter,
+        apply_dropout_setting,
+        load_model,
+        load_tokenizer,
+        resolve_attention,
+    )
     from spo_align.train.one_device import device_info
     from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
     from spo_align.train.reference import CACHE_DIRNAME
@@ -156,6 +162,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     adapter = recipe.adapter is not None
     if adapter:
         model = apply_adapter(model, plan)
+    ctx.run_info["dropout_disabled"] = apply_dropout_setting(model, plan)
     separate_reference = plan.reference_model_path is not None and plan.reference_model_path != plan.model_path
     if recipe.reference.precompute:
         reference = ReferenceSpec(

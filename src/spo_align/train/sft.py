@@ -259,7 +259,7 @@ def run_sft(plan: RunPlan, ctx: RunContext) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from spo_align.train.args import build_training_args
-    from spo_align.train.model import apply_adapter, load_model, load_tokenizer
+    from spo_align.train.model import apply_adapter, apply_dropout_setting, load_model, load_tokenizer
     from spo_align.train.one_device import device_info
     from spo_align.train.run import train_and_save
 
@@ -273,6 +273,7 @@ def run_sft(plan: RunPlan, ctx: RunContext) -> None:
     ctx.run_info["train_tokens"] = int(sum(len(ids) for ids in train_ds["input_ids"])) if train_ds is not None else 0
 
     model = apply_adapter(load_model(plan), plan)
+    ctx.run_info["dropout_disabled"] = apply_dropout_setting(model, plan)
     trainer = SFTTrainer(
         model=model,
         args=args,
