@@ -126,14 +126,14 @@ def test_dropout_default_is_per_stage_and_disabling_reaches_every_rate(plan_for,
 
 # ------------------------------------------------------------------ reference revision
 
-COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
-HUB_ID = "spo-test/tiny"
+COMMIT_A, COMMIT_B, COMMIT_C = "a" * 40, "b" * 40, "c" * 40
+HUB_ID, TOKENIZER_ID = "spo-test/tiny", "spo-test/tokenizer"
 
 
 @pytest.fixture
 def hub_model(tmp_path_factory: pytest.TempPathFactory, small_model: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A hub model in an offline cache with two commits: A (the small model) and B (its LM head scaled by 1.5),
-    the default branch pointing at B."""
+    the default branch pointing at B; and a tokenizer repo whose only commit is C."""
     import shutil
 
     import huggingface_hub.constants
@@ -152,6 +152,11 @@ def hub_model(tmp_path_factory: pytest.TempPathFactory, small_model: Path, monke
                 shutil.copy(path, snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT_B)
+    tokenizer_repo = root / ("models--" + TOKENIZER_ID.replace("/", "--"))  # a tokenizer-only repo, one commit
+    shutil.copytree(repo / "snapshots" / COMMIT_A, tokenizer_repo / "snapshots" / COMMIT_C,
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    (tokenizer_repo / "refs").mkdir()
+    (tokenizer_repo / "refs" / "main").write_text(COMMIT_C)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
     return HUB_ID
 
@@ -191,3 +196,10 @@ def test_revision_applies_to_the_starting_model_wherever_it_is_named(plan_for, s
     assert revision_of(plan, None) == COMMIT_A
     assert revision_of(plan, plan.model_path) == revision_of(plan, plan.reference_model_path) == COMMIT_A
     assert revision_of(plan, str(small_model)) is None
+
+
+def test_a_tokenizer_from_another_repo_is_not_asked_for_the_models_revision(plan_for, hub_model: str):
+    from spo_align.train.model import load_tokenizer
+
+    plan = plan_for("spo", f"model.name_or_path={hub_model}", f"model.revision={COMMIT_A}", f"model.tokenizer={TOKENIZER_ID}")
+    assert load_tokenizer(plan).pad_token is not None  # the model's commit does not exist in the tokenizer repo

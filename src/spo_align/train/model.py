@@ -121,7 +121,7 @@ def load_tokenizer(plan: RunPlan) -> PreTrainedTokenizerBase:
     model_section = plan.recipe.model
     source = resolve_model_path(model_section.tokenizer or model_section.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(
-        source, revision=model_section.revision, trust_remote_code=model_section.trust_remote_code
+        source, revision=revision_of(plan, model_section.tokenizer), trust_remote_code=model_section.trust_remote_code
     )
     if model_section.chat_template is not None:
         tokenizer.chat_template = model_section.chat_template
