@@ -62,7 +62,7 @@ def training_kwargs(plan: RunPlan, output_dir: Path | str) -> dict[str, Any]:
     """Keyword arguments for `TrainingArguments` from the resolved plan (no side effects)."""
     import torch
 
-    from spo_align.train.model import resolve_dtype
+    from spo_align.train.model import fp32_master_weights, resolve_dtype
 
     t = plan.recipe.training
     cuda = on_cuda()
@@ -92,7 +92,8 @@ def training_kwargs(plan: RunPlan, output_dir: Path | str) -> dict[str, Any]:
         "report_to": report_to(plan) or "none",
         "disable_tqdm": True,  # one progress bar: callbacks.ProgressCallback
         "use_cpu": not cuda,
-        "bf16": cuda and dtype == torch.bfloat16,
+        # bfloat16 autocast on CUDA, and on any device over float32 master weights (model.fp32_master_weights)
+        "bf16": dtype == torch.bfloat16 and (cuda or fp32_master_weights(plan)),
         "fp16": cuda and dtype == torch.float16,
         "deepspeed": deepspeed_config(plan),
         "ddp_backend": None if cuda else ("gloo" if plan.world_size > 1 else None),

@@ -177,7 +177,7 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
     from spo_align.train.run import train_and_save
 
     args = build_training_args(plan, ctx.output_dir, KTOConfig, **kto_config_kwargs(plan))
-    ctx.run_info["device"] = device_info(args, plan.world_size)
+    ctx.run_info["device"] = device_info(args, plan)
     tokenizer = load_tokenizer(plan)
     train_ds, train_counts = load_kto_dataset(plan, tokenizer, "train")
     eval_ds, eval_counts = load_kto_dataset(plan, tokenizer, "eval")

@@ -67,6 +67,27 @@ def resolve_dtype(plan: RunPlan) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def fp32_master_weights(plan: RunPlan) -> bool:
+    """Whether the trained weights are kept in float32 under bfloat16 autocast.
+
+    So for full fine-tuning in bfloat16 without DeepSpeed: the optimizer would otherwise update bfloat16
+    weights directly, and an update below half a bfloat16 step of a weight (lr 5e-7 times a normalised
+    gradient, against a step of 2**-8 of the weight) is rounded away. With an adapter only the adapter
+    trains (peft keeps it in float32 over the bfloat16 base); DeepSpeed keeps float32 masters itself.
+    """
+    import torch
+
+    return plan.recipe.adapter is None and plan.deepspeed_config is None and resolve_dtype(plan) == torch.bfloat16
+
+
+def weights_dtype(plan: RunPlan) -> torch.dtype:
+    """The dtype models are loaded in: float32 under `fp32_master_weights`, else the recipe's dtype. A frozen
+    reference copy is loaded like the policy, so that both compute the same function at the first step."""
+    import torch
+
+    return torch.float32 if fp32_master_weights(plan) else resolve_dtype(plan)
+
+
 def _flash_attn_problem(dtype: torch.dtype) -> str | None:
     """Why flash_attention_2 cannot run here, or None when it can."""
     import torch
@@ -168,7 +189,7 @@ def load_model(
         "revision": revision_of(plan, name_or_path),
         "trust_remote_code": model_section.trust_remote_code,
         "attn_implementation": resolve_attention(plan),
-        "dtype": resolve_dtype(plan),
+        "dtype": weights_dtype(plan),
     }
     if for_training and plan.recipe.adapter is not None and plan.recipe.adapter.type == "qlora":
         kwargs["quantization_config"] = _quantization_config(plan)
@@ -185,6 +206,8 @@ def load_model(
     if not for_training:
         model.eval()
         model.requires_grad_(False)
+    elif fp32_master_weights(plan):
+        logger.info("full fine-tuning in bfloat16 without DeepSpeed: float32 weights, bfloat16 autocast")
     logger.info(
         "loaded %s (%s, attention %s, %.2fM parameters)",
         path,

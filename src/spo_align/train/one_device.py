@@ -16,11 +16,14 @@ checkpoint loads back.
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from transformers import TrainingArguments
 from trl import KTOConfig, SFTConfig
+
+if TYPE_CHECKING:
+    from spo_align.recipe.resolve import RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +77,18 @@ def device_message(device: torch.device, visible_gpus: int, processes: int) -> s
     return f"training on {device}"
 
 
-def device_info(args: Any, processes: int) -> dict[str, Any]:
-    """Log the device this process trains on; returns the facts for run.json."""
+def device_info(args: Any, plan: RunPlan) -> dict[str, Any]:
+    """Log the device this process trains on; returns it for run.json with the precision it trains in."""
+    from spo_align.train.model import weights_dtype
+
     device = args.device
     visible = torch.cuda.device_count() if device.type == "cuda" else 0
-    logger.info("%s", device_message(device, visible, processes))
-    return {"device": str(device), "visible_gpus": visible, "processes": processes}
+    logger.info("%s", device_message(device, visible, plan.world_size))
+    autocast = "bfloat16" if args.bf16 else "float16" if args.fp16 else None
+    return {
+        "device": str(device),
+        "visible_gpus": visible,
+        "processes": plan.world_size,
+        "weights": str(weights_dtype(plan)).removeprefix("torch."),
+        "autocast": autocast,
+    }

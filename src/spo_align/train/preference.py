@@ -113,7 +113,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
 
     # TrainingArguments first: under ZeRO-3 it makes from_pretrained load the weights already sharded.
     args = build_training_args(plan, ctx.output_dir, remove_unused_columns=False)
-    ctx.run_info["device"] = device_info(args, plan.world_size)
+    ctx.run_info["device"] = device_info(args, plan)
     _ensure_deepspeed_comm(plan, args)
     tokenizer = load_tokenizer(plan)
 

@@ -264,7 +264,7 @@ def run_sft(plan: RunPlan, ctx: RunContext) -> None:
     from spo_align.train.run import train_and_save
 
     args = build_training_args(plan, ctx.output_dir, SFTConfig, **sft_config_kwargs(plan))
-    ctx.run_info["device"] = device_info(args, plan.world_size)
+    ctx.run_info["device"] = device_info(args, plan)
     tokenizer = load_tokenizer(plan)
     train_ds, train_counts = load_sft_dataset(plan, tokenizer, "train")
     eval_ds, eval_counts = load_sft_dataset(plan, tokenizer, "eval")
