@@ -203,3 +203,35 @@ def test_a_tokenizer_from_another_repo_is_not_asked_for_the_models_revision(plan
 
     plan = plan_for("spo", f"model.name_or_path={hub_model}", f"model.revision={COMMIT_A}", f"model.tokenizer={TOKENIZER_ID}")
     assert load_tokenizer(plan).pad_token is not None  # the model's commit does not exist in the tokenizer repo
+
+
+# ------------------------------------------------------------------ warnings
+
+
+@pytest.mark.parametrize("recipe", ["spo", "kto"])
+def test_no_deprecated_checkpointing_name_warns_during_a_lora_run(recipe: str, small_model: Path, tmp_path: Path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(recipe, tmp_path / "out", f"model.name_or_path={small_model}", "adapter.r=4",
+             "training.gradient_checkpointing=true")
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "checkpointing" in m and "deprecated" in m], messages
+
+
+def test_only_the_checkpointing_aliases_are_hidden():
+    from spo_align.train.model import quiet_checkpointing_aliases
+
+    def from_transformers(message: str) -> None:
+        warnings.warn_explicit(message, FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_checkpointing_aliases():
+            from_transformers("`is_gradient_checkpointing` is deprecated and will be removed in v6.")
+            from_transformers("`gradient_checkpointing_enable` is deprecated and will be removed in v6.")
+            from_transformers("`some_other_method` is deprecated and will be removed in v6.")
+            warnings.warn("`is_gradient_checkpointing` is deprecated (raised elsewhere)", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == [
+        "`some_other_method` is deprecated and will be removed in v6.",
+        "`is_gradient_checkpointing` is deprecated (raised elsewhere)",
+    ]

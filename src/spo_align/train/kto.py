@@ -172,7 +172,13 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
     from trl import KTOConfig, KTOTrainer
 
     from spo_align.train.args import build_training_args
-    from spo_align.train.model import apply_dropout_setting, load_model, load_tokenizer, lora_config
+    from spo_align.train.model import (
+        apply_dropout_setting,
+        load_model,
+        load_tokenizer,
+        lora_config,
+        quiet_checkpointing_aliases,
+    )
     from spo_align.train.one_device import device_info
     from spo_align.train.run import train_and_save
 
@@ -193,14 +199,15 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
         # A frozen copy of the starting model (at model.revision), or the reference the recipe names; with LoRA
         # and no other reference, TRL disables the adapter instead of holding a second copy.
         ref_model = load_model(plan, plan.reference_model_path or plan.model_path, for_training=False)
-    trainer = KTOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=ctx.callbacks,
-    )
-    train_and_save(trainer, ctx)
+    with quiet_checkpointing_aliases():  # TRL reads and toggles checkpointing by its deprecated names
+        trainer = KTOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=ctx.callbacks,
+        )
+        train_and_save(trainer, ctx)

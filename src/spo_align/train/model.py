@@ -6,9 +6,12 @@ weights are read, so a bad recipe fails in a second instead of after a multi-gig
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,6 +238,25 @@ def lora_config(plan: RunPlan) -> Any:
     )
 
 
+@contextlib.contextmanager
+def quiet_checkpointing_aliases() -> Iterator[None]:
+    """Hide transformers' FutureWarnings for the old names of its checkpointing API that peft and TRL still use.
+
+    peft's `PeftModel` reads ``is_gradient_checkpointing`` when it wraps a model, and TRL's KTO trainer reads
+    it (and calls ``gradient_checkpointing_disable``/``_enable``) around every reference pass: nothing a
+    recipe can change. Only those messages, raised from transformers' modeling code, are hidden; every other
+    warning still shows.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated",
+            category=FutureWarning,
+            module=r"transformers\.modeling_utils",
+        )
+        yield
+
+
 def apply_adapter(model: PreTrainedModel, plan: RunPlan) -> Any:
     """Wrap the model with the recipe's LoRA adapter (QLoRA: prepared for k-bit training); unchanged without one."""
     adapter = plan.recipe.adapter
@@ -242,11 +264,12 @@ def apply_adapter(model: PreTrainedModel, plan: RunPlan) -> Any:
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if adapter.type == "qlora":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=plan.recipe.training.gradient_checkpointing
-        )
-    peft_model = get_peft_model(model, lora_config(plan))
+    with quiet_checkpointing_aliases():
+        if adapter.type == "qlora":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=plan.recipe.training.gradient_checkpointing
+            )
+        peft_model = get_peft_model(model, lora_config(plan))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info("%s adapter: %d of %d parameters trainable", adapter.type, trainable, total)
