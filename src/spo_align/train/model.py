@@ -74,9 +74,10 @@ def fp32_master_weights(plan: RunPlan) -> bool:
     """Whether the trained weights are kept in float32 under bfloat16 autocast.
 
     So for full fine-tuning in bfloat16 without DeepSpeed: the optimizer would otherwise update bfloat16
-    weights directly, and an update below half a bfloat16 step of a weight (lr 5e-7 times a normalised
-    gradient, against a step of 2**-8 of the weight) is rounded away. With an adapter only the adapter
-    trains (peft keeps it in float32 over the bfloat16 base); DeepSpeed keeps float32 masters itself.
+    weights directly, rounding away every update below half a bfloat16 step (2**-9 to 2**-8 of the weight);
+    AdamW's updates are about the learning rate, so at 5e-7 no weight above ~2.6e-4 in magnitude would move.
+    With an adapter only the adapter trains (peft keeps it in float32 over the bfloat16 base); DeepSpeed
+    keeps float32 masters itself.
     """
     import torch
 
