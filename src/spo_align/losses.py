@@ -349,7 +349,10 @@ class _TargetLogProbs(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+        # The weight gradient sums every chunk's contribution: summed in (at least) fp32 and cast once, so that
+        # a half-precision head does not round its running sum once per chunk. Costs one fp32 [V, H] buffer.
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
         grad_out = grad_out.to(lse.dtype)
         n = hidden.shape[0]
@@ -373,9 +376,11 @@ class _TargetLogProbs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_linear @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(grad_linear.t(), h)
+                grad_weight += (grad_linear.t() @ h).to(acc_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 

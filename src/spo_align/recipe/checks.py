@@ -154,6 +154,19 @@ def adapter(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
             )
 
 
+def model_revision(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    """model.revision pins the starting model, and with it every reference that is the starting model (no
+    reference.model, or one naming the same model); a local folder or tiny: model has no revisions to pin."""
+    from spo_align.recipe.resolve import is_local_model_path
+
+    name = recipe.model.name_or_path
+    if recipe.model.revision is not None and (name.startswith("tiny:") or is_local_model_path(name)):
+        yield ("model", "revision"), (
+            f"{name} is a local model, which has no revisions, so model.revision would be ignored: remove it, "
+            "or name the Hub model it pins"
+        )
+
+
 # ---------------------------------------------------------------- distributed
 
 
@@ -228,6 +241,7 @@ CHECKS: tuple[Check, ...] = (
     packing,
     evaluation,
     precision,
+    model_revision,
     adapter,
     distributed,
     output,

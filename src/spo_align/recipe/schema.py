@@ -244,6 +244,13 @@ class TrainingSection(Section):
     )
     gradient_accumulation_steps: int = Field(1, gt=0)
     gradient_checkpointing: bool = Field(False)
+    disable_dropout: bool | None = Field(
+        None,
+        description="Turn off the trained model's dropout (its attention and hidden dropout rates, every dropout "
+        "layer, the LoRA dropout) for the run; the saved config keeps its rates. Default: on for preference "
+        "stages (spo, dpo, ipo, kto), whose reference runs without dropout, so that the log-ratios start at "
+        "exactly 0; off for sft.",
+    )
     optimizer: Optimizer = Field("adamw_torch")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)

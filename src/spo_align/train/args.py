@@ -62,7 +62,7 @@ def training_kwargs(plan: RunPlan, output_dir: Path | str) -> dict[str, Any]:
     """Keyword arguments for `TrainingArguments` from the resolved plan (no side effects)."""
     import torch
 
-    from spo_align.train.model import resolve_dtype
+    from spo_align.train.model import fp32_master_weights, resolve_dtype
 
     t = plan.recipe.training
     cuda = on_cuda()
@@ -92,14 +92,17 @@ def training_kwargs(plan: RunPlan, output_dir: Path | str) -> dict[str, Any]:
         "report_to": report_to(plan) or "none",
         "disable_tqdm": True,  # one progress bar: callbacks.ProgressCallback
         "use_cpu": not cuda,
-        "bf16": cuda and dtype == torch.bfloat16,
+        # bfloat16 autocast on CUDA, and on any device over float32 master weights (model.fp32_master_weights)
+        "bf16": dtype == torch.bfloat16 and (cuda or fp32_master_weights(plan)),
         "fp16": cuda and dtype == torch.float16,
         "deepspeed": deepspeed_config(plan),
         "ddp_backend": None if cuda else ("gloo" if plan.world_size > 1 else None),
         "save_only_model": False,
     }
-    if t.gradient_checkpointing:  # transformers 5 renamed it activation_checkpointing; TRL reads either
-        kwargs["activation_checkpointing"] = True
+    # Passed both ways: TRL's configs default it to True. Under its current name (transformers 5 renamed it
+    # activation_checkpointing and keeps gradient_checkpointing as a deprecated alias, which TRL still reads).
+    kwargs["activation_checkpointing"] = t.gradient_checkpointing
+    if t.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     return kwargs
 
@@ -116,14 +119,14 @@ def apply_threads(plan: RunPlan) -> None:
 def build_training_args(plan: RunPlan, output_dir: Path | str, cls: type[T] | None = None, **extra: Any) -> T:
     """`cls(**training_kwargs(plan, output_dir), **extra)`; `cls` defaults to `TrainingArguments`.
 
-    `extra` overrides or adds fields of the TRL config class (e.g. `max_length`, `beta`).
-    Sets torch's thread count from training.cpu_threads as a side effect.
+    `cls` is replaced by its one-device variant (`train/one_device.py`): a process never trains through
+    `nn.DataParallel`, however many GPUs it sees. `extra` overrides or adds fields of the TRL config class
+    (e.g. `max_length`, `beta`). Sets torch's thread count from training.cpu_threads as a side effect.
     """
-    if cls is None:
-        from transformers import TrainingArguments
+    from spo_align.train.one_device import OneDeviceTrainingArguments, one_device_class
 
-        cls = TrainingArguments  # type: ignore[assignment]
+    chosen: Any = OneDeviceTrainingArguments if cls is None else one_device_class(cls)
     apply_threads(plan)
     kwargs = training_kwargs(plan, output_dir)
     kwargs.update(extra)
-    return cls(**kwargs)  # type: ignore[misc,operator]
+    return chosen(**kwargs)  # type: ignore[no-any-return]

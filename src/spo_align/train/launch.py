@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
@@ -205,8 +205,40 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
             raise
         logger.error("%s", message)  # one line, no traceback; the parent reports the exit code
         return 1
+    leave_process_group()
     return 0
 
 
+def leave_process_group() -> None:
+    """Wait for every rank to finish its run (rank 0 writes the outputs last), then destroy the process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def exit_worker(code: int) -> NoReturn:
+    """Exit a rank after flushing its logs, without finalizing the interpreter.
+
+    The process group's worker threads (gloo's ``pt_gloo_runloop``) release the tensors of finished
+    collectives on their own, some time after the collective returned; a tensor that still has its Python
+    object needs the GIL to let it go. If that happens while the interpreter is finalizing, Python ends the
+    thread as it asks for the GIL, the unwinding meets a destructor that may not throw, and the process
+    aborts (SIGABRT, "terminate called without an active exception") after a run that finished: the
+    launcher then reported the run as failed and stopped the other ranks. A barrier does not close that
+    window (the release follows the completion) and the group's C++ object outlives
+    ``destroy_process_group`` while DeepSpeed and the model's parameters hold it. So the rank runs what a
+    normal exit runs while the interpreter is whole (the atexit handlers: logging's flush, a wandb run's
+    finish, ...) and then ends without the finalization.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(worker_main())
+    exit_worker(worker_main())

@@ -168,7 +168,8 @@ def batch_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DE
     DDP and DeepSpeed do per-step bookkeeping in their own ``forward`` (DDP prepares the gradient
     reducer; DeepSpeed 0.19 registers the backward prologue of ZeRO on the outputs), so the call must go
     through them. The causal LM's ``forward`` is swapped for the log-prob computation for the duration
-    of the call; the wrappers (and peft, whose LoRA tuner calls ``model.forward``) pass through to it.
+    of the call; the wrappers (and peft, whose LoRA tuner calls ``model.forward``) pass through to it. A
+    ``forward`` already set on the instance is put back afterwards, not deleted.
     """
     causal = unwrap_causal_lm(model)
     parts = model_parts(causal)
@@ -176,8 +177,12 @@ def batch_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DE
     def forward(*_args: Any, **_kwargs: Any) -> torch.Tensor:
         return logps_from_parts(parts, batch, chunk_size=chunk_size)
 
+    own = causal.__dict__.get("forward")  # a forward set on the instance (accelerate's autocast wrapper) stays
     causal.forward = forward  # type: ignore[method-assign]
     try:
         return model(input_ids=batch["input_ids"])
     finally:
-        del causal.forward
+        if own is None:
+            del causal.forward
+        else:
+            causal.forward = own  # type: ignore[method-assign]

@@ -6,9 +6,12 @@ weights are read, so a bad recipe fails in a second instead of after a multi-gig
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +70,28 @@ def resolve_dtype(plan: RunPlan) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def fp32_master_weights(plan: RunPlan) -> bool:
+    """Whether the trained weights are kept in float32 under bfloat16 autocast.
+
+    So for full fine-tuning in bfloat16 without DeepSpeed: the optimizer would otherwise update bfloat16
+    weights directly, rounding away every update below half a bfloat16 step (2**-9 to 2**-8 of the weight);
+    AdamW's updates are about the learning rate, so at 5e-7 no weight above ~2.6e-4 in magnitude would move.
+    With an adapter only the adapter trains (peft keeps it in float32 over the bfloat16 base); DeepSpeed
+    keeps float32 masters itself.
+    """
+    import torch
+
+    return plan.recipe.adapter is None and plan.deepspeed_config is None and resolve_dtype(plan) == torch.bfloat16
+
+
+def weights_dtype(plan: RunPlan) -> torch.dtype:
+    """The dtype models are loaded in: float32 under `fp32_master_weights`, else the recipe's dtype. A frozen
+    reference copy is loaded like the policy, so that both compute the same function at the first step."""
+    import torch
+
+    return torch.float32 if fp32_master_weights(plan) else resolve_dtype(plan)
+
+
 def _flash_attn_problem(dtype: torch.dtype) -> str | None:
     """Why flash_attention_2 cannot run here, or None when it can."""
     import torch
@@ -121,7 +146,7 @@ def load_tokenizer(plan: RunPlan) -> PreTrainedTokenizerBase:
     model_section = plan.recipe.model
     source = resolve_model_path(model_section.tokenizer or model_section.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(
-        source, revision=model_section.revision, trust_remote_code=model_section.trust_remote_code
+        source, revision=revision_of(plan, model_section.tokenizer), trust_remote_code=model_section.trust_remote_code
     )
     if model_section.chat_template is not None:
         tokenizer.chat_template = model_section.chat_template
@@ -141,10 +166,19 @@ def _quantization_config(plan: RunPlan) -> Any:
     )
 
 
+def revision_of(plan: RunPlan, name_or_path: str | None) -> str | None:
+    """The revision to load `name_or_path` at: model.revision for the starting model (None, or its own path,
+    as a reference that names the model is the starting model), the default branch for any other model."""
+    if name_or_path is None or name_or_path in (plan.model_path, plan.recipe.model.name_or_path):
+        return plan.recipe.model.revision
+    return None
+
+
 def load_model(
     plan: RunPlan, name_or_path: str | None = None, *, for_training: bool = True
 ) -> PreTrainedModel:
-    """Load the policy (or, with `name_or_path`, another model such as a reference) with the recipe's settings.
+    """Load the policy (or, with `name_or_path`, another model such as a reference) with the recipe's settings,
+    at the revision `revision_of` gives.
 
     A folder holding only a LoRA adapter (an earlier LoRA stage's output) is loaded onto its base and merged,
     so a later stage starts from the adapted weights. `for_training=False` puts the model in eval mode with
@@ -156,10 +190,10 @@ def load_model(
     model_section = plan.recipe.model
     path = resolve_model_path(name_or_path or model_section.name_or_path)
     kwargs: dict[str, Any] = {
-        "revision": model_section.revision if name_or_path is None else None,
+        "revision": revision_of(plan, name_or_path),
         "trust_remote_code": model_section.trust_remote_code,
         "attn_implementation": resolve_attention(plan),
-        "dtype": resolve_dtype(plan),
+        "dtype": weights_dtype(plan),
     }
     if for_training and plan.recipe.adapter is not None and plan.recipe.adapter.type == "qlora":
         kwargs["quantization_config"] = _quantization_config(plan)
@@ -176,6 +210,8 @@ def load_model(
     if not for_training:
         model.eval()
         model.requires_grad_(False)
+    elif fp32_master_weights(plan):
+        logger.info("full fine-tuning in bfloat16 without DeepSpeed: float32 weights, bfloat16 autocast")
     logger.info(
         "loaded %s (%s, attention %s, %.2fM parameters)",
         path,
@@ -203,6 +239,25 @@ def lora_config(plan: RunPlan) -> Any:
     )
 
 
+@contextlib.contextmanager
+def quiet_checkpointing_aliases() -> Iterator[None]:
+    """Hide transformers' FutureWarnings for the old names of its checkpointing API that peft and TRL still use.
+
+    peft's `PeftModel` reads ``is_gradient_checkpointing`` when it wraps a model, and TRL's KTO trainer reads
+    it (and calls ``gradient_checkpointing_disable``/``_enable``) around every reference pass: nothing a
+    recipe can change. Only those messages, raised from transformers' modeling code, are hidden; every other
+    warning still shows.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated",
+            category=FutureWarning,
+            module=r"transformers\.modeling_utils",
+        )
+        yield
+
+
 def apply_adapter(model: PreTrainedModel, plan: RunPlan) -> Any:
     """Wrap the model with the recipe's LoRA adapter (QLoRA: prepared for k-bit training); unchanged without one."""
     adapter = plan.recipe.adapter
@@ -210,12 +265,50 @@ def apply_adapter(model: PreTrainedModel, plan: RunPlan) -> Any:
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if adapter.type == "qlora":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=plan.recipe.training.gradient_checkpointing
-        )
-    peft_model = get_peft_model(model, lora_config(plan))
+    with quiet_checkpointing_aliases():
+        if adapter.type == "qlora":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=plan.recipe.training.gradient_checkpointing
+            )
+        peft_model = get_peft_model(model, lora_config(plan))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info("%s adapter: %d of %d parameters trainable", adapter.type, trainable, total)
     return peft_model
+
+
+def dropout_disabled(plan: RunPlan) -> bool:
+    """training.disable_dropout, or its stage default: on for preference stages, off for SFT."""
+    value = plan.recipe.training.disable_dropout
+    return plan.recipe.stage == "preference" if value is None else value
+
+
+def disable_dropout(model: Any) -> int:
+    """Set every dropout of `model` to 0: dropout layers (LoRA's included) and the float dropout rates modules
+    copy from their config (e.g. Llama's ``attention_dropout``, used as a functional dropout). The config
+    itself is left as it is, so a saved model keeps its rates. Returns how many rates were above 0."""
+    from torch import nn
+
+    layers = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, layers) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        rates = [
+            name for name, value in vars(module).items()
+            if "dropout" in name and isinstance(value, float) and value > 0
+        ]
+        for name in rates:
+            setattr(module, name, 0.0)
+            changed += 1
+    return changed
+
+
+def apply_dropout_setting(model: Any, plan: RunPlan) -> bool:
+    """Disable the model's dropout when `dropout_disabled(plan)`; returns whether it did."""
+    if not dropout_disabled(plan):
+        return False
+    changed = disable_dropout(model)
+    logger.info("dropout off for training: %d rate(s) set to 0 (training.disable_dropout)", changed)
+    return True

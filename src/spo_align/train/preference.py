@@ -67,7 +67,14 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
 
     from spo_align.data.columns import require_columns
     from spo_align.train.args import build_training_args
-    from spo_align.train.model import apply_adapter, load_model, load_tokenizer, resolve_attention
+    from spo_align.train.model import (
+        apply_adapter,
+        apply_dropout_setting,
+        load_model,
+        load_tokenizer,
+        resolve_attention,
+    )
+    from spo_align.train.one_device import device_info
     from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
     from spo_align.train.reference import CACHE_DIRNAME
 
@@ -78,6 +85,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
 
     # TrainingArguments first: under ZeRO-3 it makes from_pretrained load the weights already sharded.
     args = build_training_args(plan, ctx.output_dir, remove_unused_columns=False)
+    ctx.run_info["device"] = device_info(args, plan)
     _ensure_deepspeed_comm(plan, args)
     tokenizer = load_tokenizer(plan)
 
@@ -120,6 +128,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     adapter = recipe.adapter is not None
     if adapter:
         model = apply_adapter(model, plan)
+    ctx.run_info["dropout_disabled"] = apply_dropout_setting(model, plan)
     separate_reference = plan.reference_model_path is not None and plan.reference_model_path != plan.model_path
     if recipe.reference.precompute:
         reference = ReferenceSpec(

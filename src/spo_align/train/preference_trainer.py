@@ -13,6 +13,7 @@ Reference log-probs come from one of (`ReferenceKind`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections import defaultdict
@@ -169,17 +170,18 @@ class PreferenceTrainer(Trainer):
             ds = self._splits()[split]
             batch_size = self.args.per_device_train_batch_size if split == "train" else self.args.per_device_eval_batch_size
             logger.info("precomputing reference log-probs for %d %s pairs", len(ds), split)
-            table = compute_reference_table(
-                model,
-                ds,
-                self.data_collator,
-                batch_size,
-                device=self.args.device,
-                disable_adapter=self.reference.adapter and not separate,
-                rank=self.args.process_index,
-                world_size=self.args.world_size,
-                on_forward=self._count_reference_forward,
-            )
+            with self.accelerator.autocast():  # the precision of training (see compute_loss_context_manager)
+                table = compute_reference_table(
+                    model,
+                    ds,
+                    self.data_collator,
+                    batch_size,
+                    device=self.args.device,
+                    disable_adapter=self.reference.adapter and not separate,
+                    rank=self.args.process_index,
+                    world_size=self.args.world_size,
+                    on_forward=self._count_reference_forward,
+                )
             if self.args.process_index == 0:
                 cache.save(self._keys[split], split, table)
             self._tables[split] = table
@@ -213,6 +215,17 @@ class PreferenceTrainer(Trainer):
             return batch_logps(self.reference.model, inputs, chunk_size=self.chunk_size)
 
     # ------------------------------------------------------------------ loss
+
+    def compute_loss_context_manager(self) -> contextlib.ExitStack:
+        """The Trainer's context for `compute_loss`, plus accelerate's autocast (a no-op without mixed precision).
+
+        accelerate applies autocast by wrapping the model's ``forward``; `batch_logps` runs the causal LM's
+        forward in its place, so a model that is itself the causal LM (full fine-tuning) would run outside it.
+        Policy and reference log-probs thus both run under the same autocast here.
+        """
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(self.accelerator.autocast())
+        return stack
 
     def compute_loss(
         self,
@@ -262,7 +275,7 @@ class PreferenceTrainer(Trainer):
         self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
     ) -> tuple[torch.Tensor, None, None]:
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 

@@ -45,9 +45,11 @@ def run_sft(plan: RunPlan, ctx: RunContext) -> None:
     from spo_align.data.sft import load_sft_dataset
     from spo_align.train.args import build_training_args
     from spo_align.train.loop import train_and_save
-    from spo_align.train.model import apply_adapter, load_model, load_tokenizer
+    from spo_align.train.model import apply_adapter, apply_dropout_setting, load_model, load_tokenizer
+    from spo_align.train.one_device import device_info
 
     args = build_training_args(plan, ctx.output_dir, SFTConfig, **sft_config_kwargs(plan))
+    ctx.run_info["device"] = device_info(args, plan)
     tokenizer = load_tokenizer(plan)
     train_ds, train_counts = load_sft_dataset(plan, tokenizer, "train")
     eval_ds, eval_counts = load_sft_dataset(plan, tokenizer, "eval")
@@ -56,6 +58,7 @@ def run_sft(plan: RunPlan, ctx: RunContext) -> None:
     ctx.run_info["train_tokens"] = int(sum(len(ids) for ids in train_ds["input_ids"])) if train_ds is not None else 0
 
     model = apply_adapter(load_model(plan), plan)
+    ctx.run_info["dropout_disabled"] = apply_dropout_setting(model, plan)
     trainer = SFTTrainer(
         model=model,
         args=args,
