@@ -105,5 +105,5 @@ def test_the_card_is_written_when_the_curves_cannot_be_drawn(plan_for, tmp_path:
     (out / "metrics.jsonl").write_text('{"step": 1, "train_runtime": 1.0}\n')  # a summary, no step curve
     plan = plan_for("spo")
     card = write_card(out, plan, {"command": "spo train x.yaml", "run_info": {}}).read_text()
-    assert "The curves could not be drawn: PlotError:" in card and "holds no per-step metrics" in card
+    assert "The curves could not be drawn: PlotError:" in card and "holds no usable metric record" in card
     assert not (out / "metrics.png").exists()
