@@ -19,7 +19,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from spo_align.train.checkpoints import rotate, seal, write_durably
-from spo_align.train.outputs import METRICS, read_metrics
+from spo_align.train.outputs import METRICS, read_metrics, record_step
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class MetricsJsonlCallback(TrainerCallback):
 
 def _keep_records_up_to(path: Path, step: int) -> None:
     if step > 0 and path.exists():
-        kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
+        kept = [r for r in read_metrics(path) if (at := record_step(r)) is not None and at <= step]
         write_durably(path, "".join(json.dumps(r) + "\n" for r in kept))
     elif step == 0 and path.exists():
         path.unlink()

@@ -251,11 +251,37 @@ def _drop_unsealed(output_dir: Path, checkpoint: Path) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
+    """Every record of a metrics.jsonl file. A line that cannot be a record (torn by a killed run, not UTF-8, not
+    JSON, not an object) is skipped, and one warning names the file and those lines."""
     records: list[dict[str, Any]] = []
     path = Path(path)
     if not path.exists():
         return records
+    skipped: list[int] = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            skipped.append(number)
+            continue
+        if isinstance(value, dict):
+            records.append(value)
+        else:
+            skipped.append(number)
+    if skipped:
+        shown = ", ".join(str(n) for n in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        logger.warning("%s: skipped %d line(s) that are not metric records (line %s)", path, len(skipped), shown)
+    return records
+
+
+def record_step(record: dict[str, Any]) -> int | None:
+    """The record's `step` as a whole number >= 0, or None when it has none that is."""
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step != step or step < 0:
+        return None
+    return int(step) if float(step).is_integer() else None
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if not line:
