@@ -282,12 +282,3 @@ def record_step(record: dict[str, Any]) -> int | None:
     if isinstance(step, bool) or not isinstance(step, (int, float)) or step != step or step < 0:
         return None
     return int(step) if float(step).is_integer() else None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("skipping a torn line in %s", path)
-    return records
