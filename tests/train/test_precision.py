@@ -56,6 +56,11 @@ def test_bf16_full_fine_tuning_starts_at_log_ratio_zero_and_records_its_precisio
     assert (first["rewards/chosen"], first["rewards/rejected"]) == (0.0, 0.0)
     device = json.loads((out / "run.json").read_text())["run_info"]["device"]
     assert (device["weights"], device["autocast"]) == ("float32", "bfloat16")
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "model.safetensors")  # saved in the recipe's dtype, checkpoints keep float32
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(out / "checkpoint-1" / "model.safetensors").values()} == {torch.float32}
 
 
 def test_the_preference_trainer_computes_in_bf16_over_fp32_weights(plan_for, tmp_path: Path):

@@ -67,6 +67,7 @@ def make_save_final(plan: RunPlan, ctx: RunContext) -> Any:
         from spo_align.train.run_info import now, write_final_info
 
         output_dir = ctx.output_dir
+        _to_recipe_dtype(trainer, plan)
         trainer.save_model(str(output_dir))  # every rank: ZeRO-3 gathers the shards here
         if trainer.is_world_process_zero():
             tokenizer = getattr(trainer, "processing_class", None)
@@ -84,6 +85,19 @@ def make_save_final(plan: RunPlan, ctx: RunContext) -> Any:
         trainer.accelerator.wait_for_everyone()
 
     return save_final
+
+
+def _to_recipe_dtype(trainer: Any, plan: RunPlan) -> None:
+    """A bfloat16 run that trained float32 master weights (`model.fp32_master_weights`) is saved in bfloat16, the
+    dtype its recipe names: half the size, and what `from_pretrained(dtype="auto")` then loads. Checkpoints keep
+    the float32 weights (a continued run needs them); training is over when this runs."""
+    import torch
+
+    from spo_align.train.model import fp32_master_weights
+
+    if fp32_master_weights(plan):
+        trainer.accelerator.unwrap_model(trainer.model).to(torch.bfloat16)
+        logger.info("saving the model in bfloat16 (trained as float32 master weights under bfloat16 autocast)")
 
 
 def _save_merged(trainer: Any, path: Path, tokenizer: Any) -> None:
