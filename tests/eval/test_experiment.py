@@ -223,3 +223,15 @@ def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_pat
     os.utime(marker, (later, later))
     with pytest.raises(ExperimentError, match="predates the SFT run"):
         run_experiment(load_experiment(TINY, [*experiment.overrides, "jobs=1"]))
+
+
+def test_the_spec_and_the_report_never_import_the_runner() -> None:
+    """experiment_spec (file, loading, plan) and experiment_report (tables) sit below experiment (running):
+    no import loop, and the plan needs no torch."""
+    import ast
+
+    for name in ("experiment_spec", "experiment_report"):
+        tree = ast.parse((ROOT / "src" / "spo_align" / "eval" / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "spo_align.eval.experiment" not in imported, name

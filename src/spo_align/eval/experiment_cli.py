@@ -24,7 +24,7 @@ def experiment_command(
     from spo_align.recipe.errors import RecipeErrors
 
     try:
-        from spo_align.eval.experiment import load_experiment, plan_stages
+        from spo_align.eval.experiment_spec import load_experiment, plan_stages
 
         experiment = load_experiment(path, set_ or [])
         steps = plan_stages(experiment)
@@ -32,7 +32,7 @@ def experiment_command(
         typer.echo(exc.format("text"), err=True)
         raise typer.Exit(1) from None
     if dry_run:
-        from spo_align.eval.experiment import stage_is_complete
+        from spo_align.eval.experiment_spec import stage_is_complete
 
         for step in steps:
             started = step.output_dir.is_dir() and any(step.output_dir.iterdir())

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from spo_align.eval.experiment import LoadedExperiment
+    from spo_align.eval.experiment_spec import LoadedExperiment
 
 
 class PromptGroupError(ValueError):
@@ -184,7 +184,7 @@ def reward_scale(loss: Any) -> float:
 
 def log_ratio_rows(experiment: LoadedExperiment) -> list[LogRatioRow]:
     """Per preference run and seed, from its metrics.jsonl; runs that log no `rewards/chosen` are left out."""
-    from spo_align.eval.experiment import plan_stages
+    from spo_align.eval.experiment_spec import plan_stages
     from spo_align.recipe.load import load_recipe
 
     rows: list[LogRatioRow] = []
