@@ -175,11 +175,12 @@ class LogRatioRow:
     both_below_ref: float | None
 
 
-def reward_scale(loss: Any) -> float:
-    """What the runner's `rewards/*` are the log-ratio multiplied by: beta (SPO, DPO, KTO) or 2 tau (IPO)."""
-    if loss.type == "ipo":
-        return 2.0 * loss.resolved_tau
-    return float(loss.beta)
+def reward_scale(loss: Any) -> float | None:
+    """What the runner's `rewards/*` are the log-ratio multiplied by (the loss's catalogue entry): beta (SPO,
+    DPO, DPOP, KTO), 2 tau (IPO), None for a reference-free loss (SimPO), whose rewards are no log-ratio."""
+    from spo_align.loss_catalogue import reward_scale as scale
+
+    return scale(loss)
 
 
 def log_ratio_rows(experiment: LoadedExperiment) -> list[LogRatioRow]:

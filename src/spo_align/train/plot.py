@@ -7,24 +7,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from spo_align.loss_catalogue import logged_metrics
 from spo_align.train.outputs import METRICS, read_metrics
 
 logger = logging.getLogger(__name__)
 
 # Shown first, in this order, when a run logged them; any other numeric metric follows.
-PREFERRED = (
-    "loss",
-    "learning_rate",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "spo_margin_term",
-    "spo_rejected_term",
-    "both_below_ref",
-)
+PREFERRED = ("loss", "learning_rate", *(metric.name for metric in logged_metrics()))
 NOT_CURVES = {"step", "epoch", "elapsed_s", "total_flos"}
 
 
