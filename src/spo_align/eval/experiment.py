@@ -262,14 +262,16 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
         accuracy_rows,
         write_accuracy,
         write_log_ratios,
+        write_sweep,
         write_win_rates,
     )
 
-    _, result.files = write_win_rates(experiment, judge)
+    win_rates, result.files = write_win_rates(experiment, judge)
     rows = accuracy_rows(experiment, groups)
     if rows:
         result.files += write_accuracy(rows, experiment)
     result.files += write_log_ratios(experiment)
+    result.files += write_sweep(experiment, rows, win_rates)
     result.wall_seconds = time.perf_counter() - started
     summary = {
         "experiment": str(experiment.path),

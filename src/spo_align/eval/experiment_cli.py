@@ -59,7 +59,7 @@ def _run(experiment: object) -> None:
     except (ExperimentError, PromptGroupError, EvalInputError, JudgeFatalError, OutputFolderError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    for name in ("accuracy.md", "win_rates.md"):
+    for name in ("accuracy.md", "sweep.md", "win_rates.md"):
         table = result.output_dir / name
         if table.is_file():
             typer.echo(table.read_text(encoding="utf-8"))

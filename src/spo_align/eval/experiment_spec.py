@@ -9,6 +9,7 @@ Running them is `eval/experiment.py`; the tables are `eval/experiment_report.py`
 
 from __future__ import annotations
 
+import itertools
 import re
 import typing
 from collections.abc import Sequence
@@ -16,13 +17,62 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
 from spo_align.recipe.locate import make_error
 from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+SweepValue = StrictBool | StrictInt | StrictFloat | StrictStr
+
+
+def _label(value: SweepValue) -> str:
+    """A sweep value as it appears in a run's name: 0.05, 50, 1e-05, true."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _yaml_value(value: SweepValue) -> str:
+    """A sweep value as a `--set` value that YAML reads back as the same value (1e-05 needs a dot: 1.0e-05)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        text = repr(value)
+        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
+    if isinstance(value, int):
+        return str(value)
+    return repr(value)  # quoted: a string stays a string
+
+
+@dataclass(frozen=True)
+class StagePoint:
+    """One run of a stage: the stage itself, or one point of its sweep."""
+
+    name: str
+    """The run's folder under seed<S>/ and its label in the tables (<stage>_<key><value> for a sweep point)."""
+    stage: str
+    """The stage (`StageSpec.name`) it belongs to."""
+    swept: tuple[tuple[str, SweepValue], ...] = ()
+    """(recipe key path, value) of each swept key; empty for a stage without a sweep."""
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return tuple(f"{key}={_yaml_value(value)}" for key, value in self.swept)
 
 
 # ---------------------------------------------------------------- schema
@@ -41,6 +91,12 @@ class StageSpec(_Section):
         default_factory=list,
         description="`key.path=value` overrides for this recipe, applied after `recipe_set` (like `spo train --set`).",
     )
+    sweep: dict[str, list[SweepValue]] = Field(
+        default_factory=dict,
+        description="A small grid, recipe key path -> values, e.g. {loss.beta: [0.05, 0.1, 0.2]}: one run per value "
+        "(per combination with several keys), applied after `set`, named <name>_<last key part><value> "
+        "(dpo_beta0.05). Every point is tabulated, and the best point of each stage in sweep.md.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -48,6 +104,39 @@ class StageSpec(_Section):
         if not STAGE_NAME.match(value):
             raise ValueError("must start with a letter or digit and use only letters, digits, '.', '_', '+', '-'")
         return value
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, value: dict[str, list[SweepValue]]) -> dict[str, list[SweepValue]]:
+        for key, values in value.items():
+            if not key or any(not part for part in key.split(".")):
+                raise ValueError(f"sweep key {key!r} must be a recipe key path such as loss.beta")
+            if not values:
+                raise ValueError(f"sweep '{key}' lists no values")
+            if len({_label(v) for v in values}) != len(values):
+                raise ValueError(f"sweep '{key}' repeats a value")
+        return value
+
+    @model_validator(mode="after")
+    def _point_names(self) -> StageSpec:
+        for point in self.points():
+            if not STAGE_NAME.match(point.name):
+                raise ValueError(
+                    f"a sweep value makes the run name {point.name!r}: use values of letters, digits, '.', '_', '+', '-'"
+                )
+        return self
+
+    def points(self) -> list[StagePoint]:
+        """The runs of this stage: itself, or one per point of its sweep (in the order the values are listed)."""
+        if not self.sweep:
+            return [StagePoint(self.name, self.name)]
+        keys = list(self.sweep)
+        points = []
+        for combination in itertools.product(*(self.sweep[key] for key in keys)):
+            swept = tuple(zip(keys, combination))
+            name = "_".join([self.name, *(f"{key.split('.')[-1]}{_label(v)}" for key, v in swept)])
+            points.append(StagePoint(name, self.name, swept))
+        return points
 
 
 class GenerationSection(_Section):
@@ -124,7 +213,9 @@ class Experiment(_Section):
     def _distinct(self) -> Experiment:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
-        names = [self.sft.name, *(p.name for p in self.preference)]
+        if self.sft.sweep:
+            raise ValueError("the sft stage takes no sweep: every preference run starts from its one output")
+        names = [self.sft.name, *(point.name for p in self.preference for point in p.points())]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"stage names must be distinct; repeated: {', '.join(repeated)}")
@@ -155,7 +246,13 @@ class LoadedExperiment:
 
     @property
     def stage_names(self) -> list[str]:
-        return [self.spec.sft.name, *(p.name for p in self.spec.preference)]
+        """Every run's name: the SFT stage, then each preference stage's points."""
+        return [self.spec.sft.name, *(point.name for point in self.points)]
+
+    @property
+    def points(self) -> list[StagePoint]:
+        """Every preference run, sweep points expanded, in file order."""
+        return [point for stage in self.spec.preference for point in stage.points()]
 
     def prompts_source(self) -> str:
         """A local prompt file as an absolute path, else the dataset id as written."""
@@ -259,7 +356,8 @@ class StageStep:
 
 
 def plan_stages(experiment: LoadedExperiment) -> list[StageStep]:
-    """Every training run in order (per seed: SFT, then each preference run), each recipe validated.
+    """Every training run in order (per seed: SFT, then each preference run, sweep points expanded), each
+    recipe validated.
 
     Raises `RecipeErrors` for a recipe that does not load with its overrides, before anything runs."""
     from spo_align.recipe.load import load_recipe
@@ -267,11 +365,13 @@ def plan_stages(experiment: LoadedExperiment) -> list[StageStep]:
     spec = experiment.spec
     steps: list[StageStep] = []
     errors: list[RecipeError] = []
+    runs = [(spec.sft, StagePoint(spec.sft.name, spec.sft.name))]
+    runs += [(stage, point) for stage in spec.preference for point in stage.points()]
     for seed in spec.seeds:
         sft_dir = experiment.seed_dir(seed) / spec.sft.name
-        for stage in [spec.sft, *spec.preference]:
-            out = experiment.seed_dir(seed) / stage.name
-            overrides = [*spec.recipe_set, *stage.set, f"training.seed={seed}", f"output.dir={out}"]
+        for stage, point in runs:
+            out = experiment.seed_dir(seed) / point.name
+            overrides = [*spec.recipe_set, *stage.set, *point.overrides, f"training.seed={seed}", f"output.dir={out}"]
             if stage is not spec.sft:
                 overrides.append(f"model.name_or_path={sft_dir}")
             recipe_path = (experiment.base_dir / stage.recipe).resolve()
@@ -284,9 +384,9 @@ def plan_stages(experiment: LoadedExperiment) -> list[StageStep]:
                 errors.append(RecipeError(str(recipe_path), None, None, "stage", "the experiment's sft recipe must have stage: sft"))
             if stage is not spec.sft and recipe.stage != "preference":
                 errors.append(RecipeError(str(recipe_path), None, None, "stage", f"preference run '{stage.name}' needs stage: preference"))
-            steps.append(StageStep(seed, stage.name, recipe_path, tuple(overrides), out))
+            steps.append(StageStep(seed, point.name, recipe_path, tuple(overrides), out))
     if errors:
-        raise RecipeErrors(errors)
+        raise RecipeErrors(list(dict.fromkeys(errors)))  # a recipe's error once, not once per seed and point
     return steps
 
 
