@@ -226,7 +226,7 @@ CATALOGUE: dict[str, LossEntry] = {
             reward="beta x log pi/pi_ref (summed over the answer)",
             reward_scale=lambda loss: float(loss.beta),
             optimum=_dpo_optimum,
-            optimum_note=_LOG_RATIO_NOTE + " (plain DPO, label_smoothing 0: none)",
+            optimum_note=_LOG_RATIO_NOTE + "; plain DPO (label_smoothing 0) has none",
             build=_build_dpo,
         ),
         LossEntry(

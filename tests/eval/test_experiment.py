@@ -347,3 +347,12 @@ def test_log_ratio_table_says_a_reference_free_loss_has_none() -> None:
     text = log_ratio_markdown(rows, [0])
     assert "| **simpo_beta2.5** | n/a | n/a | n/a (reference-free loss) |" in text
     assert "| **spo** | +0.40 | -1.40 | 0.10 |" in text and "SimPO trains with no reference model" in text
+
+
+@pytest.mark.parametrize("name", ["paper-qwen2.5-7b.yaml", "paper-llama-3.1-8b.yaml"])
+def test_the_paper_experiments_commented_baselines_validate_when_uncommented(tmp_path: Path, name: str) -> None:
+    text = (ROOT / "experiments" / name).read_text(encoding="utf-8")
+    lines = [line.replace("  # - {name:", "  - {name:") for line in text.splitlines()]
+    uncommented = "\n".join(lines).replace("../", f"{ROOT}/") + "\n"
+    steps = plan_stages(load_experiment(_write(tmp_path, uncommented)))
+    assert [s.name for s in steps] == ["sft", "dpo", "kto", "ipo", "spo", "dpop", "simpo", "dpo_nll"]
