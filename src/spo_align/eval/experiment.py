@@ -1,10 +1,11 @@
 """`spo experiment`: one declarative file for the paper's whole experiment, resumable stage by stage.
 
-An experiment names an SFT recipe, the preference recipes that start from its output, the seeds, and
-how to evaluate. For each seed it trains SFT, then every preference recipe from that seed's SFT
-output, then generates every model's answers to the test prompts and judges every pair of models;
-finally it writes the win-rate matrix (averaged over seeds) and, where the prompts have reference
-answers, an accuracy table broken down by a field of the prompt file (the tiny task's `carry`).
+An experiment names an SFT recipe, the preference recipes that start from its output (each a single run
+or a small sweep of recipe keys, one run per point), the seeds, and how to evaluate. For each seed it
+trains SFT, then every preference run from that seed's SFT output, then generates every model's answers
+to the test prompts and judges every pair of models; finally it writes the win-rate matrix (averaged over
+seeds) and, where the prompts have reference answers, an accuracy table broken down by a field of the
+prompt file (the tiny task's `carry`).
 
 Layout under `output_dir`:
 
@@ -14,6 +15,7 @@ Layout under `output_dir`:
     win_rates.{md,csv,png}    the matrix pooled over seeds; win_rates_seed<S>.md per seed
     accuracy.{md,csv}         model x group accuracy, mean over seeds (reference answers only)
     log_ratios.md             end-of-training chosen/rejected log pi/pi_ref per preference run
+    sweep.md                  every point of each swept stage and the best per stage (when a stage sweeps)
     runs.jsonl                one line per invocation: stages trained/skipped, wall and CPU seconds
 
 Nothing finished is redone: a stage whose folder holds the runner's completion marker is skipped,
