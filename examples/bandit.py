@@ -7,7 +7,12 @@ minimum), while IPO and SPO settle at finite margins. The three pairs cannot all
 per-pair optimum (margin_ac = margin_ab + margin_bc), so they settle at the minimiser of the expected
 loss over the data, which :func:`expected_loss_minimiser` finds independently by full-batch L-BFGS.
 
-Run ``python examples/bandit.py`` (4000 Adam steps for five losses: about 10 s of one CPU core).
+The losses are built from recipe loss sections through the loss catalogue, exactly as training builds
+them (every action is one token, so SimPO's per-token means are the log-probs themselves). Beside DPO,
+cDPO, IPO and SPO it runs the three answers to falling chosen likelihoods: DPOP, SimPO, and DPO and SPO
+with an NLL term on the chosen answer (docs/losses.md derives where each settles, or why it does not).
+
+Run ``python examples/bandit.py`` (4000 Adam steps for nine losses: about 15 s of one CPU core).
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from spo_align.losses import dpo_loss, ipo_loss, ipo_tau_matching_spo, spo_loss
+from spo_align.loss_catalogue import build_pair_loss
+from spo_align.pair_losses import PairInputs, ipo_tau_matching_spo
+from spo_align.recipe.schema import DPOLoss, DPOPLoss, IPOLoss, SimPOLoss, SPOLoss
 
 ACTIONS = ("a", "b", "c")
 PAIRS = torch.tensor([[0, 1], [1, 2], [0, 2]])  # (winner, loser): a > b, b > c, a > c
@@ -38,20 +46,41 @@ class BanditLoss:
     finite_optimum: bool
 
 
-def default_losses(beta: float = 0.5, alpha: float = 1.0, small_beta: float = 0.1) -> list[BanditLoss]:
-    """DPO at two betas, cDPO (eps 0.1), IPO matched to SPO's margin optimum, and SPO."""
+def from_recipe(name: str, section: Any, finite_optimum: bool) -> BanditLoss:
+    """A recipe loss section as a bandit loss, built by the catalogue as training builds it (1 token per action)."""
+    pair_loss = build_pair_loss(section)
+
+    def fn(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        one = torch.ones_like(pc)
+        return pair_loss(PairInputs(pc, pr, one, one, rc, rr)).losses
+
+    return BanditLoss(name, fn, finite_optimum)
+
+
+def default_losses(
+    beta: float = 0.5, alpha: float = 1.0, small_beta: float = 0.1, lam: float = 50.0, gamma: float = 1.0,
+    nll_weight: float = 1.0, spo_nll_weight: float = 0.1,
+) -> list[BanditLoss]:
+    """DPO at two betas, cDPO (eps 0.1), IPO matched to SPO's margin optimum, SPO; then DPOP, SimPO, DPO
+    with an NLL term, and SPO with an NLL term (weights: `nll_weight`, `spo_nll_weight`)."""
     tau = ipo_tau_matching_spo(beta)
     return [
-        BanditLoss(f"DPO beta={small_beta}", lambda *lp: dpo_loss(*lp, beta=small_beta).losses, False),
-        BanditLoss(f"DPO beta={beta}", lambda *lp: dpo_loss(*lp, beta=beta).losses, False),
-        BanditLoss(
-            f"cDPO beta={beta} eps=0.1",
-            lambda *lp: dpo_loss(*lp, beta=beta, label_smoothing=0.1).losses,
-            True,
+        from_recipe(f"DPO beta={small_beta}", DPOLoss(type="dpo", beta=small_beta, label_smoothing=0.0), False),
+        from_recipe(f"DPO beta={beta}", DPOLoss(type="dpo", beta=beta, label_smoothing=0.0), False),
+        from_recipe(f"cDPO beta={beta} eps=0.1", DPOLoss(type="dpo", beta=beta, label_smoothing=0.1), True),
+        from_recipe(f"IPO tau={tau}", IPOLoss(type="ipo", tau=tau), True),
+        from_recipe(f"SPO beta={beta} alpha={alpha}", SPOLoss(type="spo", beta=beta, alpha=alpha), True),
+        from_recipe(f"DPOP beta={beta} lambda={lam:g}", DPOPLoss.model_validate({"type": "dpop", "beta": beta, "lambda": lam}), False),
+        from_recipe(f"SimPO beta={beta} gamma={gamma:g}", SimPOLoss(type="simpo", beta=beta, gamma=gamma), False),
+        from_recipe(
+            f"DPO+NLL beta={beta} w={nll_weight:g}",
+            DPOLoss(type="dpo", beta=beta, label_smoothing=0.0, nll_weight=nll_weight),
+            False,
         ),
-        BanditLoss(f"IPO tau={tau}", lambda *lp: ipo_loss(*lp, tau=tau).losses, True),
-        BanditLoss(
-            f"SPO beta={beta} alpha={alpha}", lambda *lp: spo_loss(*lp, beta=beta, alpha=alpha).losses, True
+        from_recipe(
+            f"SPO+NLL beta={beta} w={spo_nll_weight:g}",
+            SPOLoss(type="spo", beta=beta, alpha=alpha, nll_weight=spo_nll_weight),
+            True,
         ),
     ]
 
@@ -59,6 +88,11 @@ def default_losses(beta: float = 0.5, alpha: float = 1.0, small_beta: float = 0.
 def margins(theta: torch.Tensor) -> torch.Tensor:
     """Log-ratio margins (ab, bc, ac) = theta differences; [..., 3]. The reference cancels."""
     return theta[..., PAIRS[:, 0]] - theta[..., PAIRS[:, 1]]
+
+
+def log_ratios(pi: torch.Tensor) -> torch.Tensor:
+    """log pi/pi_ref of each action (a, b, c); [..., 3]. b is chosen once (b > c) and rejected once (a > b)."""
+    return torch.log(pi) - LOG_PI_REF
 
 
 def pair_losses(losses: list[BanditLoss], theta: torch.Tensor) -> torch.Tensor:
@@ -142,20 +176,25 @@ def expected_loss_minimiser(loss: BanditLoss, *, max_iter: int = 500) -> torch.T
 
 
 def format_table(losses: list[BanditLoss], snapshots: list[Snapshot]) -> str:
-    """One row per loss: pi at the last snapshot, margins at the first and last, the expected-loss optimum."""
+    """One row per loss: pi and log pi/pi_ref at the last snapshot, margins at the first and last, the
+    expected-loss optimum."""
     first, last = snapshots[0], snapshots[-1]
     early_head, late_head = f"margins ab/bc/ac at step {first.step}", f"at step {last.step}"
-    header = f"{'loss':<24} {'pi(a)':>7} {'pi(b)':>7} {'pi(c)':>7} | {early_head:<30} | {late_head:<23} | expected-loss minimiser"
+    header = (
+        f"{'loss':<26} {'pi(a)':>7} {'pi(b)':>7} {'pi(c)':>7} | {'log pi/pi_ref a/b/c':<21} | {early_head:<30} | "
+        f"{late_head:<23} | expected-loss minimiser"
+    )
     rows = [header, "-" * len(header)]
     for i, loss in enumerate(losses):
         pi = " ".join(f"{p:7.4f}" for p in last.pi[i].tolist())
+        ratios = "/".join(f"{r:.2f}" for r in log_ratios(last.pi[i]).tolist())
         early = "/".join(f"{m:.3f}" for m in first.margins[i].tolist())
         late = "/".join(f"{m:.3f}" for m in last.margins[i].tolist())
         if loss.finite_optimum:
             optimum = "/".join(f"{m:.3f}" for m in margins(expected_loss_minimiser(loss)).tolist())
         else:
             optimum = "none (grows without bound)"
-        rows.append(f"{loss.name:<24} {pi} | {early:<30} | {late:<23} | {optimum}")
+        rows.append(f"{loss.name:<26} {pi} | {ratios:<21} | {early:<30} | {late:<23} | {optimum}")
     return "\n".join(rows)
 
 

@@ -1,10 +1,12 @@
-"""Preference losses as pure tensor functions, and the per-sequence log-probabilities they consume.
+"""The losses' public home: KTO, the per-sequence log-probabilities every loss consumes, and (re-exported
+from `spo_align.pair_losses`) every pairwise loss, so ``from spo_align.losses import spo_loss`` works.
 
 Every loss takes per-example log-probabilities *summed* over each response's tokens (see
 :func:`sequence_logps`) and returns per-example, unreduced losses plus detached rewards for logging.
 Losses are computed in at least fp32 whatever the input dtype (fp64 inputs stay fp64, which keeps
 ``torch.autograd.gradcheck`` usable). The maths, each optimum and two corrections to the SPO paper are
-derived in ``docs/losses.md``.
+derived in ``docs/losses.md``; what the rest of the project knows about each loss is its entry in
+`spo_align.loss_catalogue`.
 
 Notation: for a pair (y_w chosen, y_l rejected),
 ``chosen log-ratio = log pi(y_w) - log pi_ref(y_w)``, ``rejected log-ratio = log pi(y_l) - log pi_ref(y_l)``
@@ -13,55 +15,60 @@ and the margin ``delta = chosen log-ratio - rejected log-ratio``.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from spo_align.pair_losses import (
+    DEFAULT_Z_FLOOR,
+    PairInputs,
+    PairLoss,
+    PairLossFn,
+    add_nll_term,
+    chosen_nll,
+    dpo_loss,
+    dpop_loss,
+    ipo_loss,
+    ipo_tau_matching_spo,
+    simpo_loss,
+    spo_f,
+    spo_loss,
+    with_nll_term,
+)
+from spo_align.pair_losses import compute_dtype as _compute_dtype
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_Z_FLOOR",
     "IGNORE_INDEX",
     "KTOLoss",
+    "PairInputs",
     "PairLoss",
+    "PairLossFn",
+    "add_nll_term",
+    "chosen_nll",
     "dpo_loss",
+    "dpop_loss",
     "ipo_loss",
     "ipo_tau_matching_spo",
     "kto_loss",
     "sequence_logps",
+    "simpo_loss",
     "spo_f",
     "spo_loss",
     "token_counts",
+    "with_nll_term",
 ]
 
 IGNORE_INDEX = -100
 """Label value that marks a position as not scored (prompt, padding)."""
 
-DEFAULT_Z_FLOOR = -5.0
-"""Where SPO's f(z) = -z*exp(-z) switches to its tangent line; see :func:`spo_f` for the reasons."""
-
 DEFAULT_CHUNK_SIZE = 512
 """Tokens per LM-head chunk in :func:`sequence_logps`. Transient memory is about two fp32 [chunk, vocab]
 buffers: 125 MiB at vocab 32k (measured peak 129 MiB on CPU), 586 MiB at 150k. On CPU 512 also ran faster
 than 1024 (4.0 s vs 5.4 s forward+backward for 8192 tokens x 32k vocab, hidden 32, one thread)."""
-
-
-@dataclass(frozen=True)
-class PairLoss:
-    """Result of a pairwise loss.
-
-    ``losses`` is [B], unreduced, differentiable. ``chosen_rewards`` / ``rejected_rewards`` are [B],
-    detached: the log-ratios times the loss's inverse temperature (beta for SPO and DPO, 2*tau for IPO,
-    so that a reward margin of 1 is IPO's optimum, as it is SPO's). ``terms`` holds named per-example
-    loss components, detached, for logging (SPO: ``spo_margin_term`` and ``spo_rejected_term``).
-    """
-
-    losses: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,166 +86,9 @@ class KTOLoss:
     kl: torch.Tensor
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """At least fp32: half-precision inputs are upcast, fp64 stays fp64."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def _log_ratios(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen log-ratio, rejected log-ratio) in the compute dtype, after checking shapes agree."""
-    tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    shape = policy_chosen_logps.shape
-    for name, t in zip(("policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"), tensors[1:]):
-        if t.shape != shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, policy_chosen_logps has {tuple(shape)}")
-    dtype = _compute_dtype(*tensors)
-    pc, pr, rc, rr = (t.to(dtype) for t in tensors)
-    return pc - rc, pr - rr
-
-
 def _require_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def spo_f(z: torch.Tensor, *, z_floor: float | None = DEFAULT_Z_FLOOR) -> torch.Tensor:
-    """SPO's f(z) = -z * exp(-z), in at least fp32, continued linearly below ``z_floor``.
-
-    f has its minimum -1/e at z = 1 and is convex for z < 2 only. Its slope (z - 1) * exp(-z) grows
-    exponentially as z falls: f(-10) = 2.2e5; f overflows fp32 near z = -84 (exp(-z) itself near -88.7)
-    and fp16, if anyone casts the result, near z = -9. Below ``z_floor`` we use the tangent at
-    ``z_floor``: value and slope match there (C^1), the result stays convex on (-inf, 2) because f lies
-    above its tangents there, and loss and gradient are finite for every finite z. The exponential
-    branch is evaluated at ``max(z, z_floor)`` so no inf ever enters the graph (a ``torch.where`` over an
-    inf branch would give NaN gradients).
-
-    Default ``z_floor = -5`` (value 5e^5 = 742, slope -6e^5 = -890):
-
-    * it leaves the paper's loss untouched wherever training normally lives: z starts at 0, and reaching
-      -5 takes a pair mis-ranked by 5/beta summed nats (50 at beta 0.1) or a rejected answer 5/alpha nats
-      *more* likely than under the reference;
-    * it caps one example's gradient weight at 890 times its weight at initialisation (|f'(0)| = 1);
-      at -10 the cap would be 2.4e5, so one badly mis-ranked pair would be the entire clipped update of
-      its batch;
-    * value and slope at the floor fit fp16 (max 65504) with ~70x headroom for beta or alpha.
-
-    ``z_floor=None`` gives the paper's f exactly (inf below z ~ -84 in fp32). ``z_floor`` must be < 1
-    so the continuation slopes downwards and the minimum at z = 1 is kept.
-    """
-    z = z.to(_compute_dtype(z))
-    if z_floor is None:
-        return -z * torch.exp(-z)
-    if not z_floor < 1:
-        raise ValueError(f"z_floor must be < 1 (below the minimum of f at z = 1), got {z_floor}")
-    slope_at_floor = (z_floor - 1.0) * math.exp(-z_floor)
-    z_clamped = z.clamp(min=z_floor)
-    # Below the floor the first part is the constant f(z_floor) and the second the tangent's rise.
-    # `where` (not a second clamp) so that exactly at the floor only one branch passes the gradient.
-    below = torch.where(z < z_floor, z - z_floor, torch.zeros_like(z))
-    return -z_clamped * torch.exp(-z_clamped) + slope_at_floor * below
-
-
-def spo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float,
-    alpha: float,
-    z_floor: float | None = DEFAULT_Z_FLOOR,
-) -> PairLoss:
-    """SPO (paper eq. 6): ``f(beta * delta) + f(alpha * (log pi_ref(y_l) - log pi(y_l)))``.
-
-    Optimum of each term at argument 1: ``beta * delta = 1`` and rejected log-ratio ``= -1/alpha``
-    (the paper prints +1/alpha); jointly the chosen log-ratio is ``1/beta - 1/alpha``, >= 0 only when
-    alpha >= beta. ``terms`` holds ``spo_margin_term`` and ``spo_rejected_term`` (detached).
-    """
-    _require_positive("beta", beta)
-    _require_positive("alpha", alpha)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    margin_term = spo_f(beta * (chosen - rejected), z_floor=z_floor)
-    rejected_term = spo_f(-alpha * rejected, z_floor=z_floor)
-    return PairLoss(
-        losses=margin_term + rejected_term,
-        chosen_rewards=(beta * chosen).detach(),
-        rejected_rewards=(beta * rejected).detach(),
-        terms={"spo_margin_term": margin_term.detach(), "spo_rejected_term": rejected_term.detach()},
-    )
-
-
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> PairLoss:
-    """DPO with cDPO label smoothing (paper eq. 12): ``-(1-e) log s(beta*delta) - e log s(-beta*delta)``.
-
-    ``label_smoothing = 0`` is plain DPO (no finite optimum); for 0 < e < 0.5 the optimum is at
-    ``beta * delta = ln((1-e)/e)`` (ln 9 at e = 0.1).
-    """
-    _require_positive("beta", beta)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    logits = beta * (chosen - rejected)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits)
-    if label_smoothing > 0:
-        losses = losses - label_smoothing * F.logsigmoid(-logits)
-    return PairLoss(
-        losses=losses,
-        chosen_rewards=(beta * chosen).detach(),
-        rejected_rewards=(beta * rejected).detach(),
-    )
-
-
-def ipo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    tau: float,
-) -> PairLoss:
-    """IPO (Azar et al.): ``(delta - 1/(2 tau))**2`` on *summed* log-probs; optimum at delta = 1/(2 tau).
-
-    TRL's ``ipo`` averages log-probs per token, which moves the optimum with response length; this one
-    does not. Rewards are ``2 * tau * log-ratio``, so the reward margin is 1 at the optimum and equals
-    SPO's ``beta * log-ratio`` when ``tau = ipo_tau_matching_spo(beta)``. The gradient
-    ``2 * (delta - 1/(2 tau))`` is unbounded by design: finite in fp32, beyond fp16's range for |delta| > 32k.
-    """
-    _require_positive("tau", tau)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    losses = (chosen - rejected - 1.0 / (2.0 * tau)) ** 2
-    return PairLoss(
-        losses=losses,
-        chosen_rewards=(2.0 * tau * chosen).detach(),
-        rejected_rewards=(2.0 * tau * rejected).detach(),
-    )
-
-
-def ipo_tau_matching_spo(beta: float) -> float:
-    """The tau whose IPO optimum delta = 1/(2 tau) coincides with SPO's margin optimum delta = 1/beta."""
-    _require_positive("beta", beta)
-    return beta / 2.0
 
 
 def kto_loss(

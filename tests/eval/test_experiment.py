@@ -224,3 +224,136 @@ def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_pat
     os.utime(marker, (later, later))
     with pytest.raises(ExperimentError, match="predates the SFT run"):
         run_experiment(load_experiment(TINY, [*experiment.overrides, "jobs=1"]))
+
+
+def test_the_spec_and_the_report_never_import_the_runner() -> None:
+    """experiment_spec (file, loading, plan) and experiment_report (tables) sit below experiment (running):
+    no import loop, and the plan needs no torch."""
+    import ast
+
+    for name in ("experiment_spec", "experiment_report"):
+        tree = ast.parse((ROOT / "src" / "spo_align" / "eval" / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "spo_align.eval.experiment" not in imported, name
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+SWEEP = GOOD.replace(
+    f"  - {{name: spo, recipe: {ROOT}/recipes/tiny/spo.yaml}}",
+    f"  - {{name: spo, recipe: {ROOT}/recipes/tiny/spo.yaml, set: [loss.beta=0.9], sweep: {{loss.beta: [0.05, 1.0e-5, 2]}}}}\n"
+    f"  - {{name: dpo, recipe: {ROOT}/recipes/tiny/dpo.yaml}}",
+)
+
+
+def test_a_sweep_gives_one_named_run_per_value_its_override_last(tmp_path: Path) -> None:
+    experiment = load_experiment(_write(tmp_path, SWEEP))
+    assert experiment.stage_names == ["sft", "spo_beta0.05", "spo_beta1e-05", "spo_beta2", "dpo"]
+    steps = plan_stages(experiment)
+    assert [s.name for s in steps if s.seed == 1] == experiment.stage_names
+    point = next(s for s in steps if s.name == "spo_beta1e-05" and s.seed == 0)
+    assert point.output_dir == experiment.output_dir / "seed0" / "spo_beta1e-05"
+    assert point.overrides.index("loss.beta=1.0e-05") > point.overrides.index("loss.beta=0.9")  # the sweep wins
+    from spo_align.recipe.load import load_recipe
+
+    assert load_recipe(point.recipe_path, point.overrides).loss.beta == 1e-5  # read back as a number
+    assert load_recipe(next(s for s in steps if s.name == "spo_beta2").recipe_path,
+                       next(s for s in steps if s.name == "spo_beta2").overrides).loss.beta == 2.0
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ("{loss.beta: []}", "sweep 'loss.beta' lists no values"),
+        ("{loss.beta: [0.1, 0.1]}", "sweep 'loss.beta' repeats a value"),
+        ("{loss..beta: [0.1]}", "must be a recipe key path"),
+        ("{loss.beta: [a b]}", "a sweep value makes the run name 'spo_betaa b'"),
+        ("{loss.beta: [[1, 2]]}", "Input should be"),
+    ],
+)
+def test_bad_sweeps_are_refused_at_their_line(tmp_path: Path, sweep: str, message: str) -> None:
+    text = GOOD.replace("tiny/spo.yaml}", f"tiny/spo.yaml, sweep: {sweep}}}")
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, text))
+    assert message in _messages(exc) and f"{tmp_path / 'exp.yaml'}:5:" in _messages(exc)
+
+
+def test_sft_takes_no_sweep_and_point_names_must_not_collide(tmp_path: Path) -> None:
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, GOOD.replace("tiny/sft.yaml}", "tiny/sft.yaml, sweep: {training.max_steps: [1, 2]}}")))
+    assert "the sft stage takes no sweep" in _messages(exc)
+    clash = GOOD.replace(
+        f"  - {{name: spo, recipe: {ROOT}/recipes/tiny/spo.yaml}}",
+        f"  - {{name: spo_beta0.1, recipe: {ROOT}/recipes/tiny/spo.yaml}}\n"
+        f"  - {{name: spo, recipe: {ROOT}/recipes/tiny/spo.yaml, sweep: {{loss.beta: [0.1]}}}}",
+    )
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, clash))
+    assert "stage names must be distinct; repeated: spo_beta0.1" in _messages(exc)
+
+
+def test_a_recipe_error_of_a_swept_key_is_reported_once(tmp_path: Path) -> None:
+    experiment = load_experiment(_write(tmp_path, GOOD.replace("tiny/spo.yaml}", "tiny/spo.yaml, sweep: {loss.beta: [-1, -2]}}")))
+    with pytest.raises(RecipeErrors) as exc:
+        plan_stages(experiment)
+    errors = [e for e in exc.value.errors if e.key_path == "loss.beta"]
+    assert len(errors) == 2  # one per bad value, not once more per seed
+    assert all("[from --set loss.beta=" in e.message for e in errors)
+
+
+def test_tiny_extended_sweeps_every_loss_over_three_points() -> None:
+    from spo_align.loss_catalogue import CATALOGUE
+    from spo_align.recipe.load import load_recipe
+
+    experiment = load_experiment(ROOT / "experiments" / "tiny-extended.yaml")
+    steps = plan_stages(experiment)
+    assert len(experiment.spec.seeds) == 2 and len(steps) == 2 * (1 + 3 * len(experiment.spec.preference))
+    assert all(len(stage.points()) == 3 for stage in experiment.spec.preference)
+    losses = {}
+    for step in steps:
+        loss = load_recipe(step.recipe_path, step.overrides).loss
+        if loss is not None:
+            losses.setdefault(step.name.split("_")[0], set()).add(loss.type)
+    assert {t for types in losses.values() for t in types} == set(CATALOGUE)  # every loss of the catalogue
+    assert any(step.name.startswith("dpo-nll") for step in steps)
+    # The paper experiments keep their grid: the new losses are there only as comments.
+    for name in ("paper-qwen2.5-7b.yaml", "paper-llama-3.1-8b.yaml"):
+        assert [s.name for s in load_experiment(ROOT / "experiments" / name).spec.preference] == ["dpo", "kto", "ipo", "spo"]
+
+
+def test_sweep_table_lists_every_point_and_the_best_per_stage(tmp_path: Path) -> None:
+    from spo_align.eval.experiment_report import sweep_markdown, sweep_scores
+    from spo_align.eval.table import Cell, WinRateTable
+
+    experiment = load_experiment(_write(tmp_path, SWEEP))
+    rows = [AccuracyRow(name, seed, "all", correct, 10) for seed in (0, 1)
+            for name, correct in (("sft", 5), ("spo_beta0.05", 9), ("spo_beta1e-05", 7), ("spo_beta2", 9), ("dpo", 6))]
+    scores, criterion = sweep_scores(experiment, rows, None)
+    assert scores == {"spo_beta0.05": 90.0, "spo_beta1e-05": 70.0, "spo_beta2": 90.0, "dpo": 60.0}
+    text = sweep_markdown(experiment, scores, criterion)
+    assert "held-out accuracy on all prompts (%), mean over 2 seed(s)" in text
+    assert "| **spo** | loss.beta | beta 0.05: 90.0 · beta 1e-05: 70.0 · beta 2: 90.0 | spo_beta0.05, spo_beta2 | 90.0 |" in text
+    assert "| **dpo** | (no sweep) | dpo: 60.0 | dpo | 60.0 |" in text
+    # Without reference answers the best is picked by the win rate against the SFT model.
+    cells = {(n, "sft"): Cell(n, "sft", w, 0, 1, 10, 0, 0, 0) for n, w in (("spo_beta0.05", 0.6), ("spo_beta1e-05", 0.7), ("spo_beta2", 0.5), ("dpo", 0.55))}
+    table = WinRateTable(tuple(experiment.stage_names), cells, "judge", "v1", 0.95, 10, 0, 0)
+    scores, criterion = sweep_scores(experiment, [], table)
+    assert scores["spo_beta1e-05"] == pytest.approx(70.0) and criterion.startswith("win rate (%) against sft")
+
+
+def test_log_ratio_table_says_a_reference_free_loss_has_none() -> None:
+    rows = [LogRatioRow("simpo_beta2.5", 0, None, None, None), LogRatioRow("spo", 0, 0.4, -1.4, 0.1)]
+    text = log_ratio_markdown(rows, [0])
+    assert "| **simpo_beta2.5** | n/a | n/a | n/a (reference-free loss) |" in text
+    assert "| **spo** | +0.40 | -1.40 | 0.10 |" in text and "SimPO trains with no reference model" in text
+
+
+@pytest.mark.parametrize("name", ["paper-qwen2.5-7b.yaml", "paper-llama-3.1-8b.yaml"])
+def test_the_paper_experiments_commented_baselines_validate_when_uncommented(tmp_path: Path, name: str) -> None:
+    text = (ROOT / "experiments" / name).read_text(encoding="utf-8")
+    lines = [line.replace("  # - {name:", "  - {name:") for line in text.splitlines()]
+    uncommented = "\n".join(lines).replace("../", f"{ROOT}/") + "\n"
+    steps = plan_stages(load_experiment(_write(tmp_path, uncommented)))
+    assert [s.name for s in steps] == ["sft", "dpo", "kto", "ipo", "spo", "dpop", "simpo", "dpo_nll"]

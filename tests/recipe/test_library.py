@@ -9,10 +9,11 @@ from recipe_paths import RECIPE_ROOTS, REPO, repo_recipes
 
 from spo_align.recipe.load import find_recipe_files, load_recipe
 from spo_align.recipe.resolve import resolve
-from spo_align.recipe.schema import DPOLoss, IPOLoss, KTOLoss, SPOLoss
+from spo_align.recipe.schema import DPOLoss, DPOPLoss, IPOLoss, KTOLoss, SimPOLoss, SPOLoss
 
 RECIPES = repo_recipes()
 MODELS = ("qwen2.5-7b-instruct", "llama-3.1-8b-instruct")
+BASELINES = ("dpo", "ipo", "kto", "dpop", "simpo", "dpo_nll")
 
 
 def test_collection_is_recursive_and_matches_the_cli_search() -> None:
@@ -39,7 +40,7 @@ def test_paper_grid_starts_every_preference_run_from_the_same_sft_output(model: 
     assert sft.stage == "sft"
     assert [(s.path, s.split) for s in sft.data.train] == [("HuggingFaceH4/ultrachat_200k", "train_sft")]
     assert [(s.path, s.split) for s in sft.data.eval] == [("HuggingFaceH4/ultrachat_200k", "test_sft")]
-    preference = [REPO / "recipes" / model / f"{name}.yaml" for name in ("dpo", "ipo", "kto")]
+    preference = [REPO / "recipes" / model / f"{name}.yaml" for name in BASELINES]
     preference += sorted((REPO / "spo_recipes" / model).rglob("*.yaml"))
     losses = set()
     for path in preference:
@@ -51,7 +52,7 @@ def test_paper_grid_starts_every_preference_run_from_the_same_sft_output(model: 
         ]
         assert [(s.path, s.split) for s in recipe.data.eval] == [("HuggingFaceH4/ultrafeedback_binarized", "test_prefs")]
         losses.add(type(recipe.loss))
-    assert losses == {SPOLoss, DPOLoss, IPOLoss, KTOLoss}
+    assert losses == {SPOLoss, DPOLoss, IPOLoss, KTOLoss, DPOPLoss, SimPOLoss}
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -63,6 +64,12 @@ def test_baselines_match_the_paper_settings(model: str) -> None:
     assert isinstance(ipo, IPOLoss) and isinstance(spo, SPOLoss)
     assert ipo.match_spo_beta == spo.beta
     assert ipo.resolved_tau == pytest.approx(spo.beta / 2)
+    # The answers to falling chosen likelihoods start from the DPO baseline's beta.
+    dpop = load_recipe(REPO / "recipes" / model / "dpop.yaml").loss
+    dpo_nll = load_recipe(REPO / "recipes" / model / "dpo_nll.yaml").loss
+    assert isinstance(dpop, DPOPLoss) and dpop.beta == dpo.beta and dpop.lambda_ == 50
+    assert isinstance(dpo_nll, DPOLoss) and dpo_nll.model_copy(update={"nll_weight": 0.0}) == dpo and dpo_nll.nll_weight > 0
+    assert isinstance(load_recipe(REPO / "recipes" / model / "simpo.yaml").loss, SimPOLoss)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -70,7 +77,7 @@ def test_spo_full_recipe_is_eight_gpus_zero3_and_differs_from_baselines_only_in_
     spo_path = REPO / "spo_recipes" / model / "spo_full_zero3.yaml"
     plan = resolve(load_recipe(spo_path), spo_path)
     assert (plan.world_size, plan.zero_stage, plan.launcher) == (8, 3, "deepspeed")
-    for name in ("dpo", "ipo", "kto"):
+    for name in BASELINES:
         other = load_recipe(REPO / "recipes" / model / f"{name}.yaml")
         for section in ("model", "data", "training"):
             assert getattr(other, section) == getattr(plan.recipe, section), (name, section)

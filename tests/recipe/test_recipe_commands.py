@@ -52,7 +52,7 @@ def test_validate_github_annotations() -> None:
     assert code == 1
     (line,) = out.splitlines()
     assert line.startswith("::error file=") and ",line=10,col=3," in line
-    assert line.endswith("::loss.type: unknown type 'spoo' (did you mean 'spo'?); expected one of: 'spo', 'dpo', 'ipo', 'kto'")
+    assert line.endswith("::loss.type: unknown type 'spoo' (did you mean 'spo'?); expected one of: 'spo', 'dpo', 'ipo', 'dpop', 'simpo', 'kto'")
 
 
 def test_resolve_shows_derived_values() -> None:
@@ -60,7 +60,7 @@ def test_resolve_shows_derived_values() -> None:
     assert code == 0
     assert "#   ipo_tau: 0.05" in out and "#   global_batch_size: 128" in out and "#   zero_stage: 3" in out
     resolved = yaml.safe_load(out)
-    assert resolved["loss"] == {"type": "ipo", "tau": None, "match_spo_beta": 0.1}
+    assert resolved["loss"] == {"type": "ipo", "tau": None, "match_spo_beta": 0.1, "nll_weight": 0.0}
     assert resolved["training"]["warmup_ratio"] == 0.1  # defaults filled
     code, out, _ = invoke(
         "resolve", str(REPO / "recipes" / "qwen2.5-7b-instruct" / "sft.yaml"), "--format", "json"

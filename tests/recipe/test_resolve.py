@@ -101,7 +101,7 @@ def test_plan_is_frozen_and_serialises(tmp_path: Path) -> None:
         plan.world_size = 2  # type: ignore[misc]
     data = plan.to_dict()
     assert data["derived"]["ipo_tau"] == pytest.approx(0.15)
-    assert data["recipe"]["loss"] == {"type": "ipo", "tau": None, "match_spo_beta": 0.3}
+    assert data["recipe"]["loss"] == {"type": "ipo", "tau": None, "match_spo_beta": 0.3, "nll_weight": 0.0}
     assert "#   ipo_tau: 0.15" in plan.to_yaml()
 
 

@@ -6,9 +6,10 @@ import preference_helpers as h
 import pytest
 import torch
 
-from spo_align.recipe.schema import DPOLoss, IPOLoss, SPOLoss
+from spo_align.loss_catalogue import loss_entry
+from spo_align.recipe.schema import DPOLoss, DPOPLoss, IPOLoss, SimPOLoss, SPOLoss
 from spo_align.train.collate import PairCollator, choose_layout, layout_stats
-from spo_align.train.logps import batch_logps
+from spo_align.train.logps import batch_logps, batch_token_counts
 from spo_align.train.preference import make_pair_loss
 from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
 
@@ -51,6 +52,15 @@ def test_packed_sequence_logps_equal_unpacked(setup, layout):
     assert _rel(got, expected) < REL
 
 
+@pytest.mark.parametrize("layout", ["packed_rows", "packed_batch", "packed_single_row", "padded"])
+def test_token_counts_are_the_answer_lengths_in_every_layout(setup, layout):
+    tok, ds = setup
+    features = [ds[i] for i in range(8)]
+    counts = batch_token_counts(PairCollator(tok.pad_token_id, layout, pack_length=200)(features))
+    expected = [len(f["chosen_ids"]) for f in features] + [len(f["rejected_ids"]) for f in features]
+    assert counts.tolist() == expected
+
+
 def test_rows_hold_several_pairs_and_positions_restart(setup):
     tok, ds = setup
     batch = PairCollator(tok.pad_token_id, "packed_rows", pack_length=200)([ds[i] for i in range(8)])
@@ -64,6 +74,7 @@ def test_rows_hold_several_pairs_and_positions_restart(setup):
 def _trainer(tok, ds, tmp_path, loss, layout, reset_positions=True, **args):
     policy = h.model(tok, seed=0, spread=0.3)
     ref = h.model(tok, seed=1, spread=0.3)
+    reference = ReferenceSpec(kind="model", model=ref) if loss_entry(loss).needs_reference else ReferenceSpec(kind="none")
     collator = PairCollator(tok.pad_token_id, layout, pack_length=200, reset_positions=reset_positions)
     return PreferenceTrainer(
         model=policy,
@@ -72,7 +83,7 @@ def _trainer(tok, ds, tmp_path, loss, layout, reset_positions=True, **args):
         data_collator=collator,
         processing_class=tok,
         pair_loss=make_pair_loss(loss),
-        reference=ReferenceSpec(kind="model", model=ref),
+        reference=reference,
     )
 
 
@@ -90,6 +101,9 @@ LOSSES = {
     "spo": SPOLoss(type="spo", beta=0.2, alpha=1.0),
     "dpo": DPOLoss(type="dpo", beta=0.1, label_smoothing=0.1),
     "ipo": IPOLoss(type="ipo", tau=0.1),
+    "dpop": DPOPLoss.model_validate({"type": "dpop", "beta": 0.1, "lambda": 5.0}),
+    "simpo": SimPOLoss(type="simpo", beta=2.0, gamma=0.5),  # per-token: needs the same token counts in every layout
+    "dpo_nll": DPOLoss(type="dpo", beta=0.1, label_smoothing=0.1, nll_weight=0.5),
 }
 
 

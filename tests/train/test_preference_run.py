@@ -127,3 +127,78 @@ def test_missing_column_names_column_and_recipe_line(tmp_path, monkeypatch):
     plan = resolve(load_recipe(recipe_path), recipe_path, "cpu")
     with pytest.raises(DataSourceError, match=r"dpo.yaml:\d+: data.train\[0\].columns.prompt.*no column 'prompt'"):
         run(plan, resume=False, overwrite=False)
+
+
+SIMPO = """\
+stage: preference
+model:
+  name_or_path: tiny:arith
+  dtype: float32
+data:
+  train:
+    - path: {pairs}
+      format: pairs
+      max_samples: 16
+  eval:
+    - path: {pairs}
+      format: pairs
+      max_samples: 8
+  max_length: 32
+  packing: true
+  pack_length: 64
+loss:
+  type: simpo
+  beta: 2.0
+  gamma: 0.5
+  nll_weight: 0.2
+training:
+  learning_rate: 1.0e-3
+  lr_scheduler: constant
+  warmup_ratio: 0.0
+  max_steps: 2
+  per_device_batch_size: 8
+  logging_steps: 1
+  eval_steps: 2
+  save_steps: 100
+  cpu_threads: 1
+output:
+  dir: {out}
+  report_to: [none]
+"""
+
+
+def test_reference_free_loss_loads_and_runs_no_reference(tmp_path, monkeypatch):
+    """SimPO through the runner: one model loaded (the policy), no reference forward (train or eval), no
+    reference metrics; its NLL term logged as its own metric."""
+    import spo_align.train.model as model_module
+    from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.resolve import resolve
+    from spo_align.train.run import run
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("SPO_ALIGN_CACHE", str(tmp_path / "cache"))
+    loads: list[bool] = []
+    original = model_module.load_model
+
+    def counting_load(plan, *args, **kwargs):
+        loads.append(kwargs.get("for_training", True))
+        return original(plan, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "load_model", counting_load)
+    out = tmp_path / "out"
+    recipe_path = tmp_path / "simpo.yaml"
+    recipe_path.write_text(SIMPO.format(pairs=PAIRS, out=out))
+    run(resolve(load_recipe(recipe_path), recipe_path, "cpu"), resume=False, overwrite=False)
+
+    assert loads == [True]  # the policy only
+    info = json.loads((out / "run.json").read_text())["run_info"]
+    assert info["reference"] == "none" and info["reference_forwards"] == 0
+    assert not (out / "reference_logps").exists()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*metrics)
+    assert {"rewards/chosen", "rewards/margins", "nll_term", "eval_nll_term", "eval_rewards/margins"} <= keys
+    assert not any("both_below_ref" in k for k in keys)
+    step = next(m for m in metrics if "nll_term" in m)
+    # rewards are beta x per-token mean log-probs, the NLL term 0.2 x per-token NLL: the same per-token means
+    assert step["rewards/chosen"] < 0 < step["nll_term"]
+    assert step["nll_term"] == pytest.approx(-0.2 / 2.0 * step["rewards/chosen"], rel=1e-5)

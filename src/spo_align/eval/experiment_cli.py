@@ -24,7 +24,7 @@ def experiment_command(
     from spo_align.recipe.errors import RecipeErrors
 
     try:
-        from spo_align.eval.experiment import load_experiment, plan_stages
+        from spo_align.eval.experiment_spec import load_experiment, plan_stages
 
         experiment = load_experiment(path, set_ or [])
         steps = plan_stages(experiment)
@@ -59,7 +59,7 @@ def _run(experiment: object) -> None:
     except (ExperimentError, PromptGroupError, EvalInputError, JudgeFatalError, OutputFolderError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    for name in ("accuracy.md", "win_rates.md"):
+    for name in ("accuracy.md", "sweep.md", "win_rates.md"):
         table = result.output_dir / name
         if table.is_file():
             typer.echo(table.read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from spo_align.eval.experiment import LoadedExperiment
+    from spo_align.eval.experiment_spec import LoadedExperiment
 
 
 class PromptGroupError(ValueError):
@@ -166,25 +166,27 @@ LAST_LOGS = 5  # the end of a run: mean of the last logged training records, whi
 
 @dataclass(frozen=True)
 class LogRatioRow:
-    """End-of-training log pi/pi_ref of chosen and rejected answers (summed over tokens) for one run."""
+    """End-of-training log pi/pi_ref of chosen and rejected answers (summed over tokens) for one run; None
+    for a reference-free loss (SimPO), which never computes a reference to compare with."""
 
     model: str
     seed: int
-    chosen: float
-    rejected: float
+    chosen: float | None
+    rejected: float | None
     both_below_ref: float | None
 
 
-def reward_scale(loss: Any) -> float:
-    """What the runner's `rewards/*` are the log-ratio multiplied by: beta (SPO, DPO, KTO) or 2 tau (IPO)."""
-    if loss.type == "ipo":
-        return 2.0 * loss.resolved_tau
-    return float(loss.beta)
+def reward_scale(loss: Any) -> float | None:
+    """What the runner's `rewards/*` are the log-ratio multiplied by (the loss's catalogue entry): beta (SPO,
+    DPO, DPOP, KTO), 2 tau (IPO), None for a reference-free loss (SimPO), whose rewards are no log-ratio."""
+    from spo_align.loss_catalogue import reward_scale as scale
+
+    return scale(loss)
 
 
 def log_ratio_rows(experiment: LoadedExperiment) -> list[LogRatioRow]:
     """Per preference run and seed, from its metrics.jsonl; runs that log no `rewards/chosen` are left out."""
-    from spo_align.eval.experiment import plan_stages
+    from spo_align.eval.experiment_spec import plan_stages
     from spo_align.recipe.load import load_recipe
 
     rows: list[LogRatioRow] = []
@@ -199,6 +201,9 @@ def log_ratio_rows(experiment: LoadedExperiment) -> list[LogRatioRow]:
             continue
         scale = reward_scale(loss)
         below = [r["both_below_ref"] for r in last if "both_below_ref" in r]
+        if scale is None:  # its rewards are no log-ratio (SimPO): nothing to undo, nothing to report
+            rows.append(LogRatioRow(step.name, step.seed, None, None, None))
+            continue
         rows.append(
             LogRatioRow(
                 step.name,
@@ -224,15 +229,28 @@ def log_ratio_markdown(rows: Sequence[LogRatioRow], seeds: Sequence[int]) -> str
         "| model | chosen | rejected | both below reference (share of pairs) |",
         "|---|---|---|---|",
     ]
+    reference_free = False
     for model in models:
         mine = [r for r in rows if r.model == model]
+        chosen = [r.chosen for r in mine if r.chosen is not None]
+        rejected = [r.rejected for r in mine if r.rejected is not None]
+        if not chosen or not rejected:
+            reference_free = True
+            lines.append(f"| **{model}** | n/a | n/a | n/a (reference-free loss) |")
+            continue
         below = [r.both_below_ref for r in mine if r.both_below_ref is not None]
         lines.append(
-            f"| **{model}** | {statistics.fmean(r.chosen for r in mine):+.2f} | "
-            f"{statistics.fmean(r.rejected for r in mine):+.2f} | "
+            f"| **{model}** | {statistics.fmean(chosen):+.2f} | "
+            f"{statistics.fmean(rejected):+.2f} | "
             + (f"{statistics.fmean(below):.2f}" if below else "n/a")
             + " |"
         )
+    if reference_free:
+        lines += [
+            "",
+            "n/a (reference-free loss): SimPO trains with no reference model, so its run logs no log-ratio; its "
+            "rewards are beta x per-token mean log-probs, which are not comparable (docs/losses.md).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -242,4 +260,64 @@ def write_log_ratios(experiment: LoadedExperiment) -> list[Path]:
         return []
     path = experiment.output_dir / "log_ratios.md"
     path.write_text(log_ratio_markdown(rows, experiment.spec.seeds), encoding="utf-8")
+    return [path]
+
+
+# ---------------------------------------------------------------- sweeps: every point, and the best per stage
+
+
+def sweep_scores(experiment: LoadedExperiment, rows: Sequence[AccuracyRow], win_rates: Any) -> tuple[dict[str, float], str]:
+    """Each preference run's score for picking the best point of a stage, and what the score is.
+
+    With reference answers: held-out exact-match accuracy on all prompts, mean over seeds. Otherwise the
+    judge's win rate against the SFT model, pooled over seeds (the win-rate matrix's cell)."""
+    names = [point.name for point in experiment.points]
+    if rows:
+        by_name: dict[str, list[float]] = defaultdict(list)
+        for row in rows:
+            if row.group == "all":
+                by_name[row.model].append(100 * row.accuracy)
+        scores = {name: statistics.fmean(by_name[name]) for name in names if by_name.get(name)}
+        return scores, f"held-out accuracy on all prompts (%), mean over {len(experiment.spec.seeds)} seed(s)"
+    sft = experiment.spec.sft.name
+    scores = {}
+    for name in names:
+        cell = win_rates.cell(name, sft) if win_rates is not None else None
+        if cell is not None:
+            scores[name] = 100 * cell.win_rate
+    return scores, f"win rate (%) against {sft}, pooled over {len(experiment.spec.seeds)} seed(s)"
+
+
+def sweep_markdown(experiment: LoadedExperiment, scores: dict[str, float], criterion: str) -> str:
+    """One row per preference stage: every point with its score, and the best point(s) by that score."""
+    lines = [
+        f"Every point of each preference stage and the best by {criterion}. The best is picked on the same "
+        "evaluation it is reported on (there is no separate validation split), so it is an optimistic figure, "
+        "equally so for every stage: each gets the same number of points.",
+        "",
+        "| stage | swept | points | best | best score |",
+        "|---|---|---|---|---|",
+    ]
+    for stage in experiment.spec.preference:
+        points = [p for p in stage.points() if p.name in scores]
+        if not points:
+            continue
+        keys = ", ".join(stage.sweep) if stage.sweep else "(no sweep)"
+        cells = " · ".join(
+            (", ".join(f"{k.split('.')[-1]} {v}" for k, v in p.swept) if p.swept else p.name) + f": {scores[p.name]:.1f}"
+            for p in points
+        )
+        top = max(scores[p.name] for p in points)
+        best = [p.name for p in points if abs(scores[p.name] - top) < 1e-9]
+        lines.append(f"| **{stage.name}** | {keys} | {cells} | {', '.join(best)} | {top:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep(experiment: LoadedExperiment, rows: Sequence[AccuracyRow], win_rates: Any) -> list[Path]:
+    """sweep.md, when any preference stage sweeps a key."""
+    if not any(stage.sweep for stage in experiment.spec.preference):
+        return []
+    scores, criterion = sweep_scores(experiment, rows, win_rates)
+    path = experiment.output_dir / "sweep.md"
+    path.write_text(sweep_markdown(experiment, scores, criterion), encoding="utf-8")
     return [path]

@@ -50,12 +50,17 @@ TERM_TITLES = {
     "spo_margin_term": "SPO margin term f(β·Δ)",
     "spo_rejected_term": "SPO rejected term f(α·(log π_ref − log π))",
     "kl": "KTO reference point z₀ (kl)",
+    "dpop_penalty": "DPOP penalty λ·max(0, −chosen log-ratio)",
+    "nll_term": "NLL term on the chosen answer (per token)",
 }
 # Order of the remaining curves of a single run; any other metric follows by name.
 PREFERRED = ("loss", "learning_rate", "logps/chosen", "logps/rejected", "grad_norm", "mean_token_accuracy", "entropy")
 COLOURS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
            "tab:olive", "tab:cyan")
-KIND_COLOURS = {"spo": "tab:blue", "dpo": "tab:red", "ipo": "tab:green", "kto": "tab:orange", "sft": "tab:gray"}
+KIND_COLOURS = {
+    "spo": "tab:blue", "dpo": "tab:red", "ipo": "tab:green", "kto": "tab:orange", "dpop": "tab:purple",
+    "simpo": "tab:brown", "sft": "tab:gray",
+}
 FORMATS = (".png", ".svg")
 
 

@@ -25,13 +25,6 @@ logger = logging.getLogger(__name__)
 
 SEED_FOLDER = re.compile(r"^seed(\d+)$")
 
-# The terms each loss logs besides its rewards (TRL's KTO logs its reference point z0 as `kl`).
-LOGGED_TERMS: dict[str, tuple[str, ...]] = {
-    "spo": ("spo_margin_term", "spo_rejected_term"),
-    "kto": ("kl",),
-}
-
-
 class PlotError(ValueError):
     """Nothing to draw: a path that is no run or experiment folder, or a run with no usable records."""
 
@@ -50,25 +43,34 @@ def loss_facts(loss: Any) -> LossFacts:
     """Reward scale and logged terms of a recipe's loss section (None: a stage without one, such as SFT)."""
     if loss is None:
         return LossFacts(None)
-    from spo_align.eval.experiment_report import reward_scale
+    from spo_align.loss_catalogue import NLL_TERM, loss_entry, reward_scale
 
-    return LossFacts(reward_scale(loss), LOGGED_TERMS.get(loss.type, ()))
+    terms = tuple(term.name for term in loss_entry(loss).terms)
+    if float(getattr(loss, "nll_weight", 0.0)) > 0:
+        terms += (NLL_TERM.name,)
+    return LossFacts(reward_scale(loss), terms)
 
 
 def loss_label(stage: str | None, loss: Any) -> str:
     """`spo β=0.2 α=1`, `dpo β=0.1 ε=0.1`, `ipo τ=0.1`, `kto β=0.1`; the stage name for a run without a loss."""
     if loss is None:
         return stage or "run"
+    nll = float(getattr(loss, "nll_weight", 0.0))
+    suffix = f" +nll {nll:g}" if nll > 0 else ""
     if loss.type == "spo":
-        return f"spo β={loss.beta:g} α={loss.alpha:g}"
+        return f"spo β={loss.beta:g} α={loss.alpha:g}{suffix}"
     if loss.type == "dpo":
-        return f"dpo β={loss.beta:g} ε={loss.label_smoothing:g}"
+        return f"dpo β={loss.beta:g} ε={loss.label_smoothing:g}{suffix}"
     if loss.type == "ipo":
-        return f"ipo τ={loss.resolved_tau:g}"
+        return f"ipo τ={loss.resolved_tau:g}{suffix}"
+    if loss.type == "dpop":
+        return f"dpop β={loss.beta:g} λ={loss.lambda_:g}{suffix}"
+    if loss.type == "simpo":
+        return f"simpo β={loss.beta:g} γ={loss.gamma:g}{suffix}"
     if loss.type == "kto":
         weights = (loss.desirable_weight, loss.undesirable_weight)
         return f"kto β={loss.beta:g}" + ("" if weights == (1.0, 1.0) else f" λD={weights[0]:g} λU={weights[1]:g}")
-    return str(loss.type)
+    return str(loss.type) + suffix
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from spo_align.loss_catalogue import CATALOGUE, TYPES, loss_entry
 from spo_align.recipe.paths import overlap_findings
-from spo_align.recipe.schema import KTOLoss, Recipe
+from spo_align.recipe.schema import Recipe
 
 KeyPath = tuple[str | int, ...]
 Finding = tuple[KeyPath, str]
@@ -65,7 +66,7 @@ def stage_and_loss(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
     if recipe.stage == "sft" and recipe.loss is not None:
         yield ("loss",), "stage 'sft' takes no loss; remove 'loss' or set 'stage: preference'"
     if recipe.stage == "preference" and recipe.loss is None:
-        yield ("stage",), "stage 'preference' needs a 'loss' section (type: spo, dpo, ipo or kto)"
+        yield ("stage",), f"stage 'preference' needs a 'loss' section (type: {', '.join(TYPES[:-1])} or {TYPES[-1]})"
     if recipe.stage == "sft" and recipe.reference.precompute:
         yield ("reference", "precompute"), "SFT has no reference model; precompute applies to preference stages"
     if recipe.stage == "sft" and recipe.reference.model is not None:
@@ -73,7 +74,8 @@ def stage_and_loss(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
 
 
 def data_formats(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
-    is_kto = isinstance(recipe.loss, KTOLoss)
+    unpaired = recipe.loss is not None and loss_entry(recipe.loss).reads_unpaired_rows
+    unpaired_types = " or ".join(f"'{t}'" for t, entry in CATALOGUE.items() if entry.reads_unpaired_rows)
     for split in ("train", "eval"):
         for index, source in enumerate(getattr(recipe.data, split)):
             where = ("data", split, index, "format")
@@ -81,16 +83,28 @@ def data_formats(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
                 yield where, f"SFT reads conversations; format '{source.format}' holds preference rows (use 'messages')"
             if recipe.stage == "preference" and source.format == "messages":
                 yield where, "a preference stage needs prompt/chosen/rejected rows, not 'messages' conversations"
-            if source.format == "kto" and not is_kto:
-                yield where, "unpaired 'kto' rows (prompt/completion/label) can only train loss type 'kto'"
+            if source.format == "kto" and not unpaired:
+                yield where, f"unpaired 'kto' rows (prompt/completion/label) can only train loss type {unpaired_types}"
 
 
-def kto_batch(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
-    if isinstance(recipe.loss, KTOLoss) and recipe.training.per_device_batch_size < 2:
-        yield ("training", "per_device_batch_size"), (
-            "KTO needs per_device_batch_size >= 2: its KL reference point pairs each completion with "
-            "another example's prompt from the same micro-batch"
+def loss_specific(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    """The checks the loss's catalogue entry brings (KTO's batch size and packing, for example)."""
+    if recipe.loss is not None:
+        yield from loss_entry(recipe.loss).checks(recipe)
+
+
+def reference_use(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
+    """A reference-free loss (SimPO) loads, precomputes and runs no reference: its reference keys would do nothing."""
+    if recipe.loss is None or loss_entry(recipe.loss).needs_reference:
+        return
+    loss_type = recipe.loss.type
+    if recipe.reference.precompute:
+        yield ("reference", "precompute"), (
+            f"loss '{loss_type}' uses no reference model, so there are no reference log-probs to precompute; "
+            "remove 'reference.precompute'"
         )
+    if recipe.reference.model is not None:
+        yield ("reference", "model"), f"loss '{loss_type}' uses no reference model; remove 'reference.model'"
 
 
 def packing(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
@@ -101,11 +115,6 @@ def packing(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
         yield ("data", "pack_length"), (
             f"pack_length {data.pack_length} is below max_length {data.max_length}: a full-length "
             "sequence would not fit a packed row"
-        )
-    if data.packing and isinstance(recipe.loss, KTOLoss):
-        yield ("data", "packing"), (
-            "packing is not supported with loss 'kto': its KL term mixes completions and prompts across "
-            "the batch, which packed rows do not keep; set 'packing: false'"
         )
 
 
@@ -237,7 +246,8 @@ def output(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
 CHECKS: tuple[Check, ...] = (
     stage_and_loss,
     data_formats,
-    kto_batch,
+    loss_specific,
+    reference_use,
     packing,
     evaluation,
     precision,

@@ -191,7 +191,7 @@ def _message(err: dict[str, Any], path: KeyPath, data: Any) -> tuple[KeyPath, st
     given = err.get("input")
     if kind == "extra_forbidden":
         parent = model_at(path[:-1], data)
-        valid = sorted(parent.model_fields) if parent else []
+        valid = sorted(f.alias or n for n, f in parent.model_fields.items()) if parent else []  # keys as written
         hint = did_you_mean(str(path[-1]), valid)
         where = f"in '{dotted(path[:-1])}'" if path[:-1] else "at the top level"
         return path, f"unknown key '{path[-1]}' {where}{hint}; valid keys: {', '.join(valid)}"

@@ -6,42 +6,22 @@ pack length, launcher, ZeRO stage) is computed here and only here.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from spo_align.loss_catalogue import loss_optimum, optimum_note  # loss facts live in the catalogue
 from spo_align.recipe.checks import DeepSpeedConfigError, read_deepspeed_config, zero_stage_of
 from spo_align.recipe.errors import RecipeError, RecipeErrors
 from spo_align.recipe.paths import is_local_model_path, model_location
-from spo_align.recipe.schema import DPOLoss, IPOLoss, Loss, Recipe, SPOLoss
+from spo_align.recipe.schema import IPOLoss, Recipe
 
 Device = Literal["cpu", "cuda"]
 LauncherKind = Literal["inprocess", "torchrun", "accelerate", "deepspeed"]
 CPU_PACK_LENGTH_CAP = 1024
 __all__ = ["RunPlan", "is_local_model_path", "model_location", "resolve"]  # path helpers live in recipe/paths.py
-
-
-def loss_optimum(loss: Loss | None) -> dict[str, float | None] | None:
-    """Where the loss's minimum lies, in summed log-ratios (see docs/losses.md); None for KTO and SFT.
-
-    spo: beta*margin = 1 and log pi/pi_ref(rejected) = -1/alpha, so chosen = 1/beta - 1/alpha.
-    dpo: beta*margin = ln((1-eps)/eps) (no finite optimum at eps = 0: margin None). ipo: margin = 1/(2 tau).
-    """
-    if isinstance(loss, SPOLoss):
-        return {
-            "margin": 1.0 / loss.beta,
-            "rejected_log_ratio": -1.0 / loss.alpha,
-            "chosen_log_ratio": 1.0 / loss.beta - 1.0 / loss.alpha,
-        }
-    if isinstance(loss, DPOLoss):
-        eps = loss.label_smoothing
-        return {"margin": math.log((1.0 - eps) / eps) / loss.beta if eps > 0 else None}
-    if isinstance(loss, IPOLoss):
-        return {"margin": 1.0 / (2.0 * loss.resolved_tau)}
-    return None
 
 
 def default_pack_length(max_length: int, device: Device) -> int:
@@ -146,7 +126,7 @@ _NOTES = {
         if isinstance(p.recipe.loss, IPOLoss) and p.recipe.loss.match_spo_beta is not None
         else ""
     ),
-    "loss_optimum": lambda p: "summed log-ratios (policy - reference) where the loss is minimal" if p.recipe.loss else "",
+    "loss_optimum": lambda p: optimum_note(p.recipe.loss),
     "pack_length": lambda p: (
         "data.pack_length, else max_length on cuda and min(max_length, 1024) on cpu" if p.recipe.data.packing else "packing off"
     ),

@@ -132,9 +132,25 @@ class DataSection(Section):
 
 
 # ---------------------------------------------------------------- losses
+# One section per loss type. What the rest of the project needs to know about a loss (how to build it,
+# its reward scale, its optimum, whether it needs a reference) is its entry in `spo_align.loss_catalogue`.
 
 
-class SPOLoss(Section):
+class PairLossSection(Section):
+    """A pairwise loss, trained by this project's preference trainer. Each one ends with `nll_weight`."""
+
+
+def _nll_weight() -> float:
+    return Field(  # type: ignore[no-any-return]
+        0.0,
+        ge=0,
+        description="Weight w of an NLL term on the chosen answer, added to the pair loss: w * (-log pi(chosen)) "
+        "per token of the chosen answer (the 'DPO + SFT term' / RPO fix for falling chosen likelihoods); logged "
+        "as nll_term. 0 (default) adds nothing. It moves the loss's optimum: docs/losses.md.",
+    )
+
+
+class SPOLoss(PairLossSection):
     type: Literal["spo"]
     beta: float = Field(0.1, gt=0, description="Scale of the margin term: optimum at beta * margin = 1.")
     alpha: float = Field(
@@ -150,9 +166,10 @@ class SPOLoss(Section):
         "gradients stay finite; must be < 1 (f's minimum). -5 caps one pair's gradient weight at ~890x its "
         "weight at the start (losses.DEFAULT_Z_FLOOR, see docs/losses.md); null gives the paper's loss exactly.",
     )
+    nll_weight: float = _nll_weight()
 
 
-class DPOLoss(Section):
+class DPOLoss(PairLossSection):
     type: Literal["dpo"]
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward.")
     label_smoothing: float = Field(
@@ -161,9 +178,10 @@ class DPOLoss(Section):
         lt=0.5,
         description="cDPO epsilon (paper eq. 12); 0 gives plain DPO. Optimum at beta*margin = ln((1-e)/e).",
     )
+    nll_weight: float = _nll_weight()
 
 
-class IPOLoss(Section):
+class IPOLoss(PairLossSection):
     type: Literal["ipo"]
     tau: float | None = Field(None, gt=0, description="IPO regularisation: optimum at margin = 1/(2 tau).")
     match_spo_beta: float | None = Field(
@@ -171,6 +189,7 @@ class IPOLoss(Section):
         gt=0,
         description="Derive tau = beta/2 so IPO's optimum coincides with SPO's beta*margin = 1.",
     )
+    nll_weight: float = _nll_weight()
 
     @model_validator(mode="after")
     def _one_of_tau(self) -> IPOLoss:
@@ -187,6 +206,41 @@ class IPOLoss(Section):
         return self.match_spo_beta / 2.0
 
 
+class DPOPLoss(PairLossSection):
+    """DPO-Positive (Pal et al. 2024). The recipe key is `lambda` (a Python keyword: `lambda_` in code)."""
+
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    type: Literal["dpop"]
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward, as in DPO.")
+    lambda_: float = Field(
+        50.0,
+        alias="lambda",
+        ge=0,
+        description="Weight of the penalty lambda * max(0, log pi_ref(chosen) - log pi(chosen)) subtracted from "
+        "the margin inside the sigmoid: while the chosen answer is below the reference, raising it counts "
+        "(1 + lambda) times as much as lowering the rejected one. 0 gives plain DPO. No finite optimum.",
+    )
+    nll_weight: float = _nll_weight()
+
+
+class SimPOLoss(PairLossSection):
+    """SimPO (Meng et al. 2024): reference-free, on per-token mean log-probs."""
+
+    type: Literal["simpo"]
+    beta: float = Field(
+        2.0, gt=0, description="Scale of the per-token mean log-prob (SimPO's reward = beta * mean log pi)."
+    )
+    gamma: float = Field(
+        1.0,
+        ge=0,
+        description="Target reward margin gamma, in reward units (absolute, as in the paper's equation and TRL's "
+        "simpo_gamma; not the SimPO repository's gamma/beta ratio): the loss is -log s(beta * per-token margin - "
+        "gamma), so the per-token margin it aims past is gamma / beta. No finite optimum.",
+    )
+    nll_weight: float = _nll_weight()
+
+
 class KTOLoss(Section):
     type: Literal["kto"]
     beta: float = Field(0.1, gt=0, description="KTO inverse temperature.")
@@ -194,7 +248,9 @@ class KTOLoss(Section):
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable (rejected) examples.")
 
 
-Loss = Annotated[SPOLoss | DPOLoss | IPOLoss | KTOLoss, Field(discriminator="type")]
+Loss = Annotated[
+    SPOLoss | DPOLoss | IPOLoss | DPOPLoss | SimPOLoss | KTOLoss, Field(discriminator="type")
+]
 
 
 class ReferenceSection(Section):
@@ -203,12 +259,12 @@ class ReferenceSection(Section):
         min_length=1,
         description="Reference model; default: the starting model (with LoRA, the adapter is disabled "
         "instead of loading a second copy). Local paths (./, ../, outputs/) are relative to the working "
-        "directory at run time.",
+        "directory at run time. A reference-free loss (simpo) loads none and refuses this key.",
     )
     precompute: bool = Field(
         False,
         description="Compute every reference log-prob once before training and cache them under the "
-        "output folder; training then holds no reference model.",
+        "output folder; training then holds no reference model. A reference-free loss (simpo) refuses it.",
     )
 
 
@@ -316,7 +372,7 @@ class Recipe(Section):
     stage: Stage
     model: ModelSection
     data: DataSection
-    loss: Loss | None = Field(None, description="Preference loss (spo, dpo, ipo or kto).")
+    loss: Loss | None = Field(None, description="Preference loss (spo, dpo, ipo, dpop, simpo or kto).")
     reference: ReferenceSection = Field(default_factory=ReferenceSection)
     adapter: LoRASection | None = Field(None, description="LoRA/QLoRA; omit for full fine-tuning.")
     training: TrainingSection

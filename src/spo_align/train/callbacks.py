@@ -18,24 +18,18 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from spo_align.loss_catalogue import logged_metrics
 from spo_align.train.checkpoints import rotate, seal, write_durably
 from spo_align.train.outputs import METRICS, read_metrics, record_step
 
 logger = logging.getLogger(__name__)
 
-# What the progress bar shows when a stage logs it, in this order, with a short label.
+# What the progress bar shows when a stage logs it, in this order, with a short label (the loss metrics
+# and their labels come from the loss catalogue).
 PROGRESS_FIELDS: tuple[tuple[str, str], ...] = (
     ("loss", "loss"),
     ("learning_rate", "lr"),
-    ("rewards/chosen", "r_c"),
-    ("rewards/rejected", "r_r"),
-    ("rewards/margins", "margin"),
-    ("rewards/accuracies", "acc"),
-    ("logps/chosen", "logp_c"),
-    ("logps/rejected", "logp_r"),
-    ("spo_margin_term", "spo_m"),
-    ("spo_rejected_term", "spo_r"),
-    ("both_below_ref", "both_below"),
+    *((metric.name, metric.label) for metric in logged_metrics()),
     ("mean_token_accuracy", "tok_acc"),
 )
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spo_align.losses import DEFAULT_CHUNK_SIZE, sequence_logps
+from spo_align.losses import DEFAULT_CHUNK_SIZE, sequence_logps, token_counts
 
 
 class ModelLayoutError(TypeError):
@@ -186,3 +186,15 @@ def batch_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DE
             del causal.forward
         else:
             causal.forward = own  # type: ignore[method-assign]
+
+
+def batch_token_counts(batch: dict[str, Any]) -> torch.Tensor:
+    """Scored (completion) tokens of the batch's 2B sequences, chosen then rejected, int64 [2B].
+
+    Counted from the labels by the same rules as the log-prob sums (`losses.token_counts`), per row when
+    padded, per packed segment otherwise, so ``logps / counts`` is each answer's per-token mean log-prob.
+    """
+    if "attention_mask" in batch:
+        return token_counts(batch["labels"])
+    num_sequences = 2 * int(batch["pair_index"].shape[0])
+    return token_counts(batch["labels"], segment_ids=batch["segment_ids"], num_segments=num_sequences)

@@ -1,4 +1,4 @@
-"""The preference stage (spo, dpo, ipo): data -> pairs -> tokens -> row policy -> layout -> trainer.
+"""The preference stage (every catalogue loss of stage "pair"): data -> pairs -> tokens -> row policy -> layout -> trainer.
 
 `run_preference(plan, ctx)` is what `train/run.py` calls. Reported into ``ctx.run_info``: the row-policy
 counts, the batch layout and its padding share (padded vs packed, over the training data as it will be
@@ -7,20 +7,19 @@ batched), the reference mode, and the real (non-pad) tokens per second of the ru
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
 from spo_align.data.pairs import pair_columns, prepare_pairs
-from spo_align.recipe.schema import DPOLoss, IPOLoss, SPOLoss
+from spo_align.loss_catalogue import build_pair_loss, loss_entry
 from spo_align.train.collate import Layout, LayoutStats, PairCollator, choose_layout, layout_stats
 
 if TYPE_CHECKING:
     import datasets
 
+    from spo_align.pair_losses import PairLossFn
     from spo_align.recipe.resolve import RunPlan
     from spo_align.train.context import RunContext
-    from spo_align.train.preference_trainer import PairLossFn
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +28,12 @@ class PreferenceSetupError(ValueError):
     """The recipe cannot run as a pairwise preference stage."""
 
 
-def make_pair_loss(loss: Any, ipo_tau: float | None = None) -> PairLossFn:
-    """The `spo_align.losses` function for the recipe's loss section, with its hyperparameters bound."""
-    from spo_align import losses
-
-    if isinstance(loss, SPOLoss):
-        return functools.partial(losses.spo_loss, beta=loss.beta, alpha=loss.alpha, z_floor=loss.z_floor)
-    if isinstance(loss, DPOLoss):
-        return functools.partial(losses.dpo_loss, beta=loss.beta, label_smoothing=loss.label_smoothing)
-    if isinstance(loss, IPOLoss):
-        return functools.partial(losses.ipo_loss, tau=ipo_tau if ipo_tau is not None else loss.resolved_tau)
-    raise PreferenceSetupError(f"loss {getattr(loss, 'type', loss)!r} is not a pairwise loss (spo, dpo or ipo)")
+def make_pair_loss(loss: Any) -> PairLossFn:
+    """The recipe's loss section as a function over `PairInputs` (its catalogue entry, NLL term included)."""
+    try:
+        return build_pair_loss(loss)
+    except ValueError as exc:
+        raise PreferenceSetupError(str(exc)) from None
 
 
 def dataset_layout_stats(ds: datasets.Dataset, batch_size: int, pack_length: int, layout: Layout) -> LayoutStats:
@@ -79,7 +73,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     from spo_align.train.reference import CACHE_DIRNAME
 
     recipe = plan.recipe
-    pair_loss = make_pair_loss(recipe.loss, plan.ipo_tau)
+    pair_loss = make_pair_loss(recipe.loss)
     data = recipe.data
     t = recipe.training
 
@@ -130,7 +124,9 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
         model = apply_adapter(model, plan)
     ctx.run_info["dropout_disabled"] = apply_dropout_setting(model, plan)
     separate_reference = plan.reference_model_path is not None and plan.reference_model_path != plan.model_path
-    if recipe.reference.precompute:
+    if not loss_entry(recipe.loss).needs_reference:  # SimPO: no reference model, table or forward
+        reference = ReferenceSpec(kind="none")
+    elif recipe.reference.precompute:
         reference = ReferenceSpec(
             kind="precomputed",
             model=load_model(plan, plan.reference_model_path, for_training=False) if separate_reference else None,

@@ -4,11 +4,14 @@ Not TRL's DPOTrainer: its tokenization and batching fight packing and its loss t
 paper. The Trainer supplies the loop (optimizer, scheduler, DeepSpeed, checkpoints, resume, callbacks);
 this subclass supplies `compute_loss`, evaluation, metric averaging and the reference log-probs.
 
-Reference log-probs come from one of (`ReferenceKind`):
+The loss is any function over `PairInputs` (`spo_align.loss_catalogue.build_pair_loss`): policy sums and
+token counts always, reference sums only when the loss needs them. Reference log-probs come from one of
+(`ReferenceKind`):
 - ``adapter``: the policy itself with its LoRA adapter disabled, under no_grad (no second copy);
 - ``model``: a frozen copy (under ZeRO-3 wrapped as a DeepSpeed inference engine, so it is sharded too);
 - ``precomputed``: a table computed once at train begin (same layout as training), cached under the
-  output folder and read back on resume or by a second run with the same key; no reference in memory.
+  output folder and read back on resume or by a second run with the same key; no reference in memory;
+- ``none``: a reference-free loss (SimPO): no reference model, table or forward at all.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import contextlib
 import copy
 import logging
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +28,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from spo_align.losses import DEFAULT_CHUNK_SIZE, PairLoss
-from spo_align.train.logps import batch_logps
+from spo_align.losses import DEFAULT_CHUNK_SIZE, PairInputs, PairLoss, PairLossFn
+from spo_align.train.logps import batch_logps, batch_token_counts
 from spo_align.train.reference import (
     CacheKey,
     ReferenceCache,
@@ -38,8 +40,7 @@ from spo_align.train.reference import (
 
 logger = logging.getLogger(__name__)
 
-PairLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], PairLoss]
-ReferenceKind = Literal["adapter", "model", "precomputed"]
+ReferenceKind = Literal["adapter", "model", "precomputed", "none"]
 
 
 @dataclass
@@ -83,7 +84,7 @@ def _prepare_deepspeed_reference(model: nn.Module, accelerator: Any) -> nn.Modul
 
 
 class PreferenceTrainer(Trainer):
-    """A `Trainer` for pairwise preference losses (spo, dpo, ipo) over collated pair batches."""
+    """A `Trainer` for pairwise preference losses (the catalogue's stage "pair") over collated pair batches."""
 
     def __init__(
         self,
@@ -110,6 +111,8 @@ class PreferenceTrainer(Trainer):
         self._keys: dict[str, CacheKey] = {}
         if reference.kind == "model" and reference.model is None:
             raise ValueError("reference kind 'model' needs the reference model")
+        if reference.kind == "none" and reference.model is not None:
+            raise ValueError("reference kind 'none' takes no reference model")
         if reference.model is not None:
             if self.is_deepspeed_enabled:
                 reference.model = _prepare_deepspeed_reference(reference.model, self.accelerator)
@@ -236,24 +239,23 @@ class PreferenceTrainer(Trainer):
     ) -> Any:
         split = "train" if model.training else "eval"
         policy = batch_logps(model, inputs, chunk_size=self.chunk_size)
-        reference = self.reference_logps(model, inputs, split).to(policy.dtype)
+        tokens = batch_token_counts(inputs)
         b = policy.shape[0] // 2
-        out = self.pair_loss(policy[:b], policy[b:], reference[:b], reference[b:])
+        ref_chosen = ref_rejected = None
+        if self.reference.kind != "none":  # a reference-free loss runs no reference forward at all
+            reference = self.reference_logps(model, inputs, split).to(policy.dtype)
+            ref_chosen, ref_rejected = reference[:b], reference[b:]
+        pairs = PairInputs(policy[:b], policy[b:], tokens[:b], tokens[b:], ref_chosen, ref_rejected)
+        out = self.pair_loss(pairs)
         loss = out.losses.mean()
         if split == "train":
             self.real_tokens += int(inputs["num_real_tokens"])
-        self._record(split, policy[:b].detach(), policy[b:].detach(), reference[:b], reference[b:], out)
+        self._record(split, pairs, out)
         return (loss, {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards}) if return_outputs else loss
 
-    def _record(
-        self,
-        split: str,
-        pc: torch.Tensor,
-        pr: torch.Tensor,
-        rc: torch.Tensor,
-        rr: torch.Tensor,
-        out: PairLoss,
-    ) -> None:
+    def _record(self, split: str, pairs: PairInputs, out: PairLoss) -> None:
+        """The step's metrics (`loss_catalogue.logged_metrics`); both_below_ref only where a reference exists."""
+        pc, pr = pairs.policy_chosen.detach(), pairs.policy_rejected.detach()
         values = {
             "rewards/chosen": out.chosen_rewards,
             "rewards/rejected": out.rejected_rewards,
@@ -261,8 +263,9 @@ class PreferenceTrainer(Trainer):
             "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
             "logps/chosen": pc,
             "logps/rejected": pr,
-            "both_below_ref": ((pc < rc) & (pr < rr)).float(),
         }
+        if pairs.ref_chosen is not None and pairs.ref_rejected is not None:
+            values["both_below_ref"] = ((pc < pairs.ref_chosen) & (pr < pairs.ref_rejected)).float()
         for name, term in out.terms.items():
             values[name] = term
         names = sorted(values)

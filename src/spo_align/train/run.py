@@ -24,7 +24,7 @@ StageFn = Callable[["RunPlan", RunContext], None]
 
 
 def stage_function(plan: RunPlan) -> StageFn:
-    """The stage a plan runs: sft -> run_sft; preference + kto -> run_kto; preference + spo/dpo/ipo -> run_preference."""
+    """The stage a plan runs: sft -> run_sft; preference -> the loss's catalogue stage (run_kto or run_preference)."""
     recipe = plan.recipe
     if recipe.stage == "sft":
         from spo_align.train.sft import run_sft
@@ -32,7 +32,9 @@ def stage_function(plan: RunPlan) -> StageFn:
         return run_sft
     if recipe.loss is None:
         raise ValueError("stage: preference needs a loss section")
-    if recipe.loss.type == "kto":
+    from spo_align.loss_catalogue import loss_entry
+
+    if loss_entry(recipe.loss).stage == "kto":
         from spo_align.train.kto import run_kto
 
         return run_kto
