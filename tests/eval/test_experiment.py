@@ -357,3 +357,38 @@ def test_the_paper_experiments_commented_baselines_validate_when_uncommented(tmp
     uncommented = "\n".join(lines).replace("../", f"{ROOT}/") + "\n"
     steps = plan_stages(load_experiment(_write(tmp_path, uncommented)))
     assert [s.name for s in steps] == ["sft", "dpo", "kto", "ipo", "spo", "dpop", "simpo", "dpo_nll"]
+
+
+def test_log_ratio_rows_skip_damaged_metric_records(tmp_path: Path) -> None:
+    from spo_align.eval.experiment_report import log_ratio_rows
+
+    text = GOOD.replace("seeds: [0, 1]", "seeds: [0]").replace("output_dir: out", f"output_dir: {tmp_path / 'out'}")
+    experiment = load_experiment(_write(tmp_path, text))
+    spo = next(step for step in plan_stages(experiment) if step.name == "spo")
+    spo.output_dir.mkdir(parents=True)
+    good = {"step": 1, "rewards/chosen": 0.2, "rewards/rejected": -0.4, "both_below_ref": 0.5}
+    lines = [
+        json.dumps(good).encode(), b"\xff not utf-8", json.dumps([1]).encode(),
+        json.dumps({**good, "step": 2, "rewards/chosen": None}).encode(),
+        json.dumps({**good, "step": 3, "rewards/chosen": "nan"}).encode(),
+        json.dumps({**good, "step": 4, "both_below_ref": True}).encode(),
+    ]
+    (spo.output_dir / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    (row,) = log_ratio_rows(experiment)
+    beta = 0.2  # recipes/tiny/spo.yaml: rewards are beta x log-ratio
+    assert (row.chosen, row.rejected, row.both_below_ref) == pytest.approx((0.2 / beta, -0.4 / beta, 0.5))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b'{"id": "a", "carry": true}\n{"id": "b", "ca', r"p\.jsonl:2: not a JSON line"),
+     (b'{"id": "a", "carry": true}\n\xff\n', r"p\.jsonl:2: not a JSON line of UTF-8"),
+     (b'["a"]\n', r"p\.jsonl:1: expected a JSON object with an 'id'")],
+)
+def test_a_damaged_prompt_file_is_a_located_error(tmp_path: Path, content: bytes, message: str) -> None:
+    from spo_align.eval.experiment_report import PromptGroupError
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(PromptGroupError, match=message):
+        read_prompt_groups(path, "carry")

@@ -10,6 +10,7 @@ of the prompt file, such as the tiny task's `carry`), and `accuracy_markdown` av
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -41,10 +42,15 @@ class AccuracyRow:
 def read_prompt_groups(path: Path, field_name: str) -> dict[str, str]:
     """Prompt id -> group label from one field of a JSONL prompt file (`x`/`no-x` for a boolean field x)."""
     groups: dict[str, str] = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PromptGroupError(f"{path}:{number}: not a JSON line of UTF-8 text ({exc})") from None
+        if not isinstance(row, dict) or "id" not in row:
+            raise PromptGroupError(f"{path}:{number}: expected a JSON object with an 'id'")
         if field_name not in row:
             raise PromptGroupError(f"{path}:{number}: no field '{field_name}' (eval.accuracy_by)")
         value = row[field_name]
@@ -184,10 +190,19 @@ def reward_scale(loss: Any) -> float | None:
     return scale(loss)
 
 
+def _numbers(record: dict[str, Any], *keys: str) -> bool:
+    """True when every key holds a finite number (a damaged or NaN value leaves the record out)."""
+    return all(
+        isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) and math.isfinite(record[k])
+        for k in keys
+    )
+
+
 def log_ratio_rows(experiment: LoadedExperiment) -> list[LogRatioRow]:
     """Per preference run and seed, from its metrics.jsonl; runs that log no `rewards/chosen` are left out."""
     from spo_align.eval.experiment_spec import plan_stages
     from spo_align.recipe.load import load_recipe
+    from spo_align.train.outputs import read_metrics
 
     rows: list[LogRatioRow] = []
     for step in plan_stages(experiment):
@@ -195,12 +210,11 @@ def log_ratio_rows(experiment: LoadedExperiment) -> list[LogRatioRow]:
         metrics = step.output_dir / "metrics.jsonl"
         if loss is None or not metrics.is_file():
             continue
-        logged = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-        last = [r for r in logged if "rewards/chosen" in r and "rewards/rejected" in r][-LAST_LOGS:]
+        last = [r for r in read_metrics(metrics) if _numbers(r, "rewards/chosen", "rewards/rejected")][-LAST_LOGS:]
         if not last:
             continue
         scale = reward_scale(loss)
-        below = [r["both_below_ref"] for r in last if "both_below_ref" in r]
+        below = [r["both_below_ref"] for r in last if _numbers(r, "both_below_ref")]
         if scale is None:  # its rewards are no log-ratio (SimPO): nothing to undo, nothing to report
             rows.append(LogRatioRow(step.name, step.seed, None, None, None))
             continue
