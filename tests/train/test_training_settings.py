@@ -235,3 +235,34 @@ def test_only_the_checkpointing_aliases_are_hidden():
         "`some_other_method` is deprecated and will be removed in v6.",
         "`is_gradient_checkpointing` is deprecated (raised elsewhere)",
     ]
+
+
+def test_the_adapter_off_reference_runs_without_dropout_when_the_policy_keeps_it(plan_for, dropout_model: Path):
+    """With `disable_dropout: false` the LoRA policy trains with dropout; its reference (the same model with the
+    adapter off) must still be deterministic, like a frozen reference in eval mode."""
+    import torch
+
+    from spo_align.loss_catalogue import build_pair_loss
+    from spo_align.recipe.schema import SPOLoss
+    from spo_align.train.args import build_training_args
+    from spo_align.train.collate import PairCollator
+    from spo_align.train.model import apply_adapter, load_model, load_tokenizer
+    from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
+    from tests.train.preference_helpers import tokenized_dataset
+
+    plan = plan_for("spo", f"model.name_or_path={dropout_model}", "adapter.r=4", "adapter.dropout=0.3",
+                    "training.disable_dropout=false")
+    tokenizer = load_tokenizer(plan)
+    ds = tokenized_dataset(tokenizer, 8, max_length=32)
+    model = apply_adapter(load_model(plan), plan)
+    trainer = PreferenceTrainer(
+        model=model, args=build_training_args(plan, plan.output_dir, remove_unused_columns=False),
+        train_dataset=ds, data_collator=PairCollator(tokenizer.pad_token_id, "padded", 32),
+        processing_class=tokenizer, pair_loss=build_pair_loss(SPOLoss(type="spo")), reference=ReferenceSpec(kind="adapter"),
+    )
+    batch = trainer.data_collator([ds[i] for i in range(4)])
+    model.train()
+    torch.manual_seed(0)
+    first = trainer.reference_logps(model, batch, "train")
+    second = trainer.reference_logps(model, batch, "train")
+    assert torch.equal(first, second) and model.training

@@ -210,9 +210,9 @@ class PreferenceTrainer(Trainer):
         self.reference_forwards += 1
         with torch.no_grad():
             if kind == "adapter":
-                from spo_align.train.reference import adapter_disabled
+                from spo_align.train.reference import adapter_disabled, evaluation_mode
 
-                with adapter_disabled(model):
+                with adapter_disabled(model), evaluation_mode(model):
                     return batch_logps(model, inputs, chunk_size=self.chunk_size)
             assert self.reference.model is not None
             return batch_logps(self.reference.model, inputs, chunk_size=self.chunk_size)

@@ -197,6 +197,19 @@ class ReferenceCache:
 
 
 @contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the duration, its training mode restored after: the reference
+    of a LoRA run is the training policy itself with its adapter off, and must compute what a frozen
+    reference would even when the recipe keeps dropout (`training.disable_dropout: false`)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def adapter_disabled(model: nn.Module) -> Iterator[None]:
     """Disable the peft adapter found under DeepSpeed/DDP wrappers (the reference of a LoRA run)."""
     inner: Any = model
