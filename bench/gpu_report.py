@@ -297,8 +297,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{_f(report['prepare_s'])} s).",
         f"- Model: {shape['architecture']}, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
         f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} KV heads, intermediate "
-        f"{shape['intermediate_size']}, vocab {shape['vocab_size']:,}, random weights, {w['dtype']}, full fine-tuning "
-        "unless LoRA is named.",
+        f"{shape['intermediate_size']}, vocab {shape['vocab_size']:,}, random weights, {w['dtype']}"
+        + (" (full fine-tuning: float32 master weights under bfloat16 autocast, in both trainers; LoRA: a bfloat16 "
+           "base)" if w["dtype"] == "bfloat16" else ", full fine-tuning unless LoRA is named") + ".",
         f"- Work: {w['n_pairs']} synthetic pairs (real tokens of the epoch: {_f(report['pair_tokens'])}), one epoch, "
         f"{w['pairs_per_device']} pairs per micro-batch x {w['grad_accum']} = {w['pairs_per_device'] * w['grad_accum']} "
         f"per optimizer step, max_length {w['lengths']['max_length']}; spo loss {w['loss']}, TRL sigmoid, beta "

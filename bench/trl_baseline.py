@@ -39,9 +39,10 @@ def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path, *,
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, work.dtype), attn_implementation=work.attention
-    )
+    # Like with like: spo-align trains a bfloat16 full fine-tune without DeepSpeed as float32 master weights
+    # under bfloat16 autocast (train/model.fp32_master_weights), so TRL gets the same: float32 weights, bf16=True.
+    weights = torch.float32 if work.dtype == "bfloat16" else getattr(torch, work.dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights, attn_implementation=work.attention)
     dataset = datasets.load_dataset("json", data_files=str(pairs_path), split="train")
     args = DPOConfig(
         output_dir=str(out_dir),
