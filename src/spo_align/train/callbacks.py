@@ -74,17 +74,23 @@ class MetricsJsonlCallback(TrainerCallback):
             handle.flush()
 
 
-def _keep_records_up_to(path: Path, step: int) -> None:
+def _keep_records_up_to(path: Path, step: int, *, keep_summary: bool = False) -> None:
     if step > 0 and path.exists():
-        kept = [r for r in read_metrics(path) if (at := record_step(r)) is not None and at <= step]
+        # A session that will train on drops the closing summary (train_runtime, ...) of one stopped on request:
+        # its own summary closes the run.
+        kept = [
+            r for r in read_metrics(path)
+            if (at := record_step(r)) is not None and at <= step and (keep_summary or "train_runtime" not in r)
+        ]
         write_durably(path, "".join(json.dumps(r) + "\n" for r in kept))
     elif step == 0 and path.exists():
         path.unlink()
 
 
 def keep_metrics_up_to(output_dir: Path, step: int) -> None:
-    """Drop metrics.jsonl records past `step` (and a torn last line): a run continued from checkpoint `step`."""
-    _keep_records_up_to(Path(output_dir) / METRICS, step)
+    """Drop metrics.jsonl records past `step` (and a torn last line): a run continued from checkpoint `step` at
+    its last step, which trains no more (its closing summary, if written, stays)."""
+    _keep_records_up_to(Path(output_dir) / METRICS, step, keep_summary=True)
 
 
 def _barrier() -> None:

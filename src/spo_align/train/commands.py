@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 bad input (recipe errors printed exactly like `spo validate`, or one `error:` line
 for data, model, output-folder, reference-cache and launch problems) or a failed write (a full disk, an
-unwritable folder: one `error:` line); 130 when interrupted (Ctrl-C: one line, the run left to continue);
+unwritable folder: one `error:` line); 130 when interrupted (Ctrl-C: one line, the run left to continue); 143
+when stopped by SIGTERM after saving a checkpoint (one line; the same command continues);
 a failed launcher's own exit code otherwise.
 """
 
@@ -48,6 +49,7 @@ def train(
     from spo_align.recipe.load import load_recipe
     from spo_align.recipe.resolve import resolve
     from spo_align.train.launch import LaunchError, dry_run_report, launch
+    from spo_align.train.preemption import EXIT_CODE, RunStopped
 
     if not recipe.is_file():
         typer.echo(f"error: no such recipe file: {recipe}", err=True)
@@ -75,6 +77,9 @@ def train(
     except LaunchError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=exc.returncode) from None
+    except RunStopped as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        raise typer.Exit(code=EXIT_CODE) from None
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted: the run in {plan.output_dir} is not finished; run the same command again to continue "

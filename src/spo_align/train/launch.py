@@ -161,13 +161,53 @@ def launch(
     spec = launch_command(plan, recipe_path, overrides, resume_from)
     assert spec.command is not None
     logger.info("launching: %s", spec.describe())
-    try:
-        completed = subprocess.run(spec.command, check=False)
-    except FileNotFoundError as exc:
-        raise LaunchError(f"launcher {spec.command[0]!r} not found on PATH: {exc}") from exc
-    if completed.returncode != 0:
-        raise LaunchError(f"{spec.launcher} exited with code {completed.returncode}", completed.returncode)
+    returncode, told_to_stop = _run_forwarding_sigterm(spec.command)
+    if returncode != 0 and not told_to_stop:
+        raise LaunchError(f"{spec.launcher} exited with code {returncode}", returncode)
+    _check_finished(Path(plan.output_dir))
     return Path(plan.output_dir)
+
+
+def _run_forwarding_sigterm(command: list[str]) -> tuple[int, bool]:
+    """Run the launcher; a SIGTERM this process receives is passed on to it (its ranks then save a checkpoint
+    and stop, `train/preemption.py`) instead of ending this process and, in a container, everything with it.
+    Returns the launcher's exit code and whether it was told to stop (it may then exit non-zero: torchrun
+    does once it has stopped its ranks)."""
+    import signal
+    import threading
+
+    try:
+        proc = subprocess.Popen(command)
+    except FileNotFoundError as exc:
+        raise LaunchError(f"launcher {command[0]!r} not found on PATH: {exc}") from exc
+    told: list[bool] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        told.append(True)
+        proc.send_signal(signal.SIGTERM)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return proc.wait(), bool(told)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _check_finished(output_dir: Path) -> None:
+    """A launch whose ranks all ended well but left the run unfinished was stopped on request (SIGTERM)."""
+    from spo_align.train.checkpoints import checkpoint_step, last_checkpoint
+    from spo_align.train.outputs import finished_at
+    from spo_align.train.preemption import RunStopped
+
+    if finished_at(output_dir) is not None:
+        return
+    checkpoint = last_checkpoint(output_dir)
+    if checkpoint is None:
+        raise LaunchError(f"the launch ended without finishing the run in {output_dir} and without a checkpoint")
+    raise RunStopped(checkpoint_step(checkpoint)[0], str(checkpoint))
 
 
 # ---------------------------------------------------------------- worker entry point (one per rank)
@@ -195,8 +235,13 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     plan = resolve(load_recipe(args.recipe, args.overrides), args.recipe, "cuda" if torch.cuda.is_available() else "cpu")
+    from spo_align.train.preemption import RunStopped
+
     try:
         execute(plan, args.resume_from)
+    except RunStopped as exc:
+        # Not a failure: every rank saved the checkpoint and stops; the parent finds the run unfinished.
+        logger.warning("%s", exc)
     except Exception as exc:
         from spo_align.train.disk import write_failure
 

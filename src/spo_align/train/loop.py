@@ -3,6 +3,9 @@
 Stages (`sft`, `kto`, `preference`) import this module; it imports none of them, so the runner
 (`run.py`) and the stages import each other through nothing.
 
+A SIGTERM stops training after a checkpoint at the end of the current step (`train/preemption.py`); the
+run is then not finished and `RunStopped` says where to continue from.
+
 A run continued from a checkpoint taken at its last step (killed during the final save) does not train:
 the Trainer would take one more step before it checks the step count. `train` then loads the checkpoint
 through the Trainer (weights, optimizer and, under DeepSpeed, the engine's shards) and stops before the
@@ -56,7 +59,7 @@ def train(trainer: Any, ctx: RunContext, *, restore_tokens: bool = False) -> Any
         restore_token_count(trainer, ctx.resume_from_checkpoint)
     checkpoint = ctx.resume_from_checkpoint
     if not reached_the_end(checkpoint):
-        return trainer.train(resume_from_checkpoint=checkpoint)
+        return _train_until_done_or_stopped(trainer, ctx, checkpoint)
     from spo_align.train.checkpoints import checkpoint_step
 
     step, _ = checkpoint_step(checkpoint)  # type: ignore[arg-type]
@@ -74,6 +77,22 @@ def train(trainer: Any, ctx: RunContext, *, restore_tokens: bool = False) -> Any
             cb for cb in trainer.callback_handler.callbacks if not isinstance(cb, _StopBeforeTheFirstStep)
         ]
     return None
+
+
+def _train_until_done_or_stopped(trainer: Any, ctx: RunContext, checkpoint: str | None) -> Any:
+    """`trainer.train`, raising `RunStopped` when a SIGTERM stopped it early (its checkpoint saved)."""
+    from spo_align.train.preemption import RunStopped, SaveOnSigterm, stopped_early
+
+    stop = SaveOnSigterm()
+    trainer.add_callback(stop)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        trainer.remove_callback(stop)
+    if stopped_early(stop, trainer.state):
+        step = trainer.state.global_step
+        raise RunStopped(step, str(ctx.output_dir / f"checkpoint-{step}"))
+    return result
 
 
 def train_and_save(trainer: Any, ctx: RunContext, *, restore_tokens: bool = True) -> Any | None:
