@@ -136,24 +136,16 @@ def test_a_failed_runs_folder_is_started_over_keeping_the_users_files(small_mode
 
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_the_same_command_continues(small_model: Path, tmp_path: Path):
-    import signal
-    import time
-
-    from spo_align.train.checkpoints import last_checkpoint
-
     out = tmp_path / "out"
-    args = _args(small_model, out, "--set", f"training.max_steps={4 * STEPS}")
-    proc = subprocess.Popen([sys.executable, "-m", "spo_align.cli", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while last_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith(f"interrupted: the run in {out} is not finished")
+    args = _args(small_model, out)
+    # Ctrl-C during step 6, after checkpoint-4 (chosen inside the process, so a fast machine cannot finish first)
+    env = {**os.environ, "SIGNAL_AT": "6", "SIGNAL": "INT", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "signal_at_step.py"), *args], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"interrupted: the run in {out} is not finished")
     assert not (out / "COMPLETE").exists()
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert json.loads((out / "run.json").read_text())["resumed_from"] is not None
+    assert json.loads((out / "run.json").read_text())["resumed_from"].endswith("checkpoint-4")

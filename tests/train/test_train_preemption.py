@@ -31,10 +31,10 @@ def _args(model: Path, out: Path) -> list[str]:
     ]
 
 
-def _signalled(args: list[str], at: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SIGTERM_AT": at, "OMP_NUM_THREADS": "1"}
+def _signalled(args: list[str], at: str, signal_name: str = "TERM") -> subprocess.CompletedProcess:
+    env = {**os.environ, "SIGNAL_AT": at, "SIGNAL": signal_name, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, str(HERE / "sigterm_at_step.py"), *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(HERE / "signal_at_step.py"), *args], env=env, capture_output=True, text=True, timeout=600
     )
 
 
