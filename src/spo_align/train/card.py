@@ -56,6 +56,33 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
+def _reported(run_info: dict[str, Any]) -> dict[str, Any]:
+    """run_info for the card: row-policy counts without the zeros (rows in and kept always shown), and without
+    the per-source breakdown when a split has one source (it equals the total)."""
+
+    def counts(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if v or k in ("rows_in", "rows_kept") or not isinstance(v, int)}
+
+    policy = run_info.get("row_policy")
+    if not isinstance(policy, dict):
+        return run_info
+    shown: dict[str, Any] = {}
+    for split, report in policy.items():
+        if not isinstance(report, dict) or not report:
+            continue
+        report = dict(report)
+        if isinstance(report.get("total"), dict):
+            report["total"] = counts(report["total"])
+        sources = report.get("by_source")
+        if isinstance(sources, dict):
+            if len(sources) <= 1:
+                report.pop("by_source")
+            else:
+                report["by_source"] = {name: counts(c) if isinstance(c, dict) else c for name, c in sources.items()}
+        shown[split] = report
+    return {**run_info, "row_policy": shown}
+
+
 def _front_matter_of(path: Path) -> dict[str, Any]:
     try:
         from huggingface_hub.repocard import metadata_load
@@ -218,9 +245,10 @@ def render(
         limit = f", max_samples {source['max_samples']}" if source.get("max_samples") is not None else ""
         rows.append((f"{split}.{index}", f"{source['path']} ({source['format']}, split {source['split']}{limit})"))
     lines += _table(rows, ("source", "dataset"))
-    facts = flatten(info.get("run_info") or {})
+    facts = flatten(_reported(info.get("run_info") or {}))
     if facts:
-        lines += ["", "What the run reported (row-policy counts, sizes, layout; from `run.json`):", ""]
+        lines += ["", "What the run reported (row-policy counts, sizes, layout; from `run.json`; row-policy counts "
+                      "that are 0 are left out):", ""]
         lines += _table(facts, ("fact", "value"))
     last, closing = _final_metrics(records)
     lines += ["", "## Final metrics", ""]
