@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spo_align.train.outputs import metric_lines
+
 # Bookkeeping fields, never drawn.
 NOT_CURVES = frozenset(
     {"step", "epoch", "elapsed_s", "total_flos", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
@@ -95,31 +97,12 @@ def _step(record: dict[str, Any]) -> int | str:
     return int(step)
 
 
-def _record(raw: bytes) -> dict[str, Any] | str:
-    import json
-
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "not UTF-8"
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        return "not JSON: a torn line?"
-    if not isinstance(record, dict):
-        return f"a JSON {type(record).__name__}, not an object"
-    return record
-
-
 def read_metrics_file(path: Path) -> RunMetrics:
     """Every usable point of a metrics.jsonl file, and what was skipped. Raises OSError if it cannot be read."""
     path = Path(path)
     points: dict[str, list[tuple[int, float]]] = {}
     skipped: list[Skipped] = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        record = _record(raw)
+    for number, record in metric_lines(path):
         if isinstance(record, str):
             skipped.append(Skipped(number, record))
             continue

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,26 +251,38 @@ def _drop_unsealed(output_dir: Path, checkpoint: Path) -> None:
     rotate(output_dir, None)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl file. A line that cannot be a record (torn by a killed run, not UTF-8, not
-    JSON, not an object) is skipped, and one warning names the file and those lines."""
-    records: list[dict[str, Any]] = []
-    path = Path(path)
-    if not path.exists():
-        return records
-    skipped: list[int] = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+def metric_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, record) for every non-blank line of a metrics.jsonl file, or (line number, why the line is
+    no record): torn by a killed run, not UTF-8, not JSON, or not a JSON object."""
+    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            skipped.append(number)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield number, "not UTF-8"
             continue
-        if isinstance(value, dict):
-            records.append(value)
-        else:
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            yield number, "not JSON: a torn line?"
+            continue
+        yield number, value if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl file. A line that cannot be a record (`metric_lines`) is skipped, and one
+    warning names the file and those lines."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records: list[dict[str, Any]] = []
+    skipped: list[int] = []
+    for number, record in metric_lines(path):
+        if isinstance(record, str):
             skipped.append(number)
+        else:
+            records.append(record)
     if skipped:
         shown = ", ".join(str(n) for n in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         logger.warning("%s: skipped %d line(s) that are not metric records (line %s)", path, len(skipped), shown)
