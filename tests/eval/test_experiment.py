@@ -381,14 +381,15 @@ def test_log_ratio_rows_skip_damaged_metric_records(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b'{"id": "a", "carry": true}\n{"id": "b", "ca', r"p\.jsonl:2: not a JSON line"),
-     (b'{"id": "a", "carry": true}\n\xff\n', r"p\.jsonl:2: not a JSON line of UTF-8"),
-     (b'["a"]\n', r"p\.jsonl:1: expected a JSON object with an 'id'")],
+    [(b'{"id": "a", "carry": true}\n{"id": "b", "ca', r"p\.jsonl:2: not valid JSON"),
+     (b'{"id": "a", "carry": true}\n\xff\n', r"p\.jsonl:2: not UTF-8 text"),
+     (b'["a"]\n', r"p\.jsonl:1: each line must be a JSON object"),
+     (b'{"carry": true}\n', r"p\.jsonl:1: missing 'id'")],
 )
 def test_a_damaged_prompt_file_is_a_located_error(tmp_path: Path, content: bytes, message: str) -> None:
-    from spo_align.eval.experiment_report import PromptGroupError
+    from spo_align.eval.records import EvalInputError
 
     path = tmp_path / "p.jsonl"
     path.write_bytes(content)
-    with pytest.raises(PromptGroupError, match=message):
+    with pytest.raises(EvalInputError, match=message):
         read_prompt_groups(path, "carry")

@@ -9,7 +9,6 @@ of the prompt file, such as the tiny task's `carry`), and `accuracy_markdown` av
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -40,21 +39,18 @@ class AccuracyRow:
 
 
 def read_prompt_groups(path: Path, field_name: str) -> dict[str, str]:
-    """Prompt id -> group label from one field of a JSONL prompt file (`x`/`no-x` for a boolean field x)."""
+    """Prompt id -> group label from one field of a JSONL prompt file (`x`/`no-x` for a boolean field x). A line
+    that is no JSON object of UTF-8 text, or has no usable id, is an `EvalInputError` naming it."""
+    from spo_align.eval.records import field_id, iter_json_objects
+
     groups: dict[str, str] = {}
-    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PromptGroupError(f"{path}:{number}: not a JSON line of UTF-8 text ({exc})") from None
-        if not isinstance(row, dict) or "id" not in row:
-            raise PromptGroupError(f"{path}:{number}: expected a JSON object with an 'id'")
+    path = Path(path)
+    for number, row in iter_json_objects(path):
+        row_id = field_id(row, "id", path, number)
         if field_name not in row:
             raise PromptGroupError(f"{path}:{number}: no field '{field_name}' (eval.accuracy_by)")
         value = row[field_name]
-        groups[str(row["id"])] = (field_name if value else f"no-{field_name}") if isinstance(value, bool) else str(value)
+        groups[row_id] = (field_name if value else f"no-{field_name}") if isinstance(value, bool) else str(value)
     return groups
 
 

@@ -133,7 +133,7 @@ def field_count(obj: Mapping[str, Any], key: str, path: Path, line: int, default
     return value
 
 
-def _iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Each non-blank line of a JSONL file, which must be UTF-8 and hold one JSON object.
 
     Lines end at a newline only: a raw U+2028 or U+0085 inside a JSON string is text, not a line break."""
@@ -175,7 +175,7 @@ def read_prompt_jsonl(path: Path, n: int | None = None) -> list[PromptRow]:
     """Read a prompt file; the first `n` rows when `n` is given. Duplicate ids are an error."""
     rows: list[PromptRow] = []
     seen: dict[str, int] = {}
-    for line, obj in _iter_json_objects(path):
+    for line, obj in iter_json_objects(path):
         row_id = field_id(obj, "id", path, line)
         if not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
             raise EvalInputError("'prompt' must be a non-empty string", path, line)
@@ -198,7 +198,7 @@ def read_generation_file(path: Path) -> list[GenerationRecord]:
     leaves a torn line: every bad line, the last one included, is an error with its line number."""
     records: list[GenerationRecord] = []
     seen: dict[str, int] = {}
-    for line, obj in _iter_json_objects(path):
+    for line, obj in iter_json_objects(path):
         missing = [key for key in ("model", "prompt_id", "prompt", "response") if key not in obj]
         if missing:
             raise EvalInputError(f"missing '{missing[0]}' (is this a generation file?)", path, line)
