@@ -93,6 +93,8 @@ class LossEntry:
     """Cross-field recipe checks that only this loss needs."""
     reads_unpaired_rows: bool = False
     """Whether it trains on unpaired prompt/completion/label rows (data format kto)."""
+    parameters: Callable[[Any], str] = lambda loss: ""
+    """section -> its key parameters for a run's label (`spo plot`): "β=0.2 α=1"."""
 
 
 # ---------------------------------------------------------------- builders (torch imported when called)
@@ -194,6 +196,11 @@ def _kto_checks(recipe: Recipe) -> Iterator[Finding]:
         )
 
 
+def _kto_parameters(loss: KTOLoss) -> str:
+    weights = (loss.desirable_weight, loss.undesirable_weight)
+    return f"β={loss.beta:g}" + ("" if weights == (1.0, 1.0) else f" λD={weights[0]:g} λU={weights[1]:g}")
+
+
 # ---------------------------------------------------------------- the catalogue
 
 _LOG_RATIO_NOTE = "summed log-ratios (policy - reference) where the loss is minimal"
@@ -216,6 +223,7 @@ CATALOGUE: dict[str, LossEntry] = {
                 Metric("spo_rejected_term", "spo_r", "f(-alpha x rejected log-ratio), SPO's rejected term"),
             ),
             build=_build_spo,
+            parameters=lambda loss: f"β={loss.beta:g} α={loss.alpha:g}",
         ),
         LossEntry(
             type="dpo",
@@ -228,6 +236,7 @@ CATALOGUE: dict[str, LossEntry] = {
             optimum=_dpo_optimum,
             optimum_note=_LOG_RATIO_NOTE + "; plain DPO (label_smoothing 0) has none",
             build=_build_dpo,
+            parameters=lambda loss: f"β={loss.beta:g} ε={loss.label_smoothing:g}",
         ),
         LossEntry(
             type="ipo",
@@ -240,6 +249,7 @@ CATALOGUE: dict[str, LossEntry] = {
             optimum=_ipo_optimum,
             optimum_note=_LOG_RATIO_NOTE,
             build=_build_ipo,
+            parameters=lambda loss: f"τ={loss.resolved_tau:g}",
         ),
         LossEntry(
             type="dpop",
@@ -254,6 +264,7 @@ CATALOGUE: dict[str, LossEntry] = {
             "below 0 it is pulled up (1 + lambda) times harder (docs/losses.md)",
             terms=(Metric("dpop_penalty", "dpop_pen", "lambda x max(0, -chosen log-ratio), in nats"),),
             build=_build_dpop,
+            parameters=lambda loss: f"β={loss.beta:g} λ={loss.lambda_:g}",
         ),
         LossEntry(
             type="simpo",
@@ -267,6 +278,7 @@ CATALOGUE: dict[str, LossEntry] = {
             optimum_note="no finite optimum: the per-token log-prob margin is pushed past gamma/beta for ever "
             "(docs/losses.md)",
             build=_build_simpo,
+            parameters=lambda loss: f"β={loss.beta:g} γ={loss.gamma:g}",
         ),
         LossEntry(
             type="kto",
@@ -282,6 +294,7 @@ CATALOGUE: dict[str, LossEntry] = {
             terms=(Metric("kl", "kl", "the reference point z0: TRL's estimate of KL(pi || pi_ref), clamped at 0"),),
             checks=_kto_checks,
             reads_unpaired_rows=True,
+            parameters=_kto_parameters,
         ),
     )
 }
@@ -332,6 +345,13 @@ def optimum_note(loss: Any) -> str:
 def reward_scale(loss: Any) -> float | None:
     """What the runner's `rewards/*` are the log-ratio multiplied by; None when they are no log-ratio (SimPO)."""
     return loss_entry(loss).reward_scale(loss)
+
+
+def loss_label(loss: Any) -> str:
+    """A run's loss and key parameters, e.g. `spo β=0.2 α=1`, `dpo β=0.1 ε=0.1 +nll 1` (tables, `spo plot`)."""
+    parameters = loss_entry(loss).parameters(loss)
+    nll = float(getattr(loss, "nll_weight", 0.0))
+    return f"{loss.type}{' ' + parameters if parameters else ''}" + (f" +nll {nll:g}" if nll > 0 else "")
 
 
 def logged_metrics() -> tuple[Metric, ...]:

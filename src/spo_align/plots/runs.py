@@ -52,25 +52,13 @@ def loss_facts(loss: Any) -> LossFacts:
 
 
 def loss_label(stage: str | None, loss: Any) -> str:
-    """`spo β=0.2 α=1`, `dpo β=0.1 ε=0.1`, `ipo τ=0.1`, `kto β=0.1`; the stage name for a run without a loss."""
+    """`spo β=0.2 α=1`, `dpo β=0.1 ε=0.1`, `ipo τ=0.1`, `kto β=0.1` (the catalogue's `loss_label`); the stage name
+    for a run without a loss."""
     if loss is None:
         return stage or "run"
-    nll = float(getattr(loss, "nll_weight", 0.0))
-    suffix = f" +nll {nll:g}" if nll > 0 else ""
-    if loss.type == "spo":
-        return f"spo β={loss.beta:g} α={loss.alpha:g}{suffix}"
-    if loss.type == "dpo":
-        return f"dpo β={loss.beta:g} ε={loss.label_smoothing:g}{suffix}"
-    if loss.type == "ipo":
-        return f"ipo τ={loss.resolved_tau:g}{suffix}"
-    if loss.type == "dpop":
-        return f"dpop β={loss.beta:g} λ={loss.lambda_:g}{suffix}"
-    if loss.type == "simpo":
-        return f"simpo β={loss.beta:g} γ={loss.gamma:g}{suffix}"
-    if loss.type == "kto":
-        weights = (loss.desirable_weight, loss.undesirable_weight)
-        return f"kto β={loss.beta:g}" + ("" if weights == (1.0, 1.0) else f" λD={weights[0]:g} λU={weights[1]:g}")
-    return str(loss.type) + suffix
+    from spo_align.loss_catalogue import loss_label as catalogue_label
+
+    return catalogue_label(loss)
 
 
 @dataclass(frozen=True)
