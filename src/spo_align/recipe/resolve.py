@@ -49,6 +49,11 @@ class RunPlan(BaseModel):
     model_path: str
     reference_model_path: str | None
 
+    @property
+    def separate_reference(self) -> bool:
+        """True when `reference.model` names a model other than the starting one (not the policy's own weights)."""
+        return self.reference_model_path is not None and self.reference_model_path != self.model_path
+
     # ------------------------------------------------------------ views
 
     def derived(self) -> dict[str, Any]:

@@ -67,9 +67,8 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
     model = load_model(plan)
     ctx.run_info["dropout_disabled"] = apply_dropout_setting(model, plan)  # TRL then disables LoRA's (kwargs)
     peft_config = lora_config(plan) if plan.recipe.adapter is not None else None
-    separate_reference = plan.reference_model_path not in (None, plan.model_path)
     ref_model = None
-    if peft_config is None or separate_reference:
+    if peft_config is None or plan.separate_reference:
         # A frozen copy of the starting model (at model.revision), or the reference the recipe names; with LoRA
         # and no other reference, TRL disables the adapter instead of holding a second copy.
         ref_model = load_model(plan, plan.reference_model_path or plan.model_path, for_training=False)

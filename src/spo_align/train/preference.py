@@ -123,18 +123,17 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     if adapter:
         model = apply_adapter(model, plan)
     ctx.run_info["dropout_disabled"] = apply_dropout_setting(model, plan)
-    separate_reference = plan.reference_model_path is not None and plan.reference_model_path != plan.model_path
     if not loss_entry(recipe.loss).needs_reference:  # SimPO: no reference model, table or forward
         reference = ReferenceSpec(kind="none")
     elif recipe.reference.precompute:
         reference = ReferenceSpec(
             kind="precomputed",
-            model=load_model(plan, plan.reference_model_path, for_training=False) if separate_reference else None,
+            model=load_model(plan, plan.reference_model_path, for_training=False) if plan.separate_reference else None,
             cache_dir=ctx.output_dir / CACHE_DIRNAME,
             adapter=adapter,
             settings={"max_length": data.max_length, "layout": layout, "pack_length": pack_length},
         )
-    elif adapter and not separate_reference:
+    elif adapter and not plan.separate_reference:
         reference = ReferenceSpec(kind="adapter")
     else:
         reference = ReferenceSpec(kind="model", model=load_model(plan, plan.reference_model_path, for_training=False))
