@@ -151,3 +151,21 @@ def test_written_model_reloads_with_from_pretrained(tmp_path: Path) -> None:
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     logits = model(**enc).logits
     assert logits.shape == (1, enc["input_ids"].shape[1], len(tokenizer))
+
+
+def test_processes_writing_the_same_tiny_model_at_once_all_succeed(tmp_path: Path) -> None:
+    """An experiment's seeds (and a launch's ranks) materialise the same cached model at the same moment."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny"
+    code = (
+        "import sys, torch; torch.set_num_threads(1); from pathlib import Path; "
+        "from spo_align.tiny import write_tiny_model; write_tiny_model(Path(sys.argv[1]))"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], stderr=subprocess.PIPE) for _ in range(3)]
+    errors = [p.communicate()[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no process's scratch folder left behind

@@ -104,15 +104,26 @@ def write_tiny_model(out_dir: Path, shape: TinyModelShape = TinyModelShape(), se
         return out_dir
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, shape, seed)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    # A folder of this process's own: processes that materialise the same model at once (an experiment's
+    # seeds in parallel, the ranks of a launch) never write into one another's files.
+    import shutil
+    import tempfile
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if marker.exists() and (out_dir / "tokenizer.json").exists():
+        shutil.rmtree(tmp)  # another process finished the same model first
+        return out_dir
     if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        if not (marker.exists() and (out_dir / "tokenizer.json").exists()):
+            raise
+        shutil.rmtree(tmp)  # lost the race to a process that renamed its own complete folder
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("wrote tiny model (%d parameters) to %s", n_params, out_dir)
     return out_dir
