@@ -111,6 +111,7 @@ def write_tiny_model(out_dir: Path, shape: TinyModelShape = TinyModelShape(), se
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's folder is private; the cache is readable like any model folder
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if marker.exists() and (out_dir / "tokenizer.json").exists():
