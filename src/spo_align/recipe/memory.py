@@ -167,7 +167,7 @@ def model_state_terms(plan: RunPlan, shape: ModelShape, s: Setting) -> list[Term
     terms: list[Term] = []
     if adapter is None:
         width = 4 if s.fp32_masters else s.compute_bytes
-        note = "float32 master weights (bfloat16 autocast)" if s.fp32_masters else f"{width}-byte weights"
+        note = "float32 master weights (bfloat16 autocast)" if s.fp32_masters else f"{8 * width}-bit weights"
         terms.append(Term("weights", "weights", s.total * width, "resident", note))
     elif adapter.type == "qlora":
         quantized = shape.num_layers * sum(i * o for i, o in shape.linears().values())
@@ -195,17 +195,20 @@ def _deepspeed_terms(plan: RunPlan, shape: ModelShape, s: Setting, optim: int) -
     n = s.world if s.zero_stage and s.zero_stage > 0 else 1
     sharded = "" if n == 1 else f"1/{n} per GPU"
     terms: list[Term] = []
-    weights = 0 if s.offload_params else (s.total * 2 // n if s.zero_stage == 3 else s.total * 2)
-    terms.append(Term("weights", "weights (16-bit)", weights, "resident",
+    width = s.compute_bytes  # 4 when the recipe trains in float32 (the config's bf16/fp16 "auto" then off)
+    weights = 0 if s.offload_params else (s.total * width // n if s.zero_stage == 3 else s.total * width)
+    terms.append(Term("weights", f"weights ({8 * width}-bit)", weights, "resident",
                       "offloaded to CPU" if s.offload_params else (sharded if s.zero_stage == 3 else "")))
     if s.offload_optimizer:
         for key, label in (("gradients", "gradients"), ("master_weights", "master weights"), ("optimizer", "optimizer states")):
             terms.append(Term(key, label, 0, "resident", "offloaded to CPU"))
     else:
         # DeepSpeed's 18 bytes per trainable parameter: ZeRO-3 counts its 16-bit weights among them (4 left for
-        # gradients), ZeRO-1/2 keep the 16-bit weights whole besides (6 for 16-bit and fp32 gradients).
-        grads = 4 if s.zero_stage == 3 else 6
-        terms.append(Term("gradients", "gradients (16-bit + fp32)", s.trainable * grads // n, "resident", sharded))
+        # gradients: 2 of them 16-bit), ZeRO-1/2 keep the 16-bit weights whole besides (2 + 4 for 16-bit and fp32
+        # gradients). In float32 the "16-bit" parts are 4 bytes; DeepSpeed still clones an fp32 master partition.
+        grads = width + (2 if s.zero_stage == 3 else 4)
+        terms.append(Term("gradients", "gradients (16-bit + fp32)" if width == 2 else "gradients (fp32)", s.trainable * grads // n, "resident",
+                          sharded))
         terms.append(Term("master_weights", "master weights (fp32)", s.trainable * 4 // n, "resident", sharded))
         terms.append(Term("optimizer", f"optimizer states ({plan.recipe.training.optimizer})", s.trainable * optim // n,
                           "resident", sharded))
@@ -222,7 +225,7 @@ def _deepspeed_terms(plan: RunPlan, shape: ModelShape, s: Setting, optim: int) -
     h2 = shape.hidden_size**2  # transformers fills "auto" buckets from the hidden size
     second = size("stage3_prefetch_bucket_size", 0.9 * h2) if s.zero_stage == 3 else size("allgather_bucket_size", 5e8)
     terms.append(Term("deepspeed_buckets", "DeepSpeed communication buckets",
-                      int(2 * (size("reduce_bucket_size", h2) + second)), "resident", "16-bit reduce + gather buckets"))
+                      int(width * (size("reduce_bucket_size", h2) + second)), "resident", "reduce + gather buckets"))
     return terms
 
 
@@ -231,12 +234,14 @@ def reference_terms(plan: RunPlan, s: Setting) -> list[Term]:
              "adapter": "the policy with its adapter off: no copy", "precomputed": "precomputed log-probs: no model"}
     if s.reference != "model":
         return [Term("reference", "reference model", 0, "resident", notes[s.reference])]
+    bits = f"reference model ({8 * s.compute_bytes}-bit)"
     if s.zero_stage == 3:
-        return [Term("reference", "reference model (16-bit)", s.total * 2 // s.world, "resident", f"ZeRO-3, 1/{s.world} per GPU")]
+        return [Term("reference", bits, s.total * s.compute_bytes // s.world, "resident", f"ZeRO-3, 1/{s.world} per GPU")]
     if s.zero_stage is not None:
-        return [Term("reference", "reference model (16-bit)", s.total * 2, "resident", "a full copy per GPU")]
+        return [Term("reference", bits, s.total * s.compute_bytes, "resident", "a full copy per GPU")]
     width = 4 if s.fp32_masters else s.compute_bytes
-    return [Term("reference", f"reference model ({width}-byte)", s.total * width, "resident", "a frozen copy, loaded like the policy")]
+    return [Term("reference", f"reference model ({8 * width}-bit)", s.total * width, "resident",
+                 "a frozen copy, loaded like the policy")]
 
 
 # ---------------------------------------------------------------- training step: activations and transients
