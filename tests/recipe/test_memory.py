@@ -124,6 +124,7 @@ def test_known_shapes_give_the_published_parameter_counts() -> None:
     assert counts["HuggingFaceTB/SmolLM2-135M-Instruct"] == 134_515_008
 
 
+@pytest.mark.slow  # reading the 90 MB GGUF takes seconds
 def test_smollm2_table_entry_matches_the_real_gguf_file() -> None:
     """The installed SmolLM2-135M-Instruct GGUF: its metadata and tensor sizes against the built-in table."""
     gguf = pytest.importorskip("gguf")
