@@ -113,9 +113,10 @@ import sys
 from typer.testing import CliRunner
 from spo_align.cli import app
 r = CliRunner()
-for args in (["validate", "{REPO / 'recipes'}", "{REPO / 'spo_recipes'}"],
+for args in (["validate", "{REPO / 'recipes'}", "{REPO / 'spo_recipes'}", "--gpu-memory", "80"],
              ["validate", "{BROKEN}"],
-             ["resolve", "{REPO / 'recipes/qwen2.5-7b-instruct/ipo.yaml'}"],
+             ["resolve", "{REPO / 'recipes/qwen2.5-7b-instruct/ipo.yaml'}", "--gpu-memory", "h100"],
+             ["resolve", "{REPO / 'spo_recipes/qwen2.5-7b-instruct/spo_full_zero3.yaml'}", "--format", "json"],
              ["schema"]):
     r.invoke(app, args)
 heavy = sorted(m for m in ("torch", "transformers", "trl", "peft", "datasets", "deepspeed", "accelerate") if m in sys.modules)

@@ -9,8 +9,12 @@ import enum
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from spo_align.recipe.memory_report import Card
 
 DEFAULT_ROOTS = (Path("recipes"), Path("spo_recipes"))
 
@@ -35,6 +39,21 @@ def _usage_error(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+GPU_MEMORY_HELP = (
+    "GiB per GPU (e.g. 80) or a card name (a10g, l40s, a100-40gb, a100-80gb, h100, h200): estimate whether the "
+    "recipe fits (docs/memory.md)."
+)
+
+
+def _card(text: str | None) -> Card | None:
+    from spo_align.recipe.memory_report import parse_card
+
+    try:
+        return None if text is None else parse_card(text)
+    except ValueError as exc:
+        raise _usage_error(str(exc)) from None
+
+
 def validate(
     paths: list[Path] | None = typer.Argument(
         None, help="Recipe files or folders (searched recursively for *.yaml, *.yml). Default: recipes/ spo_recipes/."
@@ -48,6 +67,7 @@ def validate(
         help="Every local model, tokenizer, reference and dataset path must exist now (as `spo train` needs); "
         "without it, a model folder that an earlier stage writes may be missing.",
     ),
+    gpu_memory: str | None = typer.Option(None, "--gpu-memory", help=GPU_MEMORY_HELP + " Warns for every recipe over it."),
 ) -> None:
     """Check recipes: schema, cross-field checks, referenced files. Prints every error and warning of every file.
 
@@ -63,7 +83,13 @@ def validate(
         raise _usage_error("no such file or folder: " + ", ".join(str(m) for m in missing))
     if not files:
         raise _usage_error("no *.yaml or *.yml recipe found under " + ", ".join(str(r) for r in roots))
+    card = _card(gpu_memory)
     valid, findings = validate_files(files, strict=strict)
+    if card is not None:
+        from spo_align.recipe.errors import sorted_errors
+        from spo_align.recipe.memory_report import memory_findings
+
+        findings = sorted_errors([*findings, *memory_findings(files, card)])
     for finding in findings:
         typer.echo(finding.format(fmt.value))
     errors = sum(1 for finding in findings if finding.severity == "error")
@@ -84,23 +110,28 @@ def resolve(
     ),
     fmt: ResolveFormat = typer.Option(ResolveFormat.yaml, "--format", help="yaml (with derived values) or json."),
     error_format: ErrorFormatOption = typer.Option(ErrorFormatOption.text, "--error-format"),
+    gpu_memory: str | None = typer.Option(None, "--gpu-memory", help=GPU_MEMORY_HELP),
 ) -> None:
-    """Print the fully resolved recipe: defaults filled, derived values (IPO tau, global batch, pack length)."""
+    """Print the fully resolved recipe: defaults filled, derived values (IPO tau, global batch, pack length), and
+    an estimated per-GPU memory breakdown (as comments; under "memory" in JSON)."""
     from spo_align.recipe.errors import RecipeErrors
     from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.memory_report import report, table_lines
     from spo_align.recipe.resolve import resolve as resolve_plan
 
     if not recipe.is_file():
         raise _usage_error(f"{recipe}: no such recipe file")
+    card = _card(gpu_memory)
     try:
         plan = resolve_plan(load_recipe(recipe, overrides), recipe, device.value if device else None)
     except RecipeErrors as exc:
         typer.echo(exc.format(error_format.value))
         raise typer.Exit(code=1) from None
+    memory = report(plan, card)
     if fmt is ResolveFormat.json:
-        typer.echo(json.dumps(plan.to_dict(), indent=2))
+        typer.echo(json.dumps({**plan.to_dict(), "memory": memory.to_dict()}, indent=2))
     else:
-        typer.echo(plan.to_yaml(), nl=False)
+        typer.echo(plan.to_yaml() + "".join(f"# {line}\n" for line in table_lines(memory)), nl=False)
 
 
 def schema(
