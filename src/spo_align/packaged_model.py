@@ -21,12 +21,14 @@ llama.cpp). The package is located on disk and never imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,7 +199,11 @@ def register(app: object) -> None:
         """Print the local folder of a real model shipped by a pip package (converted once), for --set
         model.name_or_path=... on a machine without a model hub."""
         try:
-            folder = materialise(name)
+            # stdout is the folder alone (`--set model.name_or_path=$(spo packaged-model NAME)` reads it): what the
+            # libraries print while converting goes to stderr (DeepSpeed, imported by transformers on save, logs
+            # a warning to stdout).
+            with contextlib.redirect_stdout(sys.stderr):
+                folder = materialise(name)
         except PackagedModelError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
