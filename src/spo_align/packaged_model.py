@@ -111,41 +111,44 @@ def _version(model: PackagedModel) -> str:
         return "unknown"
 
 
-def folder_for(model: PackagedModel) -> Path:
+def folder_for(model: PackagedModel, root: Path | None = None) -> Path:
     """The cache folder of a packaged model: one per package version, so an upgrade never reuses an old folder."""
-    return cache_root() / "models" / f"{model.name}-{model.distribution}-{_version(model)}"
+    return (root or cache_root()) / "models" / f"{model.name}-{model.distribution}-{_version(model)}"
 
 
 def is_complete(folder: Path) -> bool:
     return (folder / SOURCE_FILE).is_file() and (folder / "config.json").is_file()
 
 
-def materialise(name: str) -> Path:
-    """The model folder of packaged model `name`, converted from its GGUF file the first time (about a
-    minute for SmolLM2-135M on one core; later calls return at once). Safe when several processes ask at once:
-    each converts into a scratch folder of its own and the first complete one to be renamed into place wins."""
+def materialise(name: str, root: Path | None = None) -> Path:
+    """The model folder of packaged model `name` under `root` (default `cache_root()`), converted from its GGUF
+    file the first time (about a minute for SmolLM2-135M on one core; later calls return at once).
+
+    Safe when several processes ask at once: they take turns on a lock file beside the folder, so one converts
+    and the others find its folder complete; the conversion is written into a scratch folder and renamed into
+    place whole, so a process killed mid-way leaves no folder that looks complete."""
+    import fcntl
+
     model = packaged_model(name)
-    folder = folder_for(model)
+    folder = folder_for(model, root)
     if is_complete(folder):
         return folder
     source = gguf_path(model)
-    logger.info("converting %s (%s, %s) into %s, once", model.name, source.name, model.quantization, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    scratch.chmod(0o755)  # mkdtemp's folder is private; the cache is readable like any model folder
-    try:
-        _convert(model, source, scratch)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
         if is_complete(folder):
-            return folder  # another process finished first; ours is discarded below
-        if folder.exists():
-            shutil.rmtree(folder)  # an incomplete folder: no source file was written into it
+            return folder  # converted by the process that held the lock before us
+        logger.info("converting %s (%s, %s) into %s, once", model.name, source.name, model.quantization, folder)
+        scratch = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+        scratch.chmod(0o755)  # mkdtemp's folder is private; the cache is readable like any model folder
         try:
+            _convert(model, source, scratch)
+            if folder.exists():
+                shutil.rmtree(folder)  # left incomplete by a killed conversion (no source file in it)
             scratch.rename(folder)
-        except OSError:
-            if not is_complete(folder):
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 
