@@ -14,7 +14,7 @@ import typer
 def experiment_command(
     path: Path = typer.Argument(..., help="Experiment file, e.g. experiments/tiny.yaml."),
     set_: list[str] | None = typer.Option(
-        None, "--set", help="key.path=value override of the experiment file (value read as YAML), e.g. seeds=[0]."
+        None, "--set", help="key.path=value override of the experiment file (one value, typed as in the file), e.g. seeds=[0]."
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate the experiment and every recipe, list the stages and their state; run nothing."

@@ -125,14 +125,15 @@ def _parse_override(raw: str) -> tuple[list[str], Any]:
     if any(not part for part in parts):
         raise ValueError(f"bad key path {key.strip()!r}")
     try:
-        parsed = parse_yaml_value(value) if value.strip() else None
+        parsed = parse_yaml_value(value)
     except yaml.YAMLError as exc:
-        raise ValueError(f"cannot read value {value!r} as YAML: {getattr(exc, 'problem', exc)}") from None
+        raise ValueError(f"cannot read value {value!r}: {getattr(exc, 'problem', exc)}") from None
     return parts, parsed
 
 
 def apply_overrides(data: dict[str, Any], positions: Positions, overrides: Sequence[str], file: str) -> list[RecipeError]:
-    """Set each `key.path=value` (value read as YAML) in place; the schema then checks it like any key."""
+    """Set each `key.path=value` in place (the value is one value: `parse_yaml_value`); the schema then checks
+    it like any key."""
     errors: list[RecipeError] = []
     for raw in overrides:
         try:
