@@ -32,6 +32,7 @@ from pydantic import (
 
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
 from spo_align.recipe.locate import make_error
+from spo_align.recipe.paths import expand_path_keys
 from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -301,6 +302,15 @@ def _errors_from(exc: ValidationError, positions: Positions, file: str) -> list[
     return errors
 
 
+def _path_keys(data: dict[str, Any]) -> list[KeyPath]:
+    """The keys of an experiment that hold paths; `$VAR`, `${VAR}` and `~` in them are expanded when read."""
+    keys: list[KeyPath] = [("output_dir",), ("sft", "recipe"), ("eval", "prompts")]
+    preference = data.get("preference")
+    if isinstance(preference, list):
+        keys += [("preference", index, "recipe") for index in range(len(preference))]
+    return keys
+
+
 def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperiment:
     """Read and validate an experiment file; raise `RecipeErrors` with every problem and its line."""
     from spo_align.recipe.load import apply_overrides
@@ -313,6 +323,7 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperime
     if not isinstance(data, dict):
         raise RecipeErrors([RecipeError(file, 1, 1, "", "an experiment must be a YAML mapping")])
     errors = apply_overrides(data, positions, overrides, file)
+    errors += [make_error(key, message, positions, file) for key, message in expand_path_keys(data, _path_keys(data))]
     if errors:
         raise RecipeErrors(errors)
     try:

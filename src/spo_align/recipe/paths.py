@@ -2,15 +2,18 @@
 
 Model, tokenizer, reference and output paths resolve against the working directory (where `spo train`
 runs); dataset paths against the recipe file's folder, then the working directory, as the data loader
-reads them. Hub ids (`owner/name`) and `tiny:<name>` models are not local paths.
+reads them. Hub ids (`owner/name`) and `tiny:<name>` models are not local paths. Environment variables
+(`$VAR`, `${VAR}`) and `~` in the keys that hold paths are expanded when a recipe is read (`expand_path_keys`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import os
+import re
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from spo_align.recipe.errors import Severity, did_you_mean
 from spo_align.recipe.schema import Recipe
@@ -19,6 +22,84 @@ KeyPath = tuple[str | int, ...]
 PathKind = Literal["model", "tokenizer", "reference model", "dataset"]
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 TINY_PREFIX = "tiny:"
+
+
+# ---------------------------------------------------------------- environment variables in path keys
+
+_VARIABLE = re.compile(r"\$(?:\{(?P<braced>[^}]*)(?P<closed>\}?)|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class PathVariableError(ValueError):
+    """A path names an environment variable that is not set, or writes one that is not a variable."""
+
+
+def expand_path(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """`text` with `$NAME` and `${NAME}` replaced by the environment's values, then a leading `~` by the home
+    folder. A `$` followed by anything else (`$5`, a lone `$`) stays as it is. Raises `PathVariableError` for
+    an unset variable or a malformed `${...}`."""
+    env = os.environ if environ is None else environ
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group("bare")
+        if name is None:
+            name = match.group("braced")
+            if not match.group("closed"):
+                raise PathVariableError(f"'${{' with no closing '}}' in {text!r}")
+            if not name:
+                raise PathVariableError(f"'${{}}' is empty: it names no variable (in {text!r})")
+            if not _NAME.fullmatch(name):
+                raise PathVariableError(f"'${{{name}}}' is not a variable name (letters, digits, _)")
+        if name not in env:
+            raise PathVariableError(f"environment variable ${name} is not set (in {text!r})")
+        return env[name]
+
+    expanded = _VARIABLE.sub(value, text)
+    return os.path.expanduser(expanded) if expanded.startswith("~") else expanded
+
+
+RECIPE_PATH_KEYS: tuple[KeyPath, ...] = (
+    ("extends",), ("model", "name_or_path"), ("model", "tokenizer"), ("reference", "model"), ("output", "dir"),
+    ("distributed", "deepspeed"), ("distributed", "hostfile"),
+)
+
+
+def recipe_path_keys(data: Mapping[str, Any]) -> Iterator[KeyPath]:
+    """The keys of a recipe's raw data that hold paths (and exist in it): models, datasets, configs, output."""
+    yield from RECIPE_PATH_KEYS
+    section = data.get("data")
+    if isinstance(section, dict):
+        for split in ("train", "eval"):
+            sources = section.get(split)
+            if isinstance(sources, list):
+                yield from (("data", split, index, "path") for index in range(len(sources)))
+
+
+def _parent(data: Any, key: KeyPath) -> Any:
+    node = data
+    for part in key[:-1]:
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def expand_path_keys(data: Any, keys: Iterable[KeyPath]) -> list[tuple[KeyPath, str]]:
+    """Expand `expand_path` in place in each of `keys` that holds text in `data`; returns (key, why) for each
+    that cannot be expanded (left as written)."""
+    problems: list[tuple[KeyPath, str]] = []
+    for key in keys:
+        node = _parent(data, key)
+        last = key[-1]
+        if isinstance(node, dict) and isinstance(node.get(last), str):
+            try:
+                node[last] = expand_path(node[last])
+            except PathVariableError as exc:
+                problems.append((key, str(exc)))
+    return problems
 
 
 def is_local_model_path(name_or_path: str) -> bool:
