@@ -57,7 +57,9 @@ def _run(experiment: object) -> None:
         typer.echo(exc.format("text"), err=True)
         raise typer.Exit(1) from None
     except (ExperimentError, PromptGroupError, EvalInputError, JudgeFatalError, OutputFolderError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        from spo_align.eval.redact import redact
+
+        typer.echo(f"error: {redact(str(exc))}", err=True)
         raise typer.Exit(1) from None
     for name in ("accuracy.md", "sweep.md", "win_rates.md"):
         table = result.output_dir / name
