@@ -20,7 +20,14 @@ from spo_align.recipe.schema import Recipe
 
 KeyPath = tuple[str | int, ...]
 PathKind = Literal["model", "tokenizer", "reference model", "dataset"]
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
+"""Compressed data files read as they are (`pairs.jsonl.gz`), each suffix with its format's name."""
+_NOT_READ = {".zst": "zstd", ".zstd": "zstd", ".lz4": "lz4", ".zip": "zip", ".tar": "tar", ".tgz": "tar", ".7z": "7z"}
+_NAMES = (
+    "a data file is named .jsonl, .json, .csv, .tsv or .parquet, optionally compressed as "
+    + ", ".join(COMPRESSION_SUFFIXES)
+)
 TINY_PREFIX = "tiny:"
 
 
@@ -116,9 +123,45 @@ def model_location(name_or_path: str) -> str:
     return name_or_path
 
 
+@dataclass(frozen=True)
+class DataFileName:
+    """What a data file's name says it holds: `kind` (`.jsonl`, ...) and its compression suffix, if any."""
+
+    kind: str | None
+    compression: str | None
+
+
+def data_file_name(name: str) -> DataFileName:
+    """`pairs.jsonl.gz` -> (.jsonl, .gz); an unknown or unread last suffix keeps `kind` None or names it."""
+    lower = name.lower()
+    for suffix in (*COMPRESSION_SUFFIXES, *_NOT_READ):
+        if lower.endswith(suffix):
+            stem = lower[: -len(suffix)]
+            kind = next((k for k in DATA_FILE_SUFFIXES if stem.endswith(k)), None)
+            return DataFileName(kind, suffix)
+    return DataFileName(next((k for k in DATA_FILE_SUFFIXES if lower.endswith(k)), None), None)
+
+
+def data_file_problem(name: str) -> str | None:
+    """Why a local file of this name cannot be read as a dataset (None: it can)."""
+    found = data_file_name(name)
+    if found.compression in _NOT_READ:
+        kind = _NOT_READ[found.compression]
+        if kind in ("zip", "tar", "7z"):
+            return f"a {kind} archive is not read; unpack it; {_NAMES}"
+        return f"{kind}-compressed files are not read; decompress it, or compress it as .gz, .bz2 or .xz"
+    if found.kind is None:
+        return f"cannot tell what this file holds from its name; {_NAMES}"
+    return None
+
+
 def looks_like_local_data(path: str) -> bool:
     """A dataset path that can only mean a local file or folder (never a hub id)."""
-    return path.startswith(("./", "../", "~", "/")) or Path(path).is_absolute() or path.lower().endswith(DATA_FILE_SUFFIXES)
+    name = data_file_name(path)
+    return (
+        path.startswith(("./", "../", "~", "/")) or Path(path).is_absolute() or name.kind is not None
+        or name.compression is not None
+    )
 
 
 def data_location(path: str, base_dir: Path) -> Path | None:
@@ -206,6 +249,8 @@ def missing_path_findings(
                     "dataset paths are relative to the recipe file)"
                 )
                 findings.append((path.key, message, "error"))
+            elif path.location.is_file() and (problem := data_file_problem(path.location.name)) is not None:
+                findings.append((path.key, f"dataset '{path.written}': {problem}", "error"))
             continue
         if path.location.exists():
             if not path.location.is_dir():
