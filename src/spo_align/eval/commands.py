@@ -36,8 +36,10 @@ def _one_line_errors() -> Iterator[None]:
         typer.echo(f"error: {redact(str(exc))}", err=True)
         raise typer.Exit(1) from None
     except OSError as exc:
+        from spo_align.os_errors import reason
+
         where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        typer.echo(f"error: {where}{redact(reason(exc))}", err=True)
         raise typer.Exit(1) from None
 
 

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from spo_align.os_errors import file_in_the_way
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
 from spo_align.recipe.locate import make_error
 from spo_align.recipe.paths import expand_path_keys
@@ -332,6 +333,10 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperime
         raise RecipeErrors(_errors_from(exc, positions, file)) from None
     loaded = LoadedExperiment(spec, path, tuple(overrides))
     findings: list[tuple[KeyPath, str]] = []
+    out = loaded.output_dir
+    blocker = out if out.exists() and not out.is_dir() else file_in_the_way(out)
+    if blocker is not None:
+        findings.append((("output_dir",), f"output_dir cannot be created: {blocker} is a file, not a folder"))
     for key, stage in [(("sft",), spec.sft), *((("preference", i), p) for i, p in enumerate(spec.preference))]:
         if not (loaded.base_dir / stage.recipe).is_file():
             findings.append((key + ("recipe",), f"recipe file not found: {loaded.base_dir / stage.recipe}"))

@@ -144,7 +144,9 @@ def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     except IsADirectoryError:
         raise EvalInputError("is a directory, not a file", path) from None
     except OSError as exc:
-        raise EvalInputError(f"cannot read: {exc.strerror or exc}", path) from None
+        from spo_align.os_errors import reason
+
+        raise EvalInputError(f"cannot read: {reason(exc)}", path) from None
     for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from spo_align.os_errors import file_in_the_way
 from spo_align.recipe.errors import Severity, did_you_mean
 from spo_align.recipe.schema import Recipe
 
@@ -216,7 +217,11 @@ def output_dir(recipe: Recipe) -> Path:
 
 
 def _nearby(location: Path) -> str:
-    """` (did you mean 'x'?)` for a sibling with a close name, when the parent folder exists."""
+    """`: <file> is a file, not a folder` when a file stands where a parent folder should be; else
+    ` (did you mean 'x'?)` for a sibling with a close name, when the parent folder exists."""
+    blocker = file_in_the_way(location)
+    if blocker is not None:
+        return f": {blocker} is a file, not a folder"
     try:
         siblings = [entry.name for entry in location.parent.iterdir()]
     except OSError:
@@ -241,6 +246,11 @@ def missing_path_findings(
     path is an error. A dataset is never a run's output: missing, it is always an error.
     """
     findings: list[tuple[KeyPath, str, Severity]] = []
+    out = output_dir(recipe)
+    blocker = out if out.exists() and not out.is_dir() else file_in_the_way(out)
+    if blocker is not None:
+        message = f"output.dir '{recipe.output.dir}' cannot be created: {blocker} is a file, not a folder"
+        findings.append((("output", "dir"), message, "error"))
     for path in local_paths(recipe, base_dir):
         if path.kind == "dataset":
             if not path.location.exists():

@@ -132,7 +132,9 @@ def plot(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     except OSError as exc:
-        typer.echo(f"error: cannot write the figure: {exc}", err=True)
+        from spo_align.os_errors import reason
+
+        typer.echo(f"error: cannot write the figure: {reason(exc)}", err=True)
         raise typer.Exit(code=1) from None
     for path in written:
         typer.echo(str(path))

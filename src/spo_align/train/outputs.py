@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spo_align.os_errors import reason
 from spo_align.train.checkpoints import (
     CHECKPOINT,
     checkpoint_folders,
@@ -140,13 +141,13 @@ def _ensure_folder(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputFolderError(f"output.dir {output_dir} cannot be created: {exc.strerror or exc}") from None
+        raise OutputFolderError(f"output.dir {output_dir} cannot be created: {reason(exc)}") from None
     probe = output_dir / f".spo-write-test-{os.getpid()}.tmp"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputFolderError(f"output.dir {output_dir} is not writable: {exc.strerror or exc}") from None
+        raise OutputFolderError(f"output.dir {output_dir} is not writable: {reason(exc)}") from None
 
 
 _SHOWN_KEYS = 12
