@@ -32,6 +32,7 @@ from pydantic import (
 
 from spo_align.os_errors import file_in_the_way
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
+from spo_align.recipe.file_kinds import not_an_experiment
 from spo_align.recipe.locate import make_error
 from spo_align.recipe.paths import expand_path_keys
 from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
@@ -323,6 +324,9 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperime
         raise RecipeErrors(errors)
     if not isinstance(data, dict):
         raise RecipeErrors([RecipeError(file, 1, 1, "", "an experiment must be a YAML mapping")])
+    recipe = not_an_experiment(data, file)
+    if recipe is not None:
+        raise RecipeErrors([RecipeError(file, 1, 1, "", recipe)])
     errors = apply_overrides(data, positions, overrides, file)
     errors += [make_error(key, message, positions, file) for key, message in expand_path_keys(data, _path_keys(data))]
     if errors:

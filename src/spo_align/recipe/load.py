@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from spo_align.recipe.checks import check_recipe
 from spo_align.recipe.errors import RecipeError, RecipeErrors, sorted_errors
+from spo_align.recipe.file_kinds import not_a_recipe
 from spo_align.recipe.locate import findings_to_errors, make_error, validation_errors
 from spo_align.recipe.paths import (
     expand_path_keys,
@@ -200,6 +201,9 @@ def _load(path: Path, overrides: Sequence[str]) -> tuple[Recipe | None, list[Rec
     data, positions, errors = _load_tree(path, ())
     if not isinstance(data, dict):
         return None, errors, positions
+    other = not_a_recipe(data, file)
+    if other is not None:
+        return None, [RecipeError(file, 1, 1, "", other)], positions
     errors += apply_overrides(data, positions, overrides, file)
     set_paths = [key for key in recipe_path_keys(data) if _from_override(key, positions)]
     errors += _expand(data, positions, file, set_paths)
