@@ -162,3 +162,26 @@ def test_resume_and_overwrite_together_are_refused_before_anything_is_touched(sm
     with pytest.raises(OutputFolderError, match="contradict"):
         launch(plan, RECIPES / "sft_packed.yaml", [], resume=True, overwrite=True)
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("key", ["model.name_or_path", "reference.model"])
+def test_a_starting_model_that_is_an_unfinished_run_is_refused_by_name(small_model: Path, tmp_path: Path, key: str):
+    """An SFT stage stopped before its end has no model, or half of one: a preference run from it is refused in one
+    line before anything is loaded, whether it is the starting model or the reference."""
+    import shutil
+
+    sft = tmp_path / "sft"
+    shutil.copytree(small_model, sft)
+    (sft / "resolved_recipe.yaml").write_text("stage: sft\n")  # a run's folder, without its COMPLETE marker
+    base = small_model if key == "reference.model" else sft
+    result = _invoke(str(RECIPES / "spo.yaml"), "--set", f"model.name_or_path={base}", "--set", f"{key}={sft}",
+                     "--set", f"output.dir={tmp_path / 'out'}")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {key}: {sft} is an unfinished spo-align run (no COMPLETE marker: its model may be "
+                      "missing or half-written); finish it by running its spo train command again, or use one of its "
+                      "sealed checkpoint-N folders"], result.output
+    assert not (tmp_path / "out").exists()
+    (sft / "COMPLETE").write_text("")
+    assert _invoke(str(RECIPES / "spo.yaml"), "--set", f"model.name_or_path={base}", "--set", f"{key}={sft}",
+                   "--set", f"output.dir={tmp_path / 'out'}", "--dry-run").exit_code == 0

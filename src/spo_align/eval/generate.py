@@ -173,6 +173,9 @@ def generate(
     for spec in models:  # before the first (possibly long) generation, not after it
         if not Path(spec.path).exists() and spec.path.startswith(("/", ".", "~")):
             raise EvalInputError(f"model directory not found (--model for {spec.name})", spec.path)
+        problem = model_folder_problem(Path(spec.path))
+        if problem is not None:
+            raise EvalInputError(problem, spec.path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -197,6 +200,23 @@ def generate(
     return paths
 
 
+def model_folder_problem(path: Path) -> str | None:
+    """Why a local `--model` path holds no model to generate from: a file given instead of its folder, an
+    unfinished spo-align run or unsealed checkpoint, a folder with no model config. None otherwise (a hub id too)."""
+    from spo_align.train.outputs import unfinished_run_problem
+
+    if path.is_file():
+        return f"is a file, not a model folder; give its folder ({path.parent})"
+    if not path.is_dir():
+        return None
+    problem = unfinished_run_problem(path)
+    if problem is not None:
+        return problem.removeprefix(f"{path} ")
+    if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+        return "holds no model (no config.json or adapter_config.json)"
+    return None
+
+
 def _is_complete(path: Path, spec: ModelSpec, prompts: Sequence[PromptRow], settings: GenerationSettings) -> bool:
     if not path.is_file():
         return False
@@ -215,10 +235,17 @@ def load_model_and_tokenizer(spec: ModelSpec, dtype: DType = "auto") -> tuple[Pr
     import torch
 
     torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
+    from safetensors import SafetensorError
+
     try:
         model, tokenizer = _load(spec, torch_dtype)
     except (OSError, ValueError) as exc:  # what from_pretrained raises for a missing or foreign model
         raise EvalInputError(f"cannot load model {spec.name!r}: {' '.join(str(exc).split())}", spec.path) from None
+    except SafetensorError as exc:  # a weights file cut short or damaged
+        raise EvalInputError(
+            f"cannot load model {spec.name!r}: its weights cannot be read ({' '.join(str(exc).split())}): a cut or "
+            "half-written file?", spec.path
+        ) from None
     if tokenizer.chat_template is None:
         raise EvalInputError(f"the tokenizer of model {spec.name!r} has no chat template", spec.path)
     model.eval()
