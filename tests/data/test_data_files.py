@@ -84,8 +84,8 @@ def test_csv_rows_are_named_by_their_line_even_after_a_quoted_multiline_cell(tmp
         ("cut.jsonl.gz", gzip.compress(_jsonl())[:-12], r"cut\.jsonl\.gz: cannot decompress \(gzip\)"),
         ("fake.jsonl.bz2", _jsonl(), r"fake\.jsonl\.bz2: cannot decompress \(bz2\)"),
         ("pairs.jsonl.zst", b"\x28\xb5\x2f\xfd", r"pairs\.jsonl\.zst: zstd-compressed files are not read; decompress"),
-        ("pairs.zip", b"PK\x03\x04", r"pairs\.zip: .* a data file is named \.jsonl, \.json, \.csv, \.tsv or \.parquet"),
-        ("pairs.txt", b"hello\n", r"pairs\.txt: .* a data file is named \.jsonl, \.json, \.csv, \.tsv or \.parquet"),
+        ("pairs.zip", b"PK\x03\x04", r"pairs\.zip: .* a data file is named \.jsonl \(or \.ndjson\), \.json, \.csv, \.tsv or \.parquet"),
+        ("pairs.txt", b"hello\n", r"pairs\.txt: .* a data file is named \.jsonl \(or \.ndjson\), \.json, \.csv, \.tsv or \.parquet"),
     ],
 )
 def test_an_unreadable_file_is_one_located_line(tmp_path: Path, name: str, data: bytes, message: str):
@@ -111,3 +111,32 @@ def test_validate_knows_compressed_and_tab_separated_files_are_local(tmp_path: P
     assert f"dataset '{name}' not found" in findings[0].message
     (tmp_path / name).write_bytes(b"x")
     assert validate_files([recipe]) == (1, [])
+
+
+@pytest.mark.parametrize("name", ["pairs.ndjson", "PAIRS.JSONL.GZ", "pairs.NDJSON.xz", "Pairs.Csv.Bz2"])
+def test_other_spellings_of_the_same_kinds_are_read(tmp_path: Path, name: str):
+    kind = ".csv" if ".csv" in name.lower() else ".jsonl"
+    compression = next((c for c in (".gz", ".bz2", ".xz") if name.lower().endswith(c)), "")
+    path = tmp_path / name
+    path.write_bytes(COMPRESS[compression](KINDS[kind]()))
+    assert load_pair_dataset([DatasetSource(path=str(path), format="pairs")])["chosen"] == ["2", "42", "0.50"]
+
+
+def test_compressed_prompt_files_are_read_by_spo_eval(tmp_path: Path):
+    from spo_align.eval.generate import load_prompts
+    from spo_align.eval.records import EvalInputError
+
+    lines = b'{"id": "a", "prompt": "1+1="}\n{"id": "b", "prompt": "2+2=", "reference": "4"}\n'
+    plain = tmp_path / "prompts.jsonl"
+    plain.write_bytes(lines)
+    for suffix, compress in (("gz", gzip.compress), ("bz2", bz2.compress), ("xz", lzma.compress)):
+        packed = tmp_path / f"prompts.jsonl.{suffix}"
+        packed.write_bytes(compress(lines))
+        assert load_prompts(str(packed)) == load_prompts(str(plain))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(lines)[:-10])
+    with pytest.raises(EvalInputError, match=r"cut\.jsonl\.gz: cannot decompress \(gzip\)"):
+        load_prompts(str(cut))
+    missing = tmp_path / "nope.jsonl.gz"
+    with pytest.raises(EvalInputError, match=r"nope\.jsonl\.gz: file not found"):  # not taken for a hub dataset
+        load_prompts(str(missing))

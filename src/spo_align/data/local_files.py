@@ -53,6 +53,11 @@ def read_bytes(path: Path) -> bytes:
         from spo_align.os_errors import reason
 
         raise DataFileError(f"cannot read {path}: {reason(exc)}") from None
+    return decompress(data, Path(path))
+
+
+def decompress(data: bytes, path: Path) -> bytes:
+    """`data` decompressed as the name of `path` says (.gz, .bz2, .xz); as it is otherwise."""
     compression = data_file_name(Path(path).name).compression
     if compression not in _DECOMPRESS:
         return data

@@ -34,7 +34,7 @@ from spo_align.os_errors import file_in_the_way
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
 from spo_align.recipe.file_kinds import not_an_experiment
 from spo_align.recipe.locate import make_error
-from spo_align.recipe.paths import expand_path_keys
+from spo_align.recipe.paths import data_file_name, expand_path_keys
 from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -345,7 +345,7 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperime
         if not (loaded.base_dir / stage.recipe).is_file():
             findings.append((key + ("recipe",), f"recipe file not found: {loaded.base_dir / stage.recipe}"))
     prompts = spec.eval.prompts
-    looks_local = prompts.endswith((".jsonl", ".json")) or prompts.startswith((".", "/"))
+    looks_local = data_file_name(prompts).kind in (".jsonl", ".json") or prompts.startswith((".", "/"))
     if looks_local and not (loaded.base_dir / prompts).is_file():
         findings.append((("eval", "prompts"), f"prompt file not found: {loaded.base_dir / prompts}"))
     if spec.eval.accuracy_by is not None and not looks_local:

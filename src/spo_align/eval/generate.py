@@ -123,8 +123,10 @@ def load_prompts(source: str, n: int | None = None) -> list[PromptRow]:
     """
     if n is not None and n < 1:
         raise EvalInputError(f"--n must be at least 1, got {n}")
+    from spo_align.recipe.paths import data_file_name
+
     path = Path(source)
-    if path.is_file() or source.endswith((".jsonl", ".json")):
+    if path.is_file() or data_file_name(source).kind in (".jsonl", ".json"):  # compressed too: prompts.jsonl.gz
         return read_prompt_jsonl(path, n)
     return _load_hub_prompts(source, n)
 

@@ -21,12 +21,13 @@ from spo_align.recipe.schema import Recipe
 
 KeyPath = tuple[str | int, ...]
 PathKind = Literal["model", "tokenizer", "reference model", "dataset"]
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+DATA_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv")
+_SAME_KIND = {".ndjson": ".jsonl"}  # newline-delimited JSON is JSON Lines by another name
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
 """Compressed data files read as they are (`pairs.jsonl.gz`), each suffix with its format's name."""
 _NOT_READ = {".zst": "zstd", ".zstd": "zstd", ".lz4": "lz4", ".zip": "zip", ".tar": "tar", ".tgz": "tar", ".7z": "7z"}
 _NAMES = (
-    "a data file is named .jsonl, .json, .csv, .tsv or .parquet, optionally compressed as "
+    "a data file is named .jsonl (or .ndjson), .json, .csv, .tsv or .parquet, optionally compressed as "
     + ", ".join(COMPRESSION_SUFFIXES)
 )
 TINY_PREFIX = "tiny:"
@@ -135,12 +136,10 @@ class DataFileName:
 def data_file_name(name: str) -> DataFileName:
     """`pairs.jsonl.gz` -> (.jsonl, .gz); an unknown or unread last suffix keeps `kind` None or names it."""
     lower = name.lower()
-    for suffix in (*COMPRESSION_SUFFIXES, *_NOT_READ):
-        if lower.endswith(suffix):
-            stem = lower[: -len(suffix)]
-            kind = next((k for k in DATA_FILE_SUFFIXES if stem.endswith(k)), None)
-            return DataFileName(kind, suffix)
-    return DataFileName(next((k for k in DATA_FILE_SUFFIXES if lower.endswith(k)), None), None)
+    compression = next((s for s in (*COMPRESSION_SUFFIXES, *_NOT_READ) if lower.endswith(s)), None)
+    stem = lower[: -len(compression)] if compression else lower
+    kind = next((k for k in DATA_FILE_SUFFIXES if stem.endswith(k)), None)
+    return DataFileName(_SAME_KIND.get(kind, kind) if kind else None, compression)
 
 
 def data_file_problem(name: str) -> str | None:
