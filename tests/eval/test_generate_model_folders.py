@@ -114,3 +114,11 @@ def test_a_finished_run_is_generated_from(place: Path, tiny_model_dir: Path):
     result = _generate("sft")
     assert result.exit_code == 0, result.output
     assert (place / "gen" / "sft.jsonl").is_file()
+
+
+def test_the_merged_model_of_an_unfinished_run_is_refused_and_of_a_finished_one_used(place: Path, tiny_model_dir: Path):
+    run = _run_folder(place, tiny_model_dir, "lora", finished=False, with_model=False)
+    shutil.copytree(tiny_model_dir, run / "merged")
+    assert "merged: is the merged model of an unfinished spo-align run" in _one_line(_generate("lora/merged=m"))
+    (run / "COMPLETE").write_text("")
+    assert _generate("lora/merged=m").exit_code == 0

@@ -89,6 +89,11 @@ def unfinished_run_problem(folder: Path) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
+    if folder.name == "merged" and _has_recipe(folder.parent) and finished_at(folder.parent) is None:
+        return (
+            f"{folder} is the merged model of an unfinished spo-align run (no {COMPLETE_MARKER} marker in "
+            f"{folder.parent}: it may be half-written); finish the run by running its spo train command again"
+        )
     if CHECKPOINT.match(folder.name) and _has_recipe(folder.parent):
         if is_sealed(folder):
             return None
