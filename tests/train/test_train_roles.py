@@ -106,3 +106,28 @@ def test_a_role_the_template_names_is_trained_on(tmp_path: Path):
     tok.chat_template = build_bpe_chatml_tokenizer().chat_template  # plain ChatML: `tool` is not a turn it knows
     with pytest.raises(ValueError, match=r"row 0: prompt\[1\]\.role is 'tool'"):
         tokenize_pairs(ds, tok)
+
+
+def test_a_template_that_refuses_a_turn_is_one_line_naming_the_row(small_model: Path, tmp_path: Path):
+    """Gemma-style templates raise on a system turn: the run stops at that row with the template's own words,
+    not a jinja traceback; in every stage."""
+    import shutil
+
+    model = tmp_path / "gemma-like"
+    shutil.copytree(small_model, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (model / name).unlink(missing_ok=True)
+    data = _write(tmp_path / "pairs.jsonl", _pairs_with("user"))  # row 3 has a system turn
+    error = _one_error(_train("spo", model, tmp_path, data, "pairs"))
+    assert re.search(r"pairs\.jsonl:3: the chat template refused this conversation: System role not supported", error)
+    sft = [{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}] * 2
+    sft.append({"messages": [{"role": "system", "content": "Add."}, *sft[0]["messages"]]})
+    error = _one_error(_train("sft_packed", model, tmp_path, _write(tmp_path / "sft.jsonl", sft), "messages"))
+    assert "sft.jsonl:3: the chat template refused this conversation: System role not supported" in error

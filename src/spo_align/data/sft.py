@@ -17,7 +17,7 @@ from spo_align.data.messages import as_messages
 from spo_align.data.pairs import source_name
 from spo_align.data.policies import RowCounts, left_nothing, screen
 from spo_align.data.sources import ROW_COLUMN, DataSourceError, load_source, sample_source
-from spo_align.data.tokenize import check_roles, template_roles
+from spo_align.data.tokenize import TemplateRefusedError, check_roles, template_roles
 
 if TYPE_CHECKING:
     import datasets
@@ -71,6 +71,8 @@ def _tokenize_row(tokenizer: Any, value: Any, where: str, roles: frozenset[str])
     check_roles(messages, roles, where, "messages")
     try:
         conversation = tokenize_conversation(tokenizer, messages)
+    except TemplateRefusedError as exc:
+        raise TemplateRefusedError(f"{where}: {exc}") from None
     except ChatTemplateError:
         if not getattr(tokenizer, "is_fast", False):
             raise

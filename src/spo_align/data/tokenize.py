@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +38,10 @@ TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 class TemplateError(ValueError):
     """The chat template does not render the prompt as a prefix of the full conversation."""
+
+
+class TemplateRefusedError(TemplateError):
+    """The chat template raised on a conversation (Gemma's refuses a system turn): named with its row."""
 
 
 class RoleError(TemplateError):
@@ -77,7 +82,12 @@ def check_roles(messages: Sequence[Message], roles: frozenset[str], where: str, 
 
 
 def render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2.exceptions import TemplateError as JinjaError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except JinjaError as exc:
+        raise TemplateRefusedError(f"the chat template refused this conversation: {exc}") from None
     if not isinstance(text, str):
         raise TemplateError("apply_chat_template(tokenize=False) did not return a string")
     return text
@@ -139,6 +149,15 @@ def tokenize_pair(tokenizer: Any, prompt: list[Message], chosen: str, rejected: 
     return TokenizedPair(head.ids, good.ids, bad.ids, worst(good.boundary, bad.boundary))
 
 
+@contextmanager
+def _at_row(where: str) -> Iterator[None]:
+    """A template's refusal, named with the row it refused."""
+    try:
+        yield
+    except TemplateRefusedError as exc:
+        raise TemplateRefusedError(f"{where}: {exc}") from None
+
+
 def _wheres(batch: dict[str, list[Any]], indices: list[int]) -> list[str]:
     from spo_align.data.sources import ROW_COLUMN
 
@@ -155,7 +174,8 @@ def tokenize_pairs(ds: datasets.Dataset, tokenizer: Any, *, num_proc: int | None
         wheres = _wheres(batch, indices)
         for where, prompt, chosen, rejected in zip(wheres, batch["prompt"], batch["chosen"], batch["rejected"]):
             check_roles(prompt, roles, where, "prompt")
-            pair = tokenize_pair(tokenizer, prompt, chosen, rejected)
+            with _at_row(where):
+                pair = tokenize_pair(tokenizer, prompt, chosen, rejected)
             out["prompt_ids"].append(pair.prompt_ids)
             out["chosen_ids"].append(pair.chosen_ids)
             out["rejected_ids"].append(pair.rejected_ids)
@@ -174,8 +194,9 @@ def tokenize_completions(ds: datasets.Dataset, tokenizer: Any, *, num_proc: int 
         out: dict[str, list[Any]] = {"prompt_ids": [], "completion_ids": [], "boundary": []}
         for where, prompt, completion in zip(_wheres(batch, indices), batch["prompt"], batch["completion"]):
             check_roles(prompt, roles, where, "prompt")
-            head = prompt_ids(tokenizer, prompt)
-            answer = answer_ids(tokenizer, prompt, head.text, head.ids, completion)
+            with _at_row(where):
+                head = prompt_ids(tokenizer, prompt)
+                answer = answer_ids(tokenizer, prompt, head.text, head.ids, completion)
             out["prompt_ids"].append(head.ids)
             out["completion_ids"].append(answer.ids)
             out["boundary"].append(answer.boundary)
