@@ -135,3 +135,31 @@ def test_experiment_paths_expand_and_an_unset_one_is_located(env: Path, tmp_path
     with pytest.raises(RecipeErrors) as caught:
         load_experiment(path)
     assert any(e.line == 5 and "$SPO_REPO is not set" in e.message for e in caught.value.errors)
+
+
+@pytest.mark.parametrize(
+    ("written", "env", "expected"),
+    [
+        ("${SPO_UNSET_X:-outputs/dflt}/run", {}, "outputs/dflt/run"),
+        ("${SPO_EMPTY_X:-outputs/dflt}/run", {"SPO_EMPTY_X": ""}, "outputs/dflt/run"),
+        ("${SPO_SET_X:-outputs/dflt}/run", {"SPO_SET_X": "/srv/runs"}, "/srv/runs/run"),
+        ("${SPO_UNSET_X-outputs/dflt}/run", {}, "outputs/dflt/run"),
+    ],
+)
+def test_a_default_is_used_as_in_the_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, written: str, env: dict,
+                                           expected: str) -> None:
+    for name in ("SPO_UNSET_X", "SPO_EMPTY_X", "SPO_SET_X"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = write(tmp_path / "r.yaml", VALID.replace("dir: outputs/run", f"dir: {written}"))
+    assert load_recipe(path).output.dir == Path(expected)
+
+
+def test_an_empty_variable_without_a_default_is_an_error_not_the_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SPO_EMPTY_X", "")
+    (error,) = errors_of(write(tmp_path / "r.yaml", VALID.replace("dir: outputs/run", "dir: $SPO_EMPTY_X/run")))
+    assert error.key_path == "output.dir" and "environment variable $SPO_EMPTY_X is empty" in error.message
+    monkeypatch.setenv("SPO_EMPTY_X", "")
+    (error,) = errors_of(write(tmp_path / "r.yaml", VALID.replace("dir: outputs/run", "dir: ${SPO_EMPTY_X-x}/run")))
+    assert "is empty" in error.message  # `-` (no colon) keeps a set-but-empty value, which is refused

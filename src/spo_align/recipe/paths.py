@@ -36,7 +36,7 @@ TINY_PREFIX = "tiny:"
 # ---------------------------------------------------------------- environment variables in path keys
 
 _VARIABLE = re.compile(r"\$(?:\{(?P<braced>[^}]*)(?P<closed>\}?)|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BRACED = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>.*))?", re.S)
 
 
 class PathVariableError(ValueError):
@@ -45,22 +45,31 @@ class PathVariableError(ValueError):
 
 def expand_path(text: str, environ: Mapping[str, str] | None = None) -> str:
     """`text` with `$NAME` and `${NAME}` replaced by the environment's values, then a leading `~` by the home
-    folder. A `$` followed by anything else (`$5`, a lone `$`) stays as it is. Raises `PathVariableError` for
-    an unset variable or a malformed `${...}`."""
+    folder. `${NAME:-default}` gives `default` when NAME is unset or empty, `${NAME-default}` when it is unset.
+    A `$` followed by anything else (`$5`, a lone `$`) stays as it is. Raises `PathVariableError` for an unset
+    or empty variable without a default (an empty one would turn `$RUNS/x` into `/x`) or a malformed `${...}`."""
     env = os.environ if environ is None else environ
 
     def value(match: re.Match[str]) -> str:
         name = match.group("bare")
         if name is None:
-            name = match.group("braced")
+            braced = match.group("braced")
             if not match.group("closed"):
                 raise PathVariableError(f"'${{' with no closing '}}' in {text!r}")
-            if not name:
+            if not braced:
                 raise PathVariableError(f"'${{}}' is empty: it names no variable (in {text!r})")
-            if not _NAME.fullmatch(name):
-                raise PathVariableError(f"'${{{name}}}' is not a variable name (letters, digits, _)")
+            parts = _BRACED.fullmatch(braced)
+            if parts is None:
+                raise PathVariableError(f"'${{{braced}}}' is not a variable name (letters, digits, _)")
+            name = parts.group("name")
+            if parts.group("op") == ":-" and not env.get(name):
+                return parts.group("default")
+            if parts.group("op") == "-" and name not in env:
+                return parts.group("default")
         if name not in env:
             raise PathVariableError(f"environment variable ${name} is not set (in {text!r})")
+        if not env[name]:
+            raise PathVariableError(f"environment variable ${name} is empty (in {text!r})")
         return env[name]
 
     expanded = _VARIABLE.sub(value, text)
