@@ -40,6 +40,10 @@ def _loaded(tmp_path: Path, *overrides: str):
         "? a question-mark start",
         "trailing hash #",
         "#hashtag first",
+        "beta=0.3 alpha=1",
+        "'unclosed quote",
+        "[unclosed bracket",
+        "C:\\runs\\win path",
     ],
 )
 def test_a_text_value_is_kept_whole(tmp_path: Path, text: str) -> None:
