@@ -4,9 +4,10 @@
 found, each with the file, line and column of the YAML node it concerns.
 
 Paths inside a recipe are relative to the file that writes them; `$VAR`, `${VAR}` and a leading `~` in a key
-that holds a path are expanded when the file (or the `--set`) is read (`paths.expand_path`). When a recipe `extends` a base in
-another folder, the base's DeepSpeed/hostfile paths and local dataset paths are rewritten relative to
-the extending recipe, so the merged recipe reads them relative to its own folder.
+that holds a path are expanded when the file (or the `--set`) is read (`paths.expand_path`). When a recipe
+`extends` a base in another folder, the base's DeepSpeed/hostfile paths and local dataset paths are rewritten
+relative to the extending recipe, so the merged recipe reads them relative to its own folder. An experiment
+file or a DeepSpeed config given as a recipe is one error naming it (`file_kinds`).
 """
 
 from __future__ import annotations
