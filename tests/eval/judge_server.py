@@ -30,7 +30,8 @@ class FakeJudgeServer:
     `rate` 429 twice, `crash` 500 once, `slow` sleeps past the client timeout once, `garbled`
     one reply without a verdict, `hopeless` never a verdict, `down` always 503, `biased` always
     [[A]] (so the verdict flips with the order), `leak` a 400 whose body echoes the Authorization
-    header. Requests without `Bearer <expected_key>` get 401, whose body echoes what was sent.
+    header. Requests without `Bearer <expected_key>` (or `Basic <basic_auth>` when set) get 401, whose body
+    echoes what was sent.
 
     With `echo_key`, the server also hands the key back in every place it can: response headers
     (including `x-request-id`, which the client logs), every error body, and the text of replies;
@@ -55,6 +56,8 @@ class FakeJudgeServer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
     echo_key: bool = False
+    basic_auth: str | None = None
+    """Also accept `Authorization: Basic <basic_auth>` (what a client sends for user:password in the URL)."""
 
     def _echo_headers(self, headers: dict[str, str]) -> dict[str, str]:
         if not self.echo_key:
@@ -68,7 +71,8 @@ class FakeJudgeServer:
 
     def _reply(self, headers: dict[str, str], body: dict) -> tuple[int, dict | bytes, dict[str, str]]:
         sent = headers.get("authorization")
-        if sent != f"Bearer {self.expected_key}":
+        basic = self.basic_auth is not None and sent == f"Basic {self.basic_auth}"
+        if sent != f"Bearer {self.expected_key}" and not basic:
             return 401, {"error": {"message": f"bad key: {sent}", "type": "invalid_request_error"}}, {}
         user = next(m["content"] for m in body["messages"] if m["role"] == "user")
         match = _ANSWER_RE.search(user)

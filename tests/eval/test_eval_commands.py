@@ -70,7 +70,7 @@ def test_bad_input_is_one_line_and_exit_1(app: typer.Typer, tmp_path: Path, monk
 
     good = tmp_path / "good.jsonl"
     good.write_text('{"id": 1, "prompt": "a"}\n')
-    for model, message in ((tmp_path / "missing", "model directory not found"), (tmp_path, "cannot load model")):
+    for model, message in ((tmp_path / "missing", "model directory not found"), (tmp_path, "holds no model")):
         result = runner.invoke(app, ["eval", "generate", "--model", f"{model}=m", "--prompts", str(good),
                                      "--out", str(tmp_path / "g")])
         assert result.exit_code == 1

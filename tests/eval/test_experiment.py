@@ -200,9 +200,12 @@ def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_pat
 
     kept = {p: p.stat().st_mtime_ns for p in out.glob("seed*/generations/*.jsonl")}
     judged = {s: _judgment_lines(out / f"seed{s}" / "judgments.jsonl") for s in (0, 1)}
-    second = run_experiment(experiment)
+    # A URL with credentials given with --set (a judge's base_url, here in the description) is stored masked.
+    second = run_experiment(load_experiment(TINY, [*experiment.overrides, "description=judge http://u:Pw-9x7q@h/v1"]))
     assert second.trained == [] and second.skipped == stages
-    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text(encoding="utf-8").splitlines()]
+    runs_log = (out / "runs.jsonl").read_text(encoding="utf-8")
+    assert "Pw-9x7q" not in runs_log and "description=judge http://***@h/v1" in runs_log
+    runs = [json.loads(line) for line in runs_log.splitlines()]
     assert [len(r["trained"]) for r in runs] == [10, 0]
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert {s: _judgment_lines(out / f"seed{s}" / "judgments.jsonl") for s in (0, 1)} == judged

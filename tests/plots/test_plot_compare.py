@@ -336,3 +336,64 @@ def test_plot_modules_import_neither_torch_nor_matplotlib_until_drawing() -> Non
 def test_load_runs_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     with pytest.raises(PlotError, match="does not exist"):
         load_runs([tmp_path / "missing"])
+
+
+# ---------------------------------------------------------------- single points and many runs
+
+
+def _dots(line: Any) -> list[int]:
+    """Indices of the points a drawn line marks with a dot (none when it has no marker)."""
+    if line.get_marker() in (None, "None", "", " "):
+        return []
+    every = line.get_markevery()
+    return list(range(len(line.get_xdata()))) if every is None else list(every)
+
+
+def test_a_run_with_one_logged_point_draws_it_as_a_dot_in_every_panel(tmp_path: Path) -> None:
+    run = _write_run(tmp_path / "spo", "spo", _records("spo")[:1])  # one step record, no summary
+    result = CliRunner().invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    fig = draw(build_figure(load_runs([run]), "spo", every_curve=True))
+    titled = [ax for ax in fig.axes if ax.get_title()]
+    assert len(titled) >= 10
+    for ax in titled:
+        drawn = [line for line in ax.get_lines() if not line.get_label().startswith("_") and _dots(line)]
+        assert drawn, f"panel {ax.get_title()!r} shows nothing"
+        assert all(len(line.get_xdata()) == 1 and math.isfinite(line.get_ydata()[0]) for line in drawn)
+
+
+def test_points_between_gaps_are_dots_and_stretches_stay_lines(tmp_path: Path) -> None:
+    records = [{"step": s, "loss": v} for s, v in zip(range(1, 8), (1.0, "nan", 3.0, "nan", "nan", 5.0, 6.0))]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fig = draw(build_figure(load_runs([run]), "run", every_curve=True))
+    (line,) = [line for line in next(ax for ax in fig.axes if ax.get_title() == "loss").get_lines()
+               if not line.get_label().startswith("_")]
+    assert _dots(line) == [0, 2]  # 1.0 and 3.0 stand alone; 5.0-6.0 is a line
+    smoothed = draw(build_figure(load_runs([run]), "run", every_curve=True, smooth_window=3))
+    (line,) = [line for line in next(ax for ax in smoothed.axes if ax.get_title() == "loss").get_lines()
+               if not line.get_label().startswith("_")]
+    assert _dots(line) == [0, 2]
+
+
+def test_more_runs_than_colours_are_told_apart_by_marker_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from spo_align.plots.compare import COLOURS
+
+    runs = [_write_run(tmp_path / f"r{i:02d}", "spo", None, f"loss.beta={0.1 + i / 100}") for i in range(12)]
+    with caplog.at_level(logging.WARNING):
+        content = build_figure(load_runs(runs), "many")
+    assert len(content.runs) == 12
+    styles = list(zip(content.colours, content.markers))
+    assert len(set(styles)) == 12  # no two runs look alike
+    assert content.markers[: len(COLOURS)] == (None,) * len(COLOURS) and all(content.markers[len(COLOURS):])
+    assert any("colours repeat" in note and "marker" in note for note in content.notes)
+    fig = draw(content)
+    legend = {(h.get_color(), h.get_marker()) for h in fig.legends[0].legend_handles}
+    assert len(legend) == 12
+    ax = next(a for a in fig.axes if a.get_title() == "chosen answer: log π/π_ref")
+    drawn = {(line.get_color(), line.get_marker()) for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert len(drawn) == 12
+    assert CliRunner().invoke(app, ["plot", *map(str, runs), "--out", str(tmp_path / "many.png")]).exit_code == 0

@@ -146,7 +146,8 @@ def test_set_overrides_are_coerced_through_the_schema(tmp_path: Path) -> None:
         ("data.train.3.split=x", "data.train.3.split", "not an index"),
         ("stage.x=1", "stage.x", "single value"),
         ("nonsense", "", "expected key.path=value"),
-        ("loss.beta=[", "", "cannot read value"),
+        ("loss.beta=[", "loss.beta", "got '[', text, not a number"),
+        ("loss.beta=!!float 1", "", "a YAML tag is not read"),
     ],
 )
 def test_bad_set_override_is_an_error_naming_the_override(

@@ -50,3 +50,26 @@ def test_a_continued_run_keeps_the_usable_records_up_to_its_checkpoint(tmp_path:
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.3}, {"step": 3.0, "loss": 0.2}
     ]
+
+
+@pytest.mark.slow
+def test_metrics_png_of_a_one_step_run_shows_its_point(small_model: Path, tmp_path: Path) -> None:
+    """`spo train` with one logged step: metrics.png is drawn from a figure whose every panel has its dot."""
+    from typer.testing import CliRunner
+
+    from spo_align.cli import app
+    from spo_align.plots.compare import build_figure, draw
+    from spo_align.plots.runs import load_runs
+    from tests.plots.test_plot_compare import _dots
+
+    out = tmp_path / "one-step"
+    result = CliRunner().invoke(app, [
+        "train", str(Path(__file__).resolve().parents[1] / "data" / "recipes" / "spo.yaml"), "--set", f"model.name_or_path={small_model}",
+        "--set", f"output.dir={out}", "--set", "training.max_steps=1", "--set", "training.logging_steps=1",
+        "--set", "data.train.0.max_samples=8",
+    ])
+    assert result.exit_code == 0, result.output
+    assert (out / "metrics.png").stat().st_size > 0 and "![training curves](metrics.png)" in (out / "README.md").read_text()
+    fig = draw(build_figure(load_runs([out]), "one-step", every_curve=True))
+    for ax in (ax for ax in fig.axes if ax.get_title()):
+        assert any(_dots(line) for line in ax.get_lines() if not line.get_label().startswith("_")), ax.get_title()

@@ -30,8 +30,9 @@ def _train(recipe: str, model: Path, out: Path, *extra: str) -> None:
 def _table(card: str, heading: str) -> dict[str, str]:
     """The two-column table that follows `heading` in the card."""
     block = card.split(heading, 1)[1].split("\n\n", 2)[1]
-    rows = [line.strip("|").split("|") for line in block.splitlines() if line.startswith("| ")]
-    return {key.strip(): value.strip() for key, value in rows[2:]}  # after the header and its rule
+    rows = [re.split(r"(?<!\\)\|", line.strip().strip("|")) for line in block.splitlines() if line.startswith("| ")]
+    plain = lambda cell: re.sub(r"\\(.)", r"\1", cell.strip())  # noqa: E731 - Markdown escapes undone
+    return {plain(key): plain(value) for key, value in rows[2:]}  # after the header and its rule
 
 
 def _code(card: str, language: str, after: str) -> str:
@@ -110,3 +111,187 @@ def test_the_card_is_written_when_the_curves_cannot_be_drawn(plan_for, tmp_path:
     card = write_card(out, plan, {"command": "spo train x.yaml", "run_info": {}}).read_text()
     assert "The curves could not be drawn: PlotError:" in card and "holds no usable metric record" in card
     assert not (out / "metrics.png").exists()
+
+
+# ---------------------------------------------------------------- user text cannot break the card
+
+DESCRIPTIONS = [
+    "LoRA: run #2 with ```python\nprint('x')\n``` inside",
+    "~~~\nfenced with tildes",
+    "<details><summary>more</summary>",
+    "<!-- an open comment",
+    "<script>alert(1)</script> and <https://auto.link>",
+    "# a heading\n## another",
+    "line\n---\nunder a rule",
+    "line\n===",
+    "| a | b |\n| - | - |\n| 1 | 2 |",
+    "[link](http://x) and ![img](y.png) and [^1]",
+    "*bold* **strong** _em_ snake_case_name ~~gone~~",
+    "1. first\n2) second\n- bullet\n+ plus\n> quote",
+    "    four spaces: code?",
+    "math $x^2$ and $$y$$, &amp; &lt; entities, a \\ backslash, `code`",
+    "first paragraph\n\nsecond paragraph",
+]
+HEADINGS = ["Training", "Data", "Final metrics", "Curves", "How to load", "Reproduce", "Resolved recipe"]
+
+
+def _card_of(plan_for, tmp_path: Path, *overrides: str) -> tuple[str, Path]:
+    from spo_align.recipe.load import save_resolved
+    from spo_align.train.card import render
+
+    plan = plan_for("spo", *overrides)
+    out = tmp_path / "card-run"
+    out.mkdir(exist_ok=True)
+    save_resolved(plan, out / "resolved_recipe.yaml")
+    info = {"command": "spo train x.yaml --set 'description=```'", "run_info": {}}
+    return render(out, plan, info, [{"step": 1, "loss": 0.5}], None), out
+
+
+@pytest.mark.parametrize("description", DESCRIPTIONS)
+def test_a_description_shows_as_written_and_never_breaks_the_card(plan_for, tmp_path: Path, description: str):
+    """Parsed with a CommonMark parser: the card keeps its sections, the description is plain text (no HTML, no
+    heading, list, rule, table, code or link of its own), and every code block holds exactly its file."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    card, out = _card_of(plan_for, tmp_path, f"description={description}")
+    card = card.split("---\n", 2)[2]  # the body, as the hub shows it below the front matter
+    tokens = MarkdownIt("commonmark").enable("table").enable("strikethrough").parse(card)
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open" and t.tag == "h2"]
+    assert headings == HEADINGS
+    assert [t.content for t in tokens if t.type == "html_block"] == [CARD_MARK + "\n"]
+    assert not any(t.type == "html_inline" for t in tokens for t in (t.children or []))
+    fences = {t.info: t.content for t in tokens if t.type == "fence"}
+    assert fences["yaml"] == (out / "resolved_recipe.yaml").read_text()
+    assert fences["bash"] == "spo train x.yaml --set 'description=```'\n"
+    # the description is the paragraphs right after the first one, and reads exactly as written
+    start = next(i for i, t in enumerate(tokens) if t.type == "paragraph_open")
+    paragraphs = []
+    for i in range(start + 3, len(tokens)):
+        if tokens[i].type == "heading_open" or (
+            tokens[i].type == "paragraph_open" and tokens[i + 1].content.startswith("The base is a local folder")
+        ):
+            break
+        if tokens[i].type == "paragraph_open":
+            paragraphs.append(tokens[i + 1])
+    kinds = {child.type for inline in paragraphs for child in inline.children}
+    assert kinds <= {"text", "softbreak"}, kinds
+    shown = "\n\n".join(
+        "".join(c.content if c.type == "text" else "\n" for c in inline.children) for inline in paragraphs
+    )
+    written = "\n\n".join("\n".join(line.strip() for line in part.splitlines()) for part in description.split("\n\n"))
+    assert shown == written, (shown, written)
+    rendered = MarkdownIt("commonmark").render(card)
+    assert "<details>" not in rendered and "<script>" not in rendered and html.escape("<details>") in rendered or (
+        "details" not in description)
+
+
+def test_a_folder_name_and_paths_with_markdown_in_them_stay_text(plan_for, tmp_path: Path):
+    from markdown_it import MarkdownIt
+
+    from spo_align.recipe.load import save_resolved
+    from spo_align.train.card import render
+
+    base = tmp_path / "base `x` <b>"
+    base.mkdir()
+    plan = plan_for("spo", f"model.name_or_path={base}")
+    out = tmp_path / "run # <i>1 `q` #"
+    out.mkdir()
+    save_resolved(plan, out / "resolved_recipe.yaml")
+    card = render(out, plan, {"command": "spo train", "run_info": {}}, [], None).split("---\n", 2)[2]
+    tokens = MarkdownIt("commonmark").parse(card)
+    title = next(tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open" and t.tag == "h1")
+    assert MarkdownIt("commonmark").renderInline(title) == "run # &lt;i&gt;1 `q` #"
+    codes = [c.content for t in tokens for c in (t.children or []) if c.type == "code_inline"]
+    assert str(base) in codes
+    assert not any(c.type == "html_inline" for t in tokens for c in (t.children or []))
+
+
+# ---------------------------------------------------------------- license and lineage from the base's card
+
+
+@pytest.mark.parametrize(
+    ("front", "expected"),
+    [
+        ("license: apache-2.0\n", {"license": "apache-2.0"}),
+        ("license: other\nlicense_name: qwen\nlicense_link: https://example.com/LICENSE\n",
+         {"license": "other", "license_name": "qwen", "license_link": "https://example.com/LICENSE"}),
+        ("license: other\n", {}),  # the hub refuses `other` without a name and a link: not copied, said in the text
+        ("license: other\nlicense_name: qwen\n", {}),
+    ],
+)
+def test_the_base_license_is_copied_whole_or_not_at_all(plan_for, tmp_path: Path, front: str, expected: dict):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text(f"---\n{front}---\n# base\n")
+    plan = plan_for("spo", f"model.name_or_path={base}")
+    meta = front_matter(plan)
+    assert {k: v for k, v in meta.items() if k.startswith("license")} == expected
+    card, _ = _card_of(plan_for, tmp_path, f"model.name_or_path={base}")
+    if not expected:
+        assert "says `license: other` without `license_name` and `license_link`" in card
+
+
+def test_a_local_base_names_the_hub_model_it_came_from(plan_for, tmp_path: Path):
+    """hub -> SFT (local) -> SFT again (local) -> this run: base_model is the hub model, from the nearest card or
+    resolved recipe that names one; a local folder with neither leaves base_model out."""
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "README.md").write_text("---\nbase_model: Org/Hub-Model-7B\nlicense: mit\n---\n")
+    again = tmp_path / "sft2"
+    again.mkdir()
+    (again / "resolved_recipe.yaml").write_text(f"stage: sft\nmodel:\n  name_or_path: {sft}\n")
+    assert front_matter(plan_for("spo", f"model.name_or_path={sft}"))["base_model"] == "Org/Hub-Model-7B"
+    assert front_matter(plan_for("spo", f"model.name_or_path={again}"))["base_model"] == "Org/Hub-Model-7B"
+    recipe_only = tmp_path / "from-recipe"
+    recipe_only.mkdir()
+    (recipe_only / "resolved_recipe.yaml").write_text("stage: sft\nmodel:\n  name_or_path: Other/Base\n")
+    assert front_matter(plan_for("spo", f"model.name_or_path={recipe_only}"))["base_model"] == "Other/Base"
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / "README.md").write_text(f"---\nbase_model: {loop}\n---\n")  # names itself: no hub model
+    assert "base_model" not in front_matter(plan_for("spo", f"model.name_or_path={loop}"))
+    card, _ = _card_of(plan_for, tmp_path, f"model.name_or_path={again}")
+    assert "trained from the hub model `Org/Hub-Model-7B`" in card
+
+
+@pytest.mark.slow
+def test_the_card_of_a_run_from_a_local_sft_folder_of_a_hub_model_names_that_hub_model(small_model: Path, tmp_path: Path):
+    """The paper's flow, hub -> SFT -> SPO, with the hub model read from a real hub cache (offline): the SFT card
+    names the hub model, and so does the SPO card, whose base is the local SFT folder; the license (other, with
+    its name and link) follows both."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from huggingface_hub.repocard import metadata_load
+
+    cache = tmp_path / "hub"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--spo-test--tiny-base" / "snapshots" / sha
+    shutil.copytree(small_model, snapshot)
+    (snapshot / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: tiny-license\nlicense_link: https://example.com/LICENSE\n---\n# tiny base\n"
+    )
+    (cache / "models--spo-test--tiny-base" / "refs").mkdir()
+    (cache / "models--spo-test--tiny-base" / "refs" / "main").write_text(sha)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def train(recipe: str, model: str, out: Path) -> dict:
+        done = subprocess.run(
+            [sys.executable, "-m", "spo_align.cli", "train", str(RECIPES / f"{recipe}.yaml"),
+             "--set", f"model.name_or_path={model}", "--set", f"output.dir={out}", "--set", "training.max_steps=2",
+             "--set", "data.train.0.max_samples=16", "--set", "training.cpu_threads=1"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return metadata_load(out / "README.md")
+
+    licensed = {"license": "other", "license_name": "tiny-license", "license_link": "https://example.com/LICENSE"}
+    sft = train("sft_packed", "spo-test/tiny-base", tmp_path / "sft")
+    assert sft["base_model"] == "spo-test/tiny-base" and licensed.items() <= sft.items()
+    spo = train("spo", str(tmp_path / "sft"), tmp_path / "spo")
+    assert spo["base_model"] == "spo-test/tiny-base" and licensed.items() <= spo.items()
+    assert "trained from the hub model `spo-test/tiny-base`" in (tmp_path / "spo" / "README.md").read_text()

@@ -136,3 +136,52 @@ def test_accelerate_launch_runs_two_cpu_processes(tmp_path: Path, small_model: P
     assert (out / "COMPLETE").exists()
     assert json.loads((out / "run.json").read_text())["hardware"]["world_size"] == 2
     assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]) == 4
+
+
+def test_resume_and_overwrite_together_are_refused_before_anything_is_touched(small_model: Path, tmp_path: Path):
+    """--resume continues the run, --overwrite deletes it: given both, a finished run was deleted. Now the pair is
+    refused in either order, with one line, and the finished run stays as it was."""
+    from spo_align.train.launch import launch
+    from spo_align.train.outputs import OutputFolderError
+    from tests.train.conftest import make_plan
+
+    out = tmp_path / "out"
+    sets = ["--set", f"model.name_or_path={small_model}", "--set", f"output.dir={out}",
+            "--set", "training.max_steps=1", "--set", "data.train.0.max_samples=8"]
+    assert _invoke(str(RECIPES / "sft_packed.yaml"), *sets).exit_code == 0
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    assert (out / "COMPLETE").is_file()
+    for flags in (("--resume", "--overwrite"), ("--overwrite", "--resume")):
+        result = _invoke(str(RECIPES / "sft_packed.yaml"), *sets, *flags)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines() == [
+            "error: --resume and --overwrite contradict each other: --resume continues the run in output.dir, "
+            "--overwrite deletes it; give one of them"
+        ]
+    plan = make_plan("sft_packed", f"model.name_or_path={small_model}", f"output.dir={out}")
+    with pytest.raises(OutputFolderError, match="contradict"):
+        launch(plan, RECIPES / "sft_packed.yaml", [], resume=True, overwrite=True)
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("key", ["model.name_or_path", "reference.model"])
+def test_a_starting_model_that_is_an_unfinished_run_is_refused_by_name(small_model: Path, tmp_path: Path, key: str):
+    """An SFT stage stopped before its end has no model, or half of one: a preference run from it is refused in one
+    line before anything is loaded, whether it is the starting model or the reference."""
+    import shutil
+
+    sft = tmp_path / "sft"
+    shutil.copytree(small_model, sft)
+    (sft / "resolved_recipe.yaml").write_text("stage: sft\n")  # a run's folder, without its COMPLETE marker
+    base = small_model if key == "reference.model" else sft
+    result = _invoke(str(RECIPES / "spo.yaml"), "--set", f"model.name_or_path={base}", "--set", f"{key}={sft}",
+                     "--set", f"output.dir={tmp_path / 'out'}")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {key}: {sft} is an unfinished spo-align run (no COMPLETE marker: its model may be "
+                      "missing or half-written); finish it by running its spo train command again, or use one of its "
+                      "sealed checkpoint-N folders"], result.output
+    assert not (tmp_path / "out").exists()
+    (sft / "COMPLETE").write_text("")
+    assert _invoke(str(RECIPES / "spo.yaml"), "--set", f"model.name_or_path={base}", "--set", f"{key}={sft}",
+                   "--set", f"output.dir={tmp_path / 'out'}", "--dry-run").exit_code == 0

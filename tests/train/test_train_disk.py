@@ -139,4 +139,5 @@ def test_an_output_dir_under_a_file_is_one_error_line(small_model: Path, tmp_pat
     blocker.write_text("not a folder")
     result = CliRunner().invoke(app, _args(small_model, blocker / "run"))
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.stderr == f"error: output.dir {blocker}/run cannot be created: Not a directory\n"
+    # refused with the recipe's own errors, at output.dir, before anything is loaded
+    assert f"output.dir: output.dir '{blocker}/run' cannot be created: {blocker} is a file, not a folder" in result.stdout

@@ -186,7 +186,7 @@ def test_an_output_dir_on_or_under_a_file_is_a_clear_error(tmp_path: Path):
     afile.write_text("x")
     with pytest.raises(OutputFolderError, match="exists and is not a folder"):
         _claim(afile)
-    with pytest.raises(OutputFolderError, match=f"output.dir {afile}/run cannot be created: Not a directory"):
+    with pytest.raises(OutputFolderError, match=f"output.dir {afile}/run cannot be created: {afile} is a file, not a folder"):
         _claim(afile / "run")
 
 

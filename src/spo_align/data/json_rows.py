@@ -78,15 +78,14 @@ def _json_lines(path: Path, data: bytes) -> list[tuple[str, dict[str, Any]]]:
 
 def read_json_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(location, row object) for every row of a .jsonl file, or of a .json file holding an array of objects
-    (a .json file written as JSON Lines is read as such)."""
+    (a .json file written as JSON Lines is read as such), either compressed or not (`local_files`)."""
+    from spo_align.data.local_files import file_kind, read_bytes
+
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise JsonRowsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    data = read_bytes(path)  # decompressed for .jsonl.gz and the like
     if not data.strip():
         raise JsonRowsError(f"{path}: the file is empty (no rows)")
-    if path.suffix.lower() == ".json":
+    if file_kind(path) == ".json":
         text = _decode(data, str(path))
         try:
             value = json.loads(text)

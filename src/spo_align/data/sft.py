@@ -17,6 +17,7 @@ from spo_align.data.messages import as_messages
 from spo_align.data.pairs import source_name
 from spo_align.data.policies import RowCounts, left_nothing, screen
 from spo_align.data.sources import ROW_COLUMN, DataSourceError, load_source, sample_source
+from spo_align.data.tokenize import TemplateRefusedError, check_roles, template_roles
 
 if TYPE_CHECKING:
     import datasets
@@ -65,10 +66,13 @@ def pack_conversations(ds: datasets.Dataset, pack_length: int, *, shuffle: bool,
     return packed.shuffle(seed=seed) if shuffle else packed
 
 
-def _tokenize_row(tokenizer: Any, value: Any, where: str) -> dict[str, Any]:
+def _tokenize_row(tokenizer: Any, value: Any, where: str, roles: frozenset[str]) -> dict[str, Any]:
     messages = as_messages(value, where, "messages")
+    check_roles(messages, roles, where, "messages")
     try:
         conversation = tokenize_conversation(tokenizer, messages)
+    except TemplateRefusedError as exc:
+        raise TemplateRefusedError(f"{where}: {exc}") from None
     except ChatTemplateError:
         if not getattr(tokenizer, "is_fast", False):
             raise
@@ -93,10 +97,11 @@ def tokenize_sft_dataset(
     policy = data.policy
     limit = sequence_limit(plan)
     has_rows = ROW_COLUMN in ds.column_names
+    roles = template_roles(tokenizer)
 
     def tokenize(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         wheres = batch[ROW_COLUMN] if has_rows else [f"{name}, row {i}" for i in indices]
-        rows = [_tokenize_row(tokenizer, value, where) for where, value in zip(wheres, batch[column])]
+        rows = [_tokenize_row(tokenizer, value, where, roles) for where, value in zip(wheres, batch[column])]
         out = {key: [row[key] for row in rows] for key in ("input_ids", "assistant_masks", "boundary", "prompt_blank", "empty")}
         out["where"] = wheres
         return out

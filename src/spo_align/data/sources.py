@@ -1,7 +1,8 @@
-"""Read the datasets a recipe names: hub ids, local dataset folders, or JSON/JSONL/Parquet/CSV files.
+"""Read the datasets a recipe names: hub ids, local dataset folders, or JSON/JSONL/CSV/TSV/Parquet files, each
+optionally compressed (.gz, .bz2, .xz; `spo_align.data.local_files`).
 
 Every loaded dataset gains a `ROW_COLUMN` that says where each row came from (``file:line`` for local JSON
-Lines, ``<dataset> [<split>] row N`` otherwise), kept through shuffling and conversion, so that an error about a
+Lines and CSV, ``<dataset> [<split>] row N`` otherwise), kept through shuffling and conversion, so that an error about a
 row names the row in the user's file rather than its position after shuffling.
 """
 
@@ -18,8 +19,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
-_JSON_SUFFIXES = (".jsonl", ".json")
 ROW_COLUMN = "_row"
 """Column added to every loaded dataset: where each row came from, for error messages."""
 
@@ -49,16 +48,23 @@ def load_source(source: DatasetSource, base_dir: Path | None = None) -> datasets
     from pyarrow import ArrowException
 
     location = resolve_source_path(source, base_dir)
-    suffix = Path(location).suffix.lower()
-    if suffix in _JSON_SUFFIXES and Path(location).is_file():
+    local = Path(location)
+    kind = None
+    if local.is_file():
+        from spo_align.data import local_files
         from spo_align.data.json_rows import read_json_rows, rows_to_dataset
 
-        ds = rows_to_dataset(read_json_rows(Path(location)), Path(location), ROW_COLUMN)
-        logger.info("read %d rows from %s", len(ds), source.path)
-        return ds
+        kind = local_files.file_kind(local)  # refuses a name that says no readable kind, naming those that do
+        if kind in (".jsonl", ".json", ".csv", ".tsv"):
+            rows = read_json_rows(local) if kind in (".jsonl", ".json") else local_files.read_csv_rows(local)
+            ds = rows_to_dataset(rows, local, ROW_COLUMN)
+            logger.info("read %d rows from %s", len(ds), source.path)
+            return ds
     try:
-        if suffix in _FILE_BUILDERS and Path(location).is_file():
-            ds = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=location, split="train")
+        if kind == ".parquet" and local_files.is_compressed(local):
+            ds = local_files.read_compressed_parquet(local)
+        elif kind == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=location, split="train")
         elif Path(location).is_dir() and (Path(location) / "dataset_info.json").exists():
             ds = datasets.load_from_disk(location)
         elif Path(location).is_dir() and (Path(location) / "dataset_dict.json").exists():

@@ -28,15 +28,18 @@ def _one_line_errors() -> Iterator[None]:
     from spo_align.eval.judge import JudgeFatalError
     from spo_align.eval.judge_parse import PromptTemplateError
     from spo_align.eval.records import EvalInputError
+    from spo_align.eval.redact import redact
 
     try:
         yield
     except (EvalInputError, PromptTemplateError, JudgeFatalError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {redact(str(exc))}", err=True)
         raise typer.Exit(1) from None
     except OSError as exc:
+        from spo_align.os_errors import reason
+
         where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        typer.echo(f"error: {where}{redact(reason(exc))}", err=True)
         raise typer.Exit(1) from None
 
 

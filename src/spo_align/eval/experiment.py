@@ -55,6 +55,7 @@ from spo_align.eval.experiment_spec import (  # the file's schema, loading and p
     load_experiment,
     plan_stages,
 )
+from spo_align.eval.redact import redact
 from spo_align.train.outputs import finished_at
 
 __all__ = [
@@ -274,7 +275,7 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
     result.wall_seconds = time.perf_counter() - started
     summary = {
         "experiment": str(experiment.path),
-        "overrides": list(experiment.overrides),
+        "overrides": [redact(o) for o in experiment.overrides],  # a judge URL's password stays out
         "seeds": spec.seeds,
         "jobs": spec.jobs,
         "trained": result.trained,

@@ -14,7 +14,7 @@ import typer
 def experiment_command(
     path: Path = typer.Argument(..., help="Experiment file, e.g. experiments/tiny.yaml."),
     set_: list[str] | None = typer.Option(
-        None, "--set", help="key.path=value override of the experiment file (value read as YAML), e.g. seeds=[0]."
+        None, "--set", help="key.path=value override of the experiment file (one value, typed as in the file), e.g. seeds=[0]."
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate the experiment and every recipe, list the stages and their state; run nothing."
@@ -57,7 +57,9 @@ def _run(experiment: object) -> None:
         typer.echo(exc.format("text"), err=True)
         raise typer.Exit(1) from None
     except (ExperimentError, PromptGroupError, EvalInputError, JudgeFatalError, OutputFolderError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        from spo_align.eval.redact import redact
+
+        typer.echo(f"error: {redact(str(exc))}", err=True)
         raise typer.Exit(1) from None
     for name in ("accuracy.md", "sweep.md", "win_rates.md"):
         table = result.output_dir / name

@@ -30,8 +30,11 @@ from pydantic import (
     model_validator,
 )
 
+from spo_align.os_errors import file_in_the_way
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
+from spo_align.recipe.file_kinds import not_an_experiment
 from spo_align.recipe.locate import make_error
+from spo_align.recipe.paths import data_file_name, expand_path_keys
 from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -301,6 +304,15 @@ def _errors_from(exc: ValidationError, positions: Positions, file: str) -> list[
     return errors
 
 
+def _path_keys(data: dict[str, Any]) -> list[KeyPath]:
+    """The keys of an experiment that hold paths; `$VAR`, `${VAR}` and `~` in them are expanded when read."""
+    keys: list[KeyPath] = [("output_dir",), ("sft", "recipe"), ("eval", "prompts")]
+    preference = data.get("preference")
+    if isinstance(preference, list):
+        keys += [("preference", index, "recipe") for index in range(len(preference))]
+    return keys
+
+
 def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperiment:
     """Read and validate an experiment file; raise `RecipeErrors` with every problem and its line."""
     from spo_align.recipe.load import apply_overrides
@@ -312,7 +324,11 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperime
         raise RecipeErrors(errors)
     if not isinstance(data, dict):
         raise RecipeErrors([RecipeError(file, 1, 1, "", "an experiment must be a YAML mapping")])
+    recipe = not_an_experiment(data, file)
+    if recipe is not None:
+        raise RecipeErrors([RecipeError(file, 1, 1, "", recipe)])
     errors = apply_overrides(data, positions, overrides, file)
+    errors += [make_error(key, message, positions, file) for key, message in expand_path_keys(data, _path_keys(data))]
     if errors:
         raise RecipeErrors(errors)
     try:
@@ -321,11 +337,15 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperime
         raise RecipeErrors(_errors_from(exc, positions, file)) from None
     loaded = LoadedExperiment(spec, path, tuple(overrides))
     findings: list[tuple[KeyPath, str]] = []
+    out = loaded.output_dir
+    blocker = out if out.exists() and not out.is_dir() else file_in_the_way(out)
+    if blocker is not None:
+        findings.append((("output_dir",), f"output_dir cannot be created: {blocker} is a file, not a folder"))
     for key, stage in [(("sft",), spec.sft), *((("preference", i), p) for i, p in enumerate(spec.preference))]:
         if not (loaded.base_dir / stage.recipe).is_file():
             findings.append((key + ("recipe",), f"recipe file not found: {loaded.base_dir / stage.recipe}"))
     prompts = spec.eval.prompts
-    looks_local = prompts.endswith((".jsonl", ".json")) or prompts.startswith((".", "/"))
+    looks_local = data_file_name(prompts).kind in (".jsonl", ".json") or prompts.startswith((".", "/"))
     if looks_local and not (loaded.base_dir / prompts).is_file():
         findings.append((("eval", "prompts"), f"prompt file not found: {loaded.base_dir / prompts}"))
     if spec.eval.accuracy_by is not None and not looks_local:

@@ -123,8 +123,10 @@ def load_prompts(source: str, n: int | None = None) -> list[PromptRow]:
     """
     if n is not None and n < 1:
         raise EvalInputError(f"--n must be at least 1, got {n}")
+    from spo_align.recipe.paths import data_file_name
+
     path = Path(source)
-    if path.is_file() or source.endswith((".jsonl", ".json")):
+    if path.is_file() or data_file_name(source).kind in (".jsonl", ".json"):  # compressed too: prompts.jsonl.gz
         return read_prompt_jsonl(path, n)
     return _load_hub_prompts(source, n)
 
@@ -173,6 +175,9 @@ def generate(
     for spec in models:  # before the first (possibly long) generation, not after it
         if not Path(spec.path).exists() and spec.path.startswith(("/", ".", "~")):
             raise EvalInputError(f"model directory not found (--model for {spec.name})", spec.path)
+        problem = model_folder_problem(Path(spec.path))
+        if problem is not None:
+            raise EvalInputError(problem, spec.path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -197,6 +202,23 @@ def generate(
     return paths
 
 
+def model_folder_problem(path: Path) -> str | None:
+    """Why a local `--model` path holds no model to generate from: a file given instead of its folder, an
+    unfinished spo-align run or unsealed checkpoint, a folder with no model config. None otherwise (a hub id too)."""
+    from spo_align.train.outputs import unfinished_run_problem
+
+    if path.is_file():
+        return f"is a file, not a model folder; give its folder ({path.parent})"
+    if not path.is_dir():
+        return None
+    problem = unfinished_run_problem(path)
+    if problem is not None:
+        return problem.removeprefix(f"{path} ")
+    if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+        return "holds no model (no config.json or adapter_config.json)"
+    return None
+
+
 def _is_complete(path: Path, spec: ModelSpec, prompts: Sequence[PromptRow], settings: GenerationSettings) -> bool:
     if not path.is_file():
         return False
@@ -215,10 +237,17 @@ def load_model_and_tokenizer(spec: ModelSpec, dtype: DType = "auto") -> tuple[Pr
     import torch
 
     torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
+    from safetensors import SafetensorError
+
     try:
         model, tokenizer = _load(spec, torch_dtype)
     except (OSError, ValueError) as exc:  # what from_pretrained raises for a missing or foreign model
         raise EvalInputError(f"cannot load model {spec.name!r}: {' '.join(str(exc).split())}", spec.path) from None
+    except SafetensorError as exc:  # a weights file cut short or damaged
+        raise EvalInputError(
+            f"cannot load model {spec.name!r}: its weights cannot be read ({' '.join(str(exc).split())}): a cut or "
+            "half-written file?", spec.path
+        ) from None
     if tokenizer.chat_template is None:
         raise EvalInputError(f"the tokenizer of model {spec.name!r} has no chat template", spec.path)
     model.eval()

@@ -25,7 +25,7 @@ from spo_align.eval.judge_parse import JudgePrompt, VerdictParseError, load_judg
 from spo_align.eval.judge_reply import MAX_REPLY_BYTES, UnreadableReply, read_completion
 from spo_align.eval.judge_store import MAX_ERROR_CHARS
 from spo_align.eval.records import EvalInputError
-from spo_align.eval.redact import clip, redact_loggers, register_secret
+from spo_align.eval.redact import clip, mask_url, redact_loggers, register_secret, register_url_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class OpenAIJudge:
         self.prompt = prompt or load_judge_prompt()
         self.prompt_version = self.prompt.version
         self.base_url = base_url
+        register_url_credentials(base_url)  # the client sends them as `Basic`; a server may echo them
         self.max_attempts = max_attempts
         self.parse_retries = parse_retries
         self.backoff_s = backoff_s
@@ -80,7 +81,7 @@ class OpenAIJudge:
             if base_url is None:
                 raise EvalInputError(f"set the {api_key_env} environment variable to your API key")
             # Local servers (vLLM, llama.cpp) usually accept any key; the client insists on one.
-            logger.info("%s is not set; sending a placeholder key to %s", api_key_env, base_url)
+            logger.info("%s is not set; sending a placeholder key to %s", api_key_env, mask_url(base_url))
             key = _LOCAL_PLACEHOLDER_KEY
         if key != _LOCAL_PLACEHOLDER_KEY:
             register_secret(key)
@@ -91,7 +92,7 @@ class OpenAIJudge:
         redact_loggers(*_LOGGERS_TO_REDACT)  # after the client exists: building it creates httpcore's loggers
 
     def __repr__(self) -> str:
-        return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, prompt={self.prompt_version!r})"
+        return f"OpenAIJudge(model={self.model!r}, base_url={mask_url(self.base_url)!r}, prompt={self.prompt_version!r})"
 
     def _describe(self, exc: Exception) -> str:
         status = getattr(exc, "status_code", None)

@@ -144,7 +144,15 @@ def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     except IsADirectoryError:
         raise EvalInputError("is a directory, not a file", path) from None
     except OSError as exc:
-        raise EvalInputError(f"cannot read: {exc.strerror or exc}", path) from None
+        from spo_align.os_errors import reason
+
+        raise EvalInputError(f"cannot read: {reason(exc)}", path) from None
+    from spo_align.data.local_files import DataFileError, decompress
+
+    try:
+        data = decompress(data, path)  # a .jsonl.gz (.bz2, .xz) is read as the JSON Lines it holds
+    except DataFileError as exc:
+        raise EvalInputError(str(exc).removeprefix(f"{path}: "), path) from None
     for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8")

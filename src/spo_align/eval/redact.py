@@ -8,7 +8,8 @@ Two rules, applied by `redact` to any text before it is stored, shown or logged:
 - Anything shaped like a credential is masked whoever it belongs to: provider keys by their
   prefixes (`KEY_PREFIXES`: OpenAI's `sk-`, `sk-proj-`, `sk-svcacct-`, Anthropic's `sk-ant-`,
   OpenRouter's `sk-or-`, Groq's `gsk_`, xAI's `xai-`, ...), `Bearer <token>`, the value of an
-  `Authorization`/`api-key`-style header or field, `?api_key=` style query values, and JWTs.
+  `Authorization`/`api-key`-style header or field, `?api_key=` style query values, JWTs, and the
+  userinfo of any URL (`http://user:password@host` is shown `http://***@host`).
 
 Texts are redacted first and cut to length after (`clip`), so a cut never leaves a piece of a key.
 `RedactingFilter` applies the same rules to every log record that passes through it.
@@ -43,6 +44,8 @@ _FIELD_RE = re.compile(
     rf"(\W{{0,3}}[:=]\s*[\"'b]?\s*|\s*[\"']?\s*,\s*b?[\"'])(?:(?:bearer|basic|token)\s+)?{_TOKEN}"
 )
 _QUERY_RE = re.compile(r"(?i)([?&](?:api[-_]?key|key|token|access[-_]?token)=)[^&\s#\"']+")
+# A URL's userinfo (`scheme://user:password@`), up to the authority's last `@` (an unescaped `@` in a password).
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/?#\"'<>@]*(?:@[^\s/?#\"'<>@]*)*@")
 
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
@@ -86,7 +89,34 @@ def redact(text: str) -> str:
     text = _PREFIX_RE.sub(MASK, text)
     text = _BEARER_RE.sub(rf"\g<1>\g<2>{MASK}", text)
     text = _FIELD_RE.sub(rf"\g<1>\g<2>{MASK}", text)
+    text = _USERINFO_RE.sub(rf"\g<1>{MASK}@", text)
     return _QUERY_RE.sub(rf"\g<1>{MASK}", text)
+
+
+def mask_url(url: str | None) -> str | None:
+    """`url` with its userinfo (`user:password@`) masked: how a URL is shown or stored."""
+    return None if url is None else _USERINFO_RE.sub(rf"\g<1>{MASK}@", url)
+
+
+def register_url_credentials(url: str | None) -> None:
+    """Mask, from now on, the password of `url` wherever it appears, as written or percent-decoded, and the
+    `Basic` credential an HTTP client sends for the URL's user and password (a server may echo either)."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return
+    if password:  # the user name alone is no secret (and masking "user" everywhere would mangle replies)
+        register_secret(password)
+        register_secret(unquote(password))
+    if user is not None or password is not None:
+        pair = f"{unquote(user or '')}:{unquote(password or '')}"
+        register_secret(base64.b64encode(pair.encode()).decode())
 
 
 def printable(text: str) -> str:

@@ -10,7 +10,11 @@ compared by default: their scales differ too much (IPO's starts near (1/2τ)², 
 
 NaN and ±inf values are drawn as gaps (the line breaks there); the figure's footnote and the log name the
 series that have them. Smoothing is a centred mean over a window of logged points, taken within each
-stretch between gaps, with the raw values drawn faintly behind.
+stretch between gaps, with the raw values drawn faintly behind. A point with no finite neighbour (a run that
+logged once, a value between two gaps) is drawn as a dot, since a line needs two points.
+
+There are ten colours; past ten runs a colour is shared, and the runs that share it are told apart by a
+marker (`RUN_MARKERS`) on their lines and in the legend, which the footnote and the log say.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ KIND_COLOURS = {
     "simpo": "tab:brown", "sft": "tab:gray",
 }
 FORMATS = (".png", ".svg")
+RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+"""Markers of the second, third, ... run that shares a colour (the first has none)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,8 @@ class FigureContent:
     notes: tuple[str, ...] = ()
     colours: tuple[str, ...] = ()
     """One per run; default: COLOURS in turn."""
+    markers: tuple[str | None, ...] = ()
+    """One per run: None, or the marker that tells it from earlier runs of the same colour."""
 
 
 def run_colours(kinds: Sequence[str | None]) -> tuple[str, ...]:
@@ -110,6 +118,27 @@ def run_colours(kinds: Sequence[str | None]) -> tuple[str, ...]:
             colours.append(spare[taken % len(spare)])
             taken += 1
     return tuple(colours)
+
+
+def run_markers(colours: Sequence[str]) -> tuple[str | None, ...]:
+    """None for the first run of each colour; the k-th later run of that colour gets `RUN_MARKERS[k - 1]`, so no
+    two runs are drawn alike (up to 130 runs)."""
+    seen: dict[str, int] = {}
+    markers: list[str | None] = []
+    for colour in colours:
+        earlier = seen.get(colour, 0)
+        seen[colour] = earlier + 1
+        markers.append(None if earlier == 0 else RUN_MARKERS[(earlier - 1) % len(RUN_MARKERS)])
+    return tuple(markers)
+
+
+def lone_points(values: Sequence[float]) -> list[int]:
+    """Indices of the finite values with no finite neighbour: a line through them would draw nothing."""
+    finite = [not math.isnan(v) for v in values]
+    return [
+        i for i, ok in enumerate(finite)
+        if ok and (i == 0 or not finite[i - 1]) and (i == len(finite) - 1 or not finite[i + 1])
+    ]
 
 
 def smooth(values: Sequence[float], window: int) -> tuple[float, ...]:
@@ -190,11 +219,19 @@ def build_figure(runs: Sequence[Run], title: str, *, smooth_window: int = 1, eve
         notes.append("log-ratios in nats: each run's logged reward divided by its β (2τ for IPO)")
     if smooth_window > 1:
         notes.append(f"smoothed: centred mean over {smooth_window} logged points (raw values faint)")
+    labels = tuple(r.label for r in runs)
+    colours = run_colours([r.kind for r in runs])
+    markers = run_markers(colours)
+    if any(markers):
+        shared = f"{len(runs)} runs, {len(COLOURS)} colours: colours repeat, and runs that share one differ by marker"
+        notes.append(shared)
+        logger.warning("%s", shared)
+    if any(lone_points(line.values) for panel in content for line in panel.lines):
+        notes.append("a point with no logged neighbour is drawn as a dot")
     gaps = gap_report(content)
     if gaps:
         notes.append("gaps where a run logged NaN/inf: " + gaps)
-    labels = tuple(r.label for r in runs)
-    return FigureContent(title, labels, tuple(content), tuple(notes), run_colours([r.kind for r in runs]))
+    return FigureContent(title, labels, tuple(content), tuple(notes), colours, markers)
 
 
 def gap_report(panels: Sequence[PanelContent]) -> str:
@@ -220,17 +257,17 @@ def draw(content: FigureContent) -> Any:
     axes = fig.subplots(rows, cols, squeeze=False)
     colours = content.colours or tuple(COLOURS[i % len(COLOURS)] for i in range(len(content.runs)))
     colour = dict(zip(content.runs, colours))
+    marker = dict(zip(content.runs, content.markers or run_markers(colours)))
     for ax, panel in zip(axes.flat, content.panels):
         if panel.zero_line:
             ax.axhline(0.0, color="0.6", linewidth=0.8)
         for line in panel.lines:
             style = {"color": colour[line.run], "linestyle": "--" if line.is_eval else "-", "linewidth": 1.3}
             label = f"{line.run} (eval)" if line.is_eval else line.run
+            shown = line.smoothed if line.smoothed is not None else line.values
             if line.smoothed is not None:
                 ax.plot(line.steps, line.values, **{**style, "linewidth": 0.8}, alpha=0.25, label="_raw " + label)
-                ax.plot(line.steps, line.smoothed, **style, label=label)
-            else:
-                ax.plot(line.steps, line.values, **style, label=label)
+            ax.plot(line.steps, shown, **style, label=label, **_marks(shown, marker[line.run]))
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel(panel.ylabel, fontsize=8)
@@ -238,7 +275,7 @@ def draw(content: FigureContent) -> Any:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(content.panels):]:
         ax.axis("off")
-    handles = [Line2D([], [], color=colour[run], linewidth=2) for run in content.runs]
+    handles = [Line2D([], [], color=colour[run], linewidth=2, marker=marker[run]) for run in content.runs]
     labels = list(content.runs)
     if any(line.is_eval for panel in content.panels for line in panel.lines):
         handles.append(Line2D([], [], color="0.3", linestyle="--"))
@@ -248,6 +285,18 @@ def draw(content: FigureContent) -> Any:
     if content.notes:
         fig.supxlabel("\n".join(content.notes), fontsize=8, color="0.3")
     return fig
+
+
+def _marks(values: Sequence[float], run_marker: str | None) -> dict[str, Any]:
+    """Matplotlib marker settings for one drawn series: the run's own marker (about ten along the line), and a
+    dot on every point with no finite neighbour."""
+    lone = lone_points(values)
+    if run_marker is not None:
+        every = sorted(set(range(0, len(values), max(1, len(values) // 10))) | set(lone))
+        return {"marker": run_marker, "markevery": every, "markersize": 5}
+    if lone:
+        return {"marker": "o", "markevery": lone, "markersize": 4}
+    return {}
 
 
 def save(fig: Any, out: Path, *, svg: bool = False) -> list[Path]:

@@ -153,7 +153,9 @@ def _read(folder: Path, *, required: bool) -> RunMetrics | None:
     try:
         metrics = read_metrics_file(path)
     except OSError as exc:
-        raise PlotError(f"{path} cannot be read: {exc.strerror or exc}") from None
+        from spo_align.os_errors import reason
+
+        raise PlotError(f"{path} cannot be read: {reason(exc)}") from None
     warning = metrics.warning()
     if warning:
         logger.warning("%s", warning)

@@ -147,7 +147,9 @@ def schema(
         try:
             output.write_text(text, encoding="utf-8")
         except OSError as exc:
-            raise _usage_error(f"cannot write {output}: {exc.strerror or exc}") from None
+            from spo_align.os_errors import reason
+
+            raise _usage_error(f"cannot write {output}: {reason(exc)}") from None
 
 
 def new(
@@ -165,7 +167,9 @@ def new(
     except CopyRecipeError as exc:
         raise _usage_error(str(exc)) from None
     except OSError as exc:
-        raise _usage_error(f"cannot copy {src} to {dest}: {exc.strerror or exc}") from None
+        from spo_align.os_errors import reason
+
+        raise _usage_error(f"cannot copy {src} to {dest}: {reason(exc)}") from None
     typer.echo(f"wrote {written}")
     try:
         load_recipe(written)

@@ -3,9 +3,11 @@
 `load_recipe` either returns a valid, frozen `Recipe` or raises `RecipeErrors` holding every error it
 found, each with the file, line and column of the YAML node it concerns.
 
-Paths inside a recipe are relative to the file that writes them. When a recipe `extends` a base in
-another folder, the base's DeepSpeed/hostfile paths and local dataset paths are rewritten relative to
-the extending recipe, so the merged recipe reads them relative to its own folder.
+Paths inside a recipe are relative to the file that writes them; `$VAR`, `${VAR}` and a leading `~` in a key
+that holds a path are expanded when the file (or the `--set`) is read (`paths.expand_path`). When a recipe
+`extends` a base in another folder, the base's DeepSpeed/hostfile paths and local dataset paths are rewritten
+relative to the extending recipe, so the merged recipe reads them relative to its own folder. An experiment
+file or a DeepSpeed config given as a recipe is one error naming it (`file_kinds`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ from pydantic import ValidationError
 
 from spo_align.recipe.checks import check_recipe
 from spo_align.recipe.errors import RecipeError, RecipeErrors, sorted_errors
+from spo_align.recipe.file_kinds import not_a_recipe
 from spo_align.recipe.locate import findings_to_errors, make_error, validation_errors
-from spo_align.recipe.paths import looks_like_local_data, missing_path_findings, output_dir
+from spo_align.recipe.paths import (
+    expand_path_keys,
+    looks_like_local_data,
+    missing_path_findings,
+    output_dir,
+    recipe_path_keys,
+)
 from spo_align.recipe.schema import Recipe
 from spo_align.recipe.yaml_positions import KeyPath, Loc, Positions, dotted, parse_yaml_value, read_yaml_file
 
@@ -85,10 +94,22 @@ def _rebase_paths(data: dict[str, Any], from_dir: Path, to_dir: Path) -> None:
                         source["path"] = _rebase(source["path"], from_dir, to_dir, must_exist=True)
 
 
+def _expand(data: dict[str, Any], positions: Positions, file: str, keys: Iterable[KeyPath]) -> list[RecipeError]:
+    """Environment variables and `~` expanded in the path keys among `keys` (`paths.expand_path`)."""
+    return [make_error(key, message, positions, file) for key, message in expand_path_keys(data, keys)]
+
+
+def _from_override(key: KeyPath, positions: Positions) -> bool:
+    """True when a `--set` wrote `key` or a section holding it."""
+    return any((loc := positions.get(key[:n])) is not None and loc.override is not None for n in range(1, len(key) + 1))
+
+
 def _load_tree(path: Path, chain: tuple[Path, ...]) -> tuple[Any, Positions, list[RecipeError]]:
     data, positions, errors = read_yaml_file(path)
     if not isinstance(data, dict):
         return data, positions, errors
+    # Each file's own paths, before a base's are rebased onto the extending recipe's folder.
+    errors = errors + _expand(data, positions, str(path), list(recipe_path_keys(data)))
     parent = data.get("extends")
     if parent is None:
         return data, positions, errors
@@ -125,14 +146,15 @@ def _parse_override(raw: str) -> tuple[list[str], Any]:
     if any(not part for part in parts):
         raise ValueError(f"bad key path {key.strip()!r}")
     try:
-        parsed = parse_yaml_value(value) if value.strip() else None
+        parsed = parse_yaml_value(value)
     except yaml.YAMLError as exc:
-        raise ValueError(f"cannot read value {value!r} as YAML: {getattr(exc, 'problem', exc)}") from None
+        raise ValueError(f"cannot read value {value!r}: {getattr(exc, 'problem', exc)}") from None
     return parts, parsed
 
 
 def apply_overrides(data: dict[str, Any], positions: Positions, overrides: Sequence[str], file: str) -> list[RecipeError]:
-    """Set each `key.path=value` (value read as YAML) in place; the schema then checks it like any key."""
+    """Set each `key.path=value` in place (the value is one value: `parse_yaml_value`); the schema then checks
+    it like any key."""
     errors: list[RecipeError] = []
     for raw in overrides:
         try:
@@ -180,7 +202,12 @@ def _load(path: Path, overrides: Sequence[str]) -> tuple[Recipe | None, list[Rec
     data, positions, errors = _load_tree(path, ())
     if not isinstance(data, dict):
         return None, errors, positions
+    other = not_a_recipe(data, file)
+    if other is not None:
+        return None, [RecipeError(file, 1, 1, "", other)], positions
     errors += apply_overrides(data, positions, overrides, file)
+    set_paths = [key for key in recipe_path_keys(data) if _from_override(key, positions)]
+    errors += _expand(data, positions, file, set_paths)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

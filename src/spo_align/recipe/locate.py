@@ -176,6 +176,10 @@ def _type_hint(kind: str, given: Any) -> str:
     if kind in ("int_type", "float_type") and isinstance(given, bool):
         return ", a boolean: booleans are not numbers"
     if kind in ("int_type", "float_type") and isinstance(given, str):
+        try:
+            float(given)
+        except ValueError:
+            return ", text, not a number"
         return ", quoted text: write the number without quotes"
     if kind == "int_type" and isinstance(given, float):
         return ": write a whole number without a decimal point"

@@ -74,8 +74,8 @@ class ColumnMap(Section):
 class DatasetSource(Section):
     path: str = Field(
         min_length=1,
-        description="Hub dataset id, local dataset folder, or a .jsonl/.json/.parquet file. Local paths are "
-        "relative to the recipe file that writes them.",
+        description="Hub dataset id, local dataset folder, or a .jsonl/.json/.csv/.tsv/.parquet file (optionally "
+        ".gz/.bz2/.xz). Local paths are relative to the recipe file that writes them.",
     )
     split: str = Field("train", description="Split to read (e.g. train_sft, train_prefs).")
     name: str | None = Field(None, description="Dataset configuration name, if the dataset has several.")

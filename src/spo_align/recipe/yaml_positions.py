@@ -202,9 +202,59 @@ def parse_yaml(text: str, file: str) -> tuple[Any, Positions, list[RecipeError]]
         loader.dispose()
 
 
+class SetValueError(ValueError):
+    """A `--set` value that cannot be read as one value (the message says why and what to write)."""
+
+
+def _whole_node(text: str) -> yaml.Node | None:
+    """The YAML node of `text` when `text` is exactly one node and nothing else (no comment, no second
+    value after it); None otherwise."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError:
+        return None
+    finally:
+        loader.dispose()
+    if node is None or node.end_mark.index != len(text):
+        return None
+    return node
+
+
 def parse_yaml_value(text: str) -> Any:
-    """One YAML value (a `--set` value), read with the same rules as recipe files."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a subclass of the safe loader
+    """One `--set` value. The whole text is one value: it is never cut at ` #` (a YAML comment in a file) nor
+    read as a mapping because it holds `: `. Text that is wholly a quoted string or wholly a flow list or
+    mapping (`[0, 1]`, `{type: dpo}`) is read as YAML; any other text is one scalar, typed as a bare scalar in
+    a recipe file is (`0.3`, `5e-7`, `true`, `null`), else kept as text. Empty text is null. Raises
+    `SetValueError` for a YAML tag (`!!str 5`), which a single value cannot apply."""
+    text = text.strip()
+    if not text:
+        return None
+    if text[0] in "'\"[{":
+        node = _whole_node(text)
+        whole = node is not None and (
+            isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) or node.style in ("'", '"')
+        )
+        if whole:
+            loader = _Loader("")
+            try:
+                walker = _Walker(loader, "--set")
+                value = walker.walk(node, ())
+                if walker.errors:
+                    raise SetValueError(walker.errors[0].message)
+                return value
+            finally:
+                loader.dispose()
+    if text[0] == "!":
+        raise SetValueError(
+            "a YAML tag is not read in a --set value; write the value itself, in quotes for text ('1234567')"
+        )
+    loader = _Loader("")
+    try:
+        tag = loader.resolve(yaml.ScalarNode, text, (True, False))
+        return loader.construct_object(yaml.ScalarNode(tag, text), deep=True)
+    finally:
+        loader.dispose()
 
 
 def read_yaml_file(path: Path) -> tuple[Any, Positions, list[RecipeError]]:

@@ -1,22 +1,31 @@
 """The model card (README.md) of a finished run, in the Hugging Face Hub's convention.
 
-YAML front matter (base_model when the base is a hub id, hub datasets, library_name, license when the base's
-own card states one, pipeline_tag, tags), then: what was trained (stage, loss and its parameters with the
+YAML front matter (base_model: the hub model the run descends from, hub datasets, library_name, license when the
+base's own card states one whole, pipeline_tag, tags), then: what was trained (stage, loss and its parameters with the
 optimum they imply, adapter, data with the run's row-policy counts), the final metrics, the curves, how to
 load it, the exact `spo train` command and the resolved recipe. Every number is copied from run.json,
 metrics.jsonl or the resolved recipe, never computed again. Written before the completion marker.
+
+Text the user wrote (the description, folder names, paths, the command, the resolved recipe) is shown as
+written: escaped where it is prose, in code spans and fences longer than any backtick run it holds, so no
+code fence, HTML tag or Markdown mark in it can change the card around it.
+
+base_model follows the lineage of a local base: a local SFT folder is not on the hub, but the card or resolved
+recipe in it names what it was trained from, and so on up to the first hub model (hub -> SFT -> SPO).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from spo_align.train.outputs import CARD_MARK, CURVES, MODEL_CARD, RESOLVED_RECIPE
+from spo_align.train.lineage import License, base_card, hub_ancestor, license_of
+from spo_align.train.outputs import CARD_MARK, CURVES, RESOLVED_RECIPE
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
@@ -37,8 +46,51 @@ def number(value: Any) -> str:
     return str(value)
 
 
+# ---------------------------------------------------------------- Markdown that shows text as written
+
+_INLINE_MARKS = re.compile(r"([\\`*\[\]<>&|~$])")
+_EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")  # `snake_case` stays as it is
+_BLOCK_START = re.compile(r"^(#|[-+=]|\d+[.)])")
+
+
+def plain(text: str) -> str:
+    """`text` as Markdown prose that renders exactly as written: every mark that could start emphasis, code,
+    a link, HTML, an entity or math is backslash-escaped, as is a line start that could open a heading, list,
+    rule or quote; lines lose their indentation (four spaces would make a code block). Blank lines still
+    separate paragraphs."""
+    lines = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        line = _EDGE_UNDERSCORE.sub(r"\\_", _INLINE_MARKS.sub(r"\\\1", line.strip()))
+        start = _BLOCK_START.match(line)
+        if start:
+            marker = start.group(1)
+            line = marker[:-1] + "\\" + line[len(marker) - 1 :]
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _heading(text: str) -> str:
+    """One line of plain text for a heading (a trailing `#` would be read as the heading's closing mark)."""
+    line = plain(" ".join(text.splitlines()))
+    return re.sub(r"(?<!\\)(#+)\s*$", lambda m: m.group(1).replace("#", "\\#"), line)
+
+
+def code(text: str) -> str:
+    """`text` as an inline code span, whatever backticks it holds."""
+    text = " ".join(text.splitlines())
+    ticks = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def fenced(text: str, info: str) -> list[str]:
+    """`text` as a fenced code block whose fence is longer than any backtick run inside it."""
+    fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return [fence + info, text.rstrip("\n"), fence]
+
+
 def _cell(value: Any) -> str:
-    return number(value).replace("|", "\\|").replace("\n", " ")
+    return _INLINE_MARKS.sub(r"\\\1", number(value)).replace("\n", " ")
 
 
 def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("", "")) -> list[str]:
@@ -83,47 +135,23 @@ def _reported(run_info: dict[str, Any]) -> dict[str, Any]:
     return {**run_info, "row_policy": shown}
 
 
-def _front_matter_of(path: Path) -> dict[str, Any]:
-    try:
-        from huggingface_hub.repocard import metadata_load
-
-        return metadata_load(path) or {}
-    except Exception:  # noqa: BLE001 - a card we cannot read tells us nothing
-        return {}
-
-
 def _is_local(plan: RunPlan, path: str) -> bool:
     return Path(path).is_absolute() or (plan.base_dir / path).exists() or Path(path).exists()
 
 
 def base_model(plan: RunPlan) -> str | None:
-    """The base as a hub id; None for a local folder or an embedded `tiny:` model."""
-    path = plan.model_path
-    if path.startswith("tiny:") or _is_local(plan, path):
-        return None
-    return path
+    """The hub model the run descends from: the base itself when it is a hub id, else the nearest hub model up
+    a local base's lineage (`lineage.hub_ancestor`); None for a `tiny:` model or a lineage that names none."""
+    return hub_ancestor(plan.model_path)
 
 
-def base_license(plan: RunPlan) -> str | None:
-    """The license the base model's own card states: a local folder's README.md, or a cached hub card."""
-    path = plan.model_path
-    card: Path | None = None
-    if path.startswith("tiny:"):
-        return None
-    if Path(path).is_dir():
-        card = Path(path) / MODEL_CARD
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(path, MODEL_CARD, revision=plan.recipe.model.revision)
-        except Exception:  # noqa: BLE001 - not a repo id, or no cache: the license is unknown
-            cached = None
-        card = Path(cached) if isinstance(cached, str) else None
-    if card is None or not card.is_file():
-        return None
-    license_ = _front_matter_of(card).get("license")
-    return str(license_) if license_ else None
+def base_license(plan: RunPlan) -> License:
+    """The license of the base's own card (copied whole or not at all), else of its hub ancestor's cached card."""
+    found = license_of(base_card(plan.model_path, plan.recipe.model.revision))
+    ancestor = base_model(plan)
+    if not found.fields and found.note is None and ancestor is not None and ancestor != plan.model_path:
+        found = license_of(base_card(ancestor, None))
+    return found
 
 
 def _sources(plan: RunPlan) -> list[tuple[str, dict[str, Any]]]:
@@ -145,9 +173,7 @@ def front_matter(plan: RunPlan) -> dict[str, Any]:
     if datasets:
         meta["datasets"] = datasets
     meta["library_name"] = "peft" if recipe.adapter is not None else "transformers"
-    license_ = base_license(plan)
-    if license_ is not None:
-        meta["license"] = license_
+    meta.update(base_license(plan).fields)
     meta["pipeline_tag"] = "text-generation"
     tags = ["spo-align", recipe.loss.type if recipe.loss is not None else recipe.stage]
     if recipe.adapter is not None:
@@ -196,29 +222,29 @@ def _final_metrics(records: list[dict[str, Any]]) -> tuple[list[tuple[str, Any]]
 def _load_section(output_dir: Path, lora: bool, merged: bool) -> list[str]:
     folder = str(output_dir)
     if lora:
-        lines = [
-            "This folder holds a LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`) and the tokenizer;",
-            "peft loads the base model the adapter names and puts the adapter on it:",
-            "", "```python",
+        snippet = "\n".join([
             "from peft import AutoPeftModelForCausalLM",
             "from transformers import AutoTokenizer",
             "",
             f"model = AutoPeftModelForCausalLM.from_pretrained({folder!r})  # or the hub id it is pushed to",
             f"tokenizer = AutoTokenizer.from_pretrained({folder!r})",
             "model = model.merge_and_unload()  # optional: one plain model, no adapter layers",
-            "```",
+        ])
+        lines = [
+            "This folder holds a LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`) and the tokenizer;",
+            "peft loads the base model the adapter names and puts the adapter on it:",
+            "", *fenced(snippet, "python"),
         ]
         if merged:
             lines += ["", "`merged/` holds the adapter already merged into the base, loadable with `AutoModelForCausalLM`."]
         return lines
-    return [
-        "```python",
+    snippet = "\n".join([
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f"model = AutoModelForCausalLM.from_pretrained({folder!r})  # or the hub id it is pushed to",
         f"tokenizer = AutoTokenizer.from_pretrained({folder!r})",
-        "```",
-    ]
+    ])
+    return fenced(snippet, "python")
 
 
 def render(
@@ -230,13 +256,19 @@ def render(
     meta = front_matter(plan)
     what = f"{recipe.loss.type.upper()} preference training" if recipe.loss is not None else "supervised fine-tuning"
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", CARD_MARK, ""]
-    lines += [f"# {output_dir.name}", "", f"{what} of `{plan.model_path}` with spo-align"
+    lines += [f"# {_heading(output_dir.name)}", "", f"{what} of {code(plan.model_path)} with spo-align"
               + (f" ({recipe.adapter.type} adapter)." if recipe.adapter is not None else " (full fine-tuning).")]
     if recipe.description:
-        lines += ["", recipe.description]
+        lines += ["", plain(recipe.description)]  # shown as written: nothing in it is Markdown or HTML
     if "base_model" not in meta and not plan.model_path.startswith("tiny:"):
-        lines += ["", f"The base is a local folder (`{plan.model_path}`); if you publish it, add its hub id as "
+        lines += ["", f"The base is a local folder ({code(plan.model_path)}); if you publish it, add its hub id as "
                   "`base_model` in the front matter above."]
+    elif meta.get("base_model") not in (None, plan.model_path):
+        lines += ["", f"The base is a local folder ({code(plan.model_path)}), trained from the hub model "
+                  f"{code(meta['base_model'])}: `base_model` above names it."]
+    note = base_license(plan).note
+    if note is not None:
+        lines += ["", note]
     lines += ["", "## Training", "", *_table(_training_rows(plan, info), ("setting", "value"))]
     lines += ["", "## Data", ""]
     rows = []
@@ -261,14 +293,15 @@ def render(
     lines += ["", "## Curves", ""]
     lines.append(f"![training curves]({CURVES})" if curves_error is None else f"The curves could not be drawn: {curves_error}")
     lines += ["", "## How to load", "", *_load_section(output_dir, recipe.adapter is not None, recipe.output.save_merged)]
-    lines += ["", "## Reproduce", "", "```bash", str(info.get("command") or "(not recorded)"), "```"]
+    lines += ["", "## Reproduce", "", *fenced(str(info.get("command") or "(not recorded)"), "bash")]
     sessions = info.get("sessions") or []
     if len(sessions) > 1:
         lines += ["", f"The run was continued {len(sessions) - 1} time(s) from a checkpoint:", ""]
-        lines += [f"- {s.get('started')}: from {s.get('resumed_from') or 'the start'}" for s in sessions]
+        lines += [f"- {plain(str(s.get('started')))}: from {plain(str(s.get('resumed_from') or 'the start'))}"
+                  for s in sessions]
     resolved = output_dir / RESOLVED_RECIPE
     if resolved.is_file():
-        lines += ["", "## Resolved recipe", "", "```yaml", resolved.read_text(encoding="utf-8").rstrip(), "```"]
+        lines += ["", "## Resolved recipe", "", *fenced(resolved.read_text(encoding="utf-8"), "yaml")]
     lines += ["", f"Trained {info.get('started')} to {info.get('finished')} "
               f"(spo-align {info.get('packages', {}).get('spo-align', '?')}, git {info.get('git_revision') or '?'})."]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """`spo train` and `spo plot`. Thin: parse, call the library, print. torch is imported inside the bodies.
 
-Exit codes: 0 success; 1 bad input (recipe errors printed exactly like `spo validate`, or one `error:` line
+Exit codes: 0 success; 2 contradictory flags (`--resume --overwrite`); 1 bad input (recipe errors printed exactly like `spo validate`, or one `error:` line
 for data, model, output-folder, reference-cache and launch problems) or a failed write (a full disk, an
 unwritable folder: one `error:` line); 130 when interrupted (Ctrl-C: one line, the run left to continue); 143
 when stopped by SIGTERM after saving a checkpoint (one line; the same command continues);
@@ -51,6 +51,11 @@ def train(
     from spo_align.train.launch import LaunchError, dry_run_report, launch
     from spo_align.train.preemption import EXIT_CODE, RunStopped
 
+    if resume and overwrite:
+        from spo_align.train.launch import CONTRADICTORY_FLAGS
+
+        typer.echo(f"error: {CONTRADICTORY_FLAGS}", err=True)
+        raise typer.Exit(code=2)
     if not recipe.is_file():
         typer.echo(f"error: no such recipe file: {recipe}", err=True)
         raise typer.Exit(code=1)
@@ -127,7 +132,9 @@ def plot(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     except OSError as exc:
-        typer.echo(f"error: cannot write the figure: {exc}", err=True)
+        from spo_align.os_errors import reason
+
+        typer.echo(f"error: cannot write the figure: {reason(exc)}", err=True)
         raise typer.Exit(code=1) from None
     for path in written:
         typer.echo(str(path))

@@ -142,13 +142,24 @@ def _materialise_models(plan: RunPlan) -> None:
             resolve_model_path(path)
 
 
+CONTRADICTORY_FLAGS = (
+    "--resume and --overwrite contradict each other: --resume continues the run in output.dir, --overwrite "
+    "deletes it; give one of them"
+)
+
+
 def launch(
     plan: RunPlan, recipe_path: Path, overrides: Sequence[str], *, resume: bool, overwrite: bool
 ) -> Path:
-    """Run the plan to completion, in-process or under its launcher; returns the output folder."""
+    """Run the plan to completion, in-process or under its launcher; returns the output folder.
+
+    Raises `OutputFolderError` for `resume` and `overwrite` together (continue the run, and delete it)."""
     from spo_align.train.model import check_model_setup
+    from spo_align.train.outputs import OutputFolderError
     from spo_align.train.run import claim_output, run, train_command
 
+    if resume and overwrite:
+        raise OutputFolderError(CONTRADICTORY_FLAGS)
     command = train_command(recipe_path, overrides)
     if plan.launcher == "inprocess":
         return run(plan, resume=resume, overwrite=overwrite, command=command)

@@ -133,10 +133,28 @@ def _check_adapter_possible(plan: RunPlan) -> None:
         )
 
 
+def _check_starting_folders(plan: RunPlan) -> None:
+    """A local model, tokenizer or reference folder that is an unfinished spo-align run (an SFT stage stopped
+    before its end) is refused: its model is missing or half-written."""
+    from spo_align.train.outputs import unfinished_run_problem
+
+    section = plan.recipe.model
+    for key, path in (
+        ("model.name_or_path", plan.model_path), ("model.tokenizer", section.tokenizer),
+        ("reference.model", plan.reference_model_path),
+    ):
+        if path is None or path.startswith(TINY_PREFIX):
+            continue
+        problem = unfinished_run_problem(Path(path).expanduser())
+        if problem is not None:
+            raise ModelSetupError(f"{key}: {problem}")
+
+
 def check_model_setup(plan: RunPlan) -> None:
-    """Every model-section check that does not need the weights (attention, dtype, QLoRA)."""
+    """Every model-section check that does not need the weights (attention, dtype, QLoRA, unfinished runs)."""
     resolve_attention(plan)
     _check_adapter_possible(plan)
+    _check_starting_folders(plan)
 
 
 def load_tokenizer(plan: RunPlan) -> PreTrainedTokenizerBase:

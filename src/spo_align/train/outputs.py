@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spo_align.os_errors import reason
 from spo_align.train.checkpoints import (
     CHECKPOINT,
     checkpoint_folders,
     fsync_dir,
+    is_sealed,
     last_checkpoint,
     remove_checkpoint,
     rotate,
@@ -78,6 +80,34 @@ def finished_at(output_dir: Path) -> float | None:
         return marker.stat().st_mtime if marker.is_file() else None
     except OSError:
         return None
+
+
+def unfinished_run_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be used as a model: it is a spo-align run without its completion marker (its model may
+    be missing or half-written), or a checkpoint of one that was never sealed. None for anything else (a
+    finished run, a sealed checkpoint, a folder spo-align did not write)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    if folder.name == "merged" and _has_recipe(folder.parent) and finished_at(folder.parent) is None:
+        return (
+            f"{folder} is the merged model of an unfinished spo-align run (no {COMPLETE_MARKER} marker in "
+            f"{folder.parent}: it may be half-written); finish the run by running its spo train command again"
+        )
+    if CHECKPOINT.match(folder.name) and _has_recipe(folder.parent):
+        if is_sealed(folder):
+            return None
+        return (
+            f"{folder} is a checkpoint that was never completely written (no valid seal): use a sealed "
+            "checkpoint-N of the run, or the finished run"
+        )
+    if finished_at(folder) is not None or not (_has_recipe(folder) or (folder / RUN_INFO).is_file()):
+        return None
+    return (
+        f"{folder} is an unfinished spo-align run (no {COMPLETE_MARKER} marker: its model may be missing or "
+        "half-written); finish it by running its spo train command again, or use one of its sealed "
+        "checkpoint-N folders"
+    )
 
 
 def _is_tool_file(path: Path) -> bool:
@@ -140,13 +170,13 @@ def _ensure_folder(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputFolderError(f"output.dir {output_dir} cannot be created: {exc.strerror or exc}") from None
+        raise OutputFolderError(f"output.dir {output_dir} cannot be created: {reason(exc)}") from None
     probe = output_dir / f".spo-write-test-{os.getpid()}.tmp"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputFolderError(f"output.dir {output_dir} is not writable: {exc.strerror or exc}") from None
+        raise OutputFolderError(f"output.dir {output_dir} is not writable: {reason(exc)}") from None
 
 
 _SHOWN_KEYS = 12
