@@ -69,6 +69,19 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_cost(folder: Path) -> tuple[int | None, float | None]:
+    """(bytes, seconds to write and seal it) as recorded in a checkpoint's seal; None for what is not recorded."""
+    try:
+        body = json.loads((Path(folder) / SEAL).read_text(encoding="utf-8"))
+        files = body["files"]
+        size = sum(int(n) for n in files.values()) if isinstance(files, dict) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None
+    times = [body.get("write_s"), body.get("seal_s")]
+    seconds = sum(times) if all(isinstance(t, int | float) for t in times) else None
+    return size, seconds
+
+
 def checkpoint_step(folder: Path) -> tuple[int, int | None]:
     """(global_step, max_steps) from a checkpoint's trainer state; max_steps None when it was not recorded."""
     state = json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))
