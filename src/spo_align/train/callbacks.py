@@ -108,17 +108,25 @@ class CheckpointSealCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self.keep: int | None = None
+        self._step_ended: float | None = None
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self.keep = args.save_total_limit
         args.save_total_limit = None
 
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._step_ended = time.monotonic()  # a checkpoint of this step is written after the step's callbacks
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        # The seal records how long this process took to write the checkpoint and how long sealing took after
+        # that (waiting for the other ranks included), which `spo` reads to say whether a stop's save fits in time.
+        written = time.monotonic()
+        write_s = None if self._step_ended is None else written - self._step_ended
         _barrier()  # every rank has written its optimizer shards and RNG state
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                seal(folder)
+                seal(folder, write_s=write_s, started=written)
                 rotate(Path(args.output_dir), self.keep)
         _barrier()
 

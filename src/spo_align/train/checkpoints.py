@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -130,14 +131,18 @@ def write_durably(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def seal(folder: Path) -> None:
-    """Flush `folder` to disk and write its seal (the step and every file's size)."""
+def seal(folder: Path, *, write_s: float | None = None, started: float | None = None) -> None:
+    """Flush `folder` to disk and write its seal (the step and every file's size; with `write_s`, the seconds
+    the checkpoint took to write, and the seconds sealing took from `started`, a `time.monotonic()`)."""
     folder = Path(folder)
     match = CHECKPOINT.match(folder.name)
     if not match:
         raise ValueError(f"{folder} is not a checkpoint-N folder")
     fsync_tree(folder)
-    body = {"step": int(match.group(1)), "files": _files(folder)}
+    body: dict[str, object] = {"step": int(match.group(1)), "files": _files(folder)}
+    if write_s is not None and started is not None:
+        body["write_s"] = round(write_s, 3)
+        body["seal_s"] = round(time.monotonic() - started, 3)
     write_durably(folder / SEAL, json.dumps(body, indent=1) + "\n")
 
 
