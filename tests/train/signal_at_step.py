@@ -3,6 +3,8 @@
     SIGNAL_AT=N    the process signals itself when the Trainer begins step N (1-based), so the signal arrives
                    in the middle of a step, as a spot instance's notice or a Ctrl-C would
     SIGNAL_AT=N,N  twice at step N (a second SIGTERM must end the process at once)
+    SIGNAL_AT=load      while the model loads, before training (after the data is read and tokenized)
+    SIGNAL_AT=save:N    while checkpoint-N is written: its weights are on disk, its optimizer state not yet
     SIGNAL=TERM    which signal (TERM, the default, or INT for Ctrl-C)
 
 Only the moment is chosen, so that a fast machine cannot finish the run before the signal; the signal, its
@@ -19,11 +21,19 @@ import sys
 def main() -> None:
     from transformers import Trainer
 
-    steps = [int(s) for s in os.environ["SIGNAL_AT"].split(",")]
     sent = getattr(signal, "SIG" + os.environ.get("SIGNAL", "TERM"))
     # A test runner started in the background (no job control) passes SIGINT on as ignored; a terminal's
     # Ctrl-C reaches a process with Python's own handler, which this restores.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    at = os.environ["SIGNAL_AT"]
+    if at == "load":
+        _signal_while_the_model_loads(sent)
+        steps: list[int] = []
+    elif at.startswith("save:"):
+        _signal_while_a_checkpoint_is_written(sent, int(at.removeprefix("save:")))
+        steps = []
+    else:
+        steps = [int(s) for s in at.split(",")]
     training_step = Trainer.training_step
 
     def signalling_step(self: Trainer, *args, **kwargs):
@@ -39,6 +49,31 @@ def main() -> None:
 
     sys.argv = ["spo", *sys.argv[1:]]
     spo()
+
+
+def _signal_while_the_model_loads(sent: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    load = AutoModelForCausalLM.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def signalling_load(cls, *args, **kwargs):
+        os.kill(os.getpid(), sent)
+        return load(cls, *args, **kwargs)
+
+    AutoModelForCausalLM.from_pretrained = classmethod(signalling_load)  # type: ignore[method-assign]
+
+
+def _signal_while_a_checkpoint_is_written(sent: int, step: int) -> None:
+    from transformers import Trainer
+
+    save = Trainer._save_optimizer_and_scheduler
+
+    def signalling_save(self: Trainer, output_dir: str) -> None:
+        if self.state.global_step == step:
+            os.kill(os.getpid(), sent)
+        save(self, output_dir)
+
+    Trainer._save_optimizer_and_scheduler = signalling_save  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
