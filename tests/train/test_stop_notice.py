@@ -80,6 +80,13 @@ def test_a_stopped_launch_names_the_checkpoint_the_ranks_wrote_and_never_calls_a
     assert f"after step 4: {four} is saved" in str(saved.value)
 
 
+def test_ranks_stopped_by_someone_else_report_the_newest_sealed_checkpoint_as_found(tmp_path: Path):
+    four = _checkpoint(tmp_path, 4, size=1000)
+    with pytest.raises(RunStopped) as found:  # e.g. another node's spo told them; this one was not told
+        _check_finished(tmp_path, None, told_to_stop=False)
+    assert "without saving" not in str(found.value) and f"newest sealed checkpoint is {four} (step 4)" in str(found.value)
+
+
 def test_with_no_checkpoint_at_all_a_stopped_launch_says_the_run_starts_over(tmp_path: Path):
     with pytest.raises(RunStopped) as nothing:
         _check_finished(tmp_path, None)

@@ -165,7 +165,7 @@ def launch(
     outcome = _run_launcher(spec.command, plan)
     if outcome.returncode != 0 and not outcome.told_to_stop:
         raise LaunchError(f"{spec.launcher} exited with code {outcome.returncode}", outcome.returncode)
-    _check_finished(Path(plan.output_dir), outcome.stopped_at)
+    _check_finished(Path(plan.output_dir), outcome.stopped_at, told_to_stop=outcome.told_to_stop)
     return Path(plan.output_dir)
 
 
@@ -204,9 +204,11 @@ def estimated_checkpoint_bytes(plan: RunPlan) -> int | None:
     return weights + OPTIMIZER_BYTES_PER_PARAM * params if params else None
 
 
-def _check_finished(output_dir: Path, stopped_at: tuple[int, str] | None) -> None:
-    """A launch that ended without finishing the run was stopped on request (SIGTERM): say which checkpoint holds
-    it, the one the ranks wrote on the stop if they got to seal it, else the newest sealed one."""
+def _check_finished(output_dir: Path, stopped_at: tuple[int, str] | None, *, told_to_stop: bool = True) -> None:
+    """A launch whose ranks all ended well but left the run unfinished was stopped on request (SIGTERM): say which
+    checkpoint holds it, the one the ranks recorded on the stop if it is sealed, else the newest sealed one (as
+    not saved on this stop when `spo` was told to stop; as found when the ranks were signalled by someone else,
+    e.g. on another node)."""
     from spo_align.train.checkpoints import checkpoint_step, is_sealed, last_checkpoint
     from spo_align.train.outputs import finished_at
     from spo_align.train.preemption import RunStopped
@@ -216,7 +218,8 @@ def _check_finished(output_dir: Path, stopped_at: tuple[int, str] | None) -> Non
     if stopped_at is not None and is_sealed(Path(stopped_at[1])):
         raise RunStopped(stopped_at[0], stopped_at[1])
     checkpoint = last_checkpoint(output_dir)
-    raise RunStopped.unsaved(None if checkpoint is None else (checkpoint_step(checkpoint)[0], str(checkpoint)))
+    last = None if checkpoint is None else (checkpoint_step(checkpoint)[0], str(checkpoint))
+    raise RunStopped.unsaved(last) if told_to_stop else RunStopped.elsewhere(last)
 
 
 # ---------------------------------------------------------------- worker entry point (one per rank)

@@ -53,6 +53,14 @@ class RunStopped(Exception):
         return cls(None, None, f"stopped on request (SIGTERM) without saving a checkpoint on this stop: the newest "
                    f"sealed one is {last[1]} (step {last[0]}); run the same command to continue from it")
 
+    @classmethod
+    def elsewhere(cls, last: tuple[int, str] | None) -> RunStopped:
+        """The ranks stopped without finishing, told by someone else than this `spo` (another node's, a SIGTERM
+        sent to them); `last` is the newest sealed checkpoint (step, path)."""
+        where = "it has no sealed checkpoint" if last is None else f"the newest sealed checkpoint is {last[1]} (step {last[0]})"
+        return cls(None, None, f"the ranks stopped on request without finishing the run: {where}; run the same "
+                   "command to continue")
+
 
 class SaveOnSigterm(TrainerCallback):
     """Turns the first SIGTERM into a checkpoint at the current step's end and a stop (see the module doc)."""
