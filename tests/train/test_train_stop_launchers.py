@@ -41,7 +41,7 @@ def _args(model: Path, out: Path, launcher: str) -> list[str]:
     ]
 
 
-def _spo(args: list[str], pids: Path, signal_at: int | None = None) -> tuple[int, str]:
+def _spo(args: list[str], pids: Path, signal_at: int | str | None = None) -> tuple[int, str]:
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), "SPO_TEST_RANK_PIDS": str(pids),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")])),
@@ -74,7 +74,7 @@ def _rank_pids(folder: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["deepspeed"])
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "accelerate"])
 def test_a_sigterm_to_spo_stops_every_rank_at_one_saved_step_and_the_same_command_finishes_the_run(
     small_model: Path, tmp_path: Path, launcher: str
 ):
@@ -115,3 +115,27 @@ def test_a_sigterm_to_spo_stops_every_rank_at_one_saved_step_and_the_same_comman
     assert want.keys() == got.keys()
     for name in want:
         assert (want[name] - got[name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_a_sigterm_to_spo_before_training_stops_the_launcher_and_every_rank_now(
+    small_model: Path, tmp_path: Path, launcher: str
+):
+    """No rank can save yet (rank 0 is loading the model): the whole launch stops, nothing is left running, and
+    `spo` says that nothing was saved."""
+    out = tmp_path / "out"
+    pids = tmp_path / "pids"
+    try:
+        code, log = _spo(_args(small_model, out, launcher), pids, signal_at="load")
+        alive = [pid for pid in _rank_pids(pids) if _running(pid)]
+    finally:
+        for pid in _rank_pids(pids) if pids.is_dir() else []:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not alive, f"ranks {alive} outlived spo: {log[-3000:]}"
+    assert code == 128 + signal.SIGTERM, log[-3000:]
+    assert any("SIGTERM outside training" in line for line in log.splitlines()), log[-3000:]
+    lines = [line for line in log.splitlines() if line.startswith("stopped:")]
+    assert len(lines) == 1 and "before a checkpoint was saved" in lines[0], log[-3000:]
+    assert checkpoint_folders(out) == [] and not (out / "metrics.jsonl").exists()

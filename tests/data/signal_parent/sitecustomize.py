@@ -14,7 +14,19 @@ if "LOCAL_RANK" in os.environ:
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "gloo_only" / "sitecustomize.py"))
     if os.environ.get("SPO_TEST_RANK_PIDS"):
         (Path(os.environ["SPO_TEST_RANK_PIDS"]) / os.environ["RANK"]).write_text(str(os.getpid()))
-    if os.environ.get("SPO_TEST_SIGNAL_PARENT_AT") and os.environ.get("RANK") == "0":
+    if os.environ.get("SPO_TEST_SIGNAL_PARENT_AT") == "load" and os.environ.get("RANK") == "0":
+        import signal
+
+        from transformers import AutoModelForCausalLM
+
+        load = AutoModelForCausalLM.from_pretrained.__func__
+
+        def signalling_load(cls, *args, **kwargs):
+            os.kill(int(os.environ["SPO_TEST_PARENT_PID"]), signal.SIGTERM)
+            return load(cls, *args, **kwargs)
+
+        AutoModelForCausalLM.from_pretrained = classmethod(signalling_load)
+    elif os.environ.get("SPO_TEST_SIGNAL_PARENT_AT") and os.environ.get("RANK") == "0":
         import signal
 
         from transformers import Trainer
