@@ -41,13 +41,14 @@ def _args(model: Path, out: Path, launcher: str) -> list[str]:
     ]
 
 
-def _spo(args: list[str], pids: Path, signal_at: int | str | None = None) -> tuple[int, str]:
+def _spo(args: list[str], pids: Path, signal_at: int | str | None = None, signal_name: str = "TERM") -> tuple[int, str]:
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), "SPO_TEST_RANK_PIDS": str(pids),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")])),
     }
     if signal_at is not None:
         env["SPO_TEST_SIGNAL_PARENT_AT"] = str(signal_at)
+        env["SPO_TEST_SIGNAL"] = signal_name
     pids.mkdir(exist_ok=True)
     # stderr to a file, not a pipe: a rank left running would hold a pipe open and the test would wait for it
     log = pids.with_suffix(".log")
@@ -139,3 +140,22 @@ def test_a_sigterm_to_spo_before_training_stops_the_launcher_and_every_rank_now(
     lines = [line for line in log.splitlines() if line.startswith("stopped:")]
     assert len(lines) == 1 and "before a checkpoint was saved" in lines[0], log[-3000:]
     assert checkpoint_folders(out) == [] and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_spo_stops_a_deepspeed_launch_and_leaves_nothing_running(small_model: Path, tmp_path: Path):
+    """The launcher runs in a session of its own, so a terminal's SIGINT reaches `spo` alone: `spo` passes it to the
+    launcher's process group and waits for it, then says the run was interrupted."""
+    out = tmp_path / "out"
+    pids = tmp_path / "pids"
+    try:
+        code, log = _spo(_args(small_model, out, "deepspeed"), pids, signal_at=3, signal_name="INT")
+        alive = [pid for pid in _rank_pids(pids) if _running(pid)]
+    finally:
+        for pid in _rank_pids(pids) if pids.is_dir() else []:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not alive, f"ranks {alive} outlived spo: {log[-3000:]}"
+    assert code == 130, log[-3000:]
+    assert sum(line.startswith("interrupted:") for line in log.splitlines()) == 1, log[-3000:]
+    assert checkpoint_folders(out) == [] and not (out / "COMPLETE").exists()

@@ -79,10 +79,14 @@ class SaveOnSigterm(TrainerCallback):
 
         self.requested = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process
+        short = "SIGTERM: saving a checkpoint at the end of this step, then stopping (again to stop now)"
         if os.environ.get(STOP_DIR_ENV) or self._output_dir is None:  # a launched rank: `spo` says the rest
-            logger.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping (again to stop now)")
-        else:
+            logger.warning("%s", short)
+            return
+        try:
             logger.warning("%s", stop_notice(self._output_dir, True, self._estimate, grace_seconds()))
+        except Exception as exc:  # the notice only informs: it must never cost the stop itself
+            logger.warning("%s (no estimate: %s)", short, exc)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         from spo_align.train.stopping import announce_rank

@@ -142,15 +142,24 @@ class _Forwarder:
         self.terms = 0
         self.other: int | None = None
 
+    def _say(self, saving: bool) -> None:
+        try:
+            logger.warning("%s", self.notice(saving))
+        except Exception as exc:  # the notice only informs: it must never cost the stop itself
+            logger.warning("SIGTERM: %s (no estimate: %s)", "saving a checkpoint, then stopping" if saving else "stopping now", exc)
+
     def on_sigterm(self, signum: int, frame: Any) -> None:
         self.terms += 1
         ranks = ready_ranks(self.folder)
         if self.terms == 1 and ranks:
-            logger.warning("%s", self.notice(True))
+            self._say(True)
             for pid in ranks:
                 _send(pid, signal.SIGTERM)
             return
-        logger.warning("%s", self.notice(False) if self.terms == 1 else "SIGTERM again: stopping every rank now")
+        if self.terms == 1:
+            self._say(False)
+        else:
+            logger.warning("SIGTERM again: stopping every rank now")
         _send(self.proc.pid, signal.SIGTERM, group=True)
         for pid in ranks:  # ranks in sessions of their own (torchrun's) are not in the launcher's group
             _send(pid, signal.SIGTERM)

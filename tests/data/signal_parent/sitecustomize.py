@@ -39,7 +39,7 @@ if "LOCAL_RANK" in os.environ:
         def signalling_step(self, *args, **kwargs):
             if self.state.global_step + 1 == step_to_signal and not sent:
                 sent.append(step_to_signal)
-                os.kill(parent, signal.SIGTERM)
+                os.kill(parent, getattr(signal, "SIG" + os.environ.get("SPO_TEST_SIGNAL", "TERM")))
             return training_step(self, *args, **kwargs)
 
         Trainer.training_step = signalling_step
