@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
+    from spo_align.train.stopping import LaunchOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def launch(
     return Path(plan.output_dir)
 
 
-def _run_launcher(command: list[str], plan: RunPlan) -> Any:
+def _run_launcher(command: list[str], plan: RunPlan) -> LaunchOutcome:
     """Run the launcher; a SIGTERM this process receives reaches every rank (`train/stopping.py`), which then save
     a checkpoint and stop, instead of ending this process alone and, in a container, everything with it."""
     from spo_align.train.stopping import grace_seconds, run_launcher, stop_notice
@@ -194,13 +195,13 @@ def estimated_checkpoint_bytes(plan: RunPlan) -> int | None:
         try:
             with path.open("rb") as handle:
                 header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        except (OSError, ValueError):
-            return None
-        for name, entry in header.items():
-            if name != "__metadata__":
-                begin, end = entry["data_offsets"]
-                weights += end - begin
-                params += math.prod(entry["shape"])
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    begin, end = entry["data_offsets"]
+                    weights += end - begin
+                    params += math.prod(entry["shape"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # not a readable safetensors file: no estimate
     return weights + OPTIMIZER_BYTES_PER_PARAM * params if params else None
 
 
@@ -258,6 +259,11 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
             from spo_align.train.stopping import record_stop
 
             record_stop(exc.step, exc.checkpoint)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every rank: leave now, without a barrier the others may never reach, and without the
+        # interpreter's finalization (see `exit_worker`); `spo` says the run was interrupted.
+        logger.warning("interrupted")
+        return 130
     except Exception as exc:
         from spo_align.train.disk import write_failure
 

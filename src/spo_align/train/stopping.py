@@ -22,7 +22,8 @@ at (`stopped.json`), so that `spo` names the checkpoint really written. With no 
 loading, tokenizing; after it: the final save) there is nothing a checkpoint could hold yet, and the whole launch
 (the launcher's process group, and through the launcher its ranks) is signalled: everything stops now. A second
 SIGTERM does that too. SIGINT (Ctrl-C) and SIGHUP go to the launcher's process group, as the terminal would have
-sent them, and `spo` waits for it to end.
+sent them. When the launcher has ended, `spo` waits for every process it started to end too (a minute at most,
+then they are killed), so that nothing of the launch outlives it.
 
 The line printed on a SIGTERM says whether the checkpoint should fit in the time before SIGKILL: its size (the
 newest sealed checkpoint's, else an estimate from the parameter count), the write speed measured at that
@@ -39,6 +40,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,9 @@ STOP_RECORD = "stopped.json"
 ASSUMED_BYTES_PER_S = 100e6
 """Write speed assumed before a checkpoint of the run was measured (a network volume's order; local NVMe is
 faster)."""
+LINGER_S = 60.0
+"""How long the processes of a launch may outlive the launcher before they are killed (DeepSpeed's node launcher
+kills its ranks 30 s after a SIGTERM)."""
 OPTIMIZER_BYTES_PER_PARAM = 12
 """Adam's fp32 state per trainable parameter under mixed precision: a master copy and two moments."""
 
@@ -135,12 +140,22 @@ class LaunchOutcome:
 
 
 class _Forwarder:
-    """The signal handlers `spo` holds while its launcher runs (see the module doc)."""
+    """The signal handlers `spo` holds while its launcher runs (see the module doc). Installed before the launcher
+    starts: a signal that comes before it has started is passed on as soon as it has."""
 
-    def __init__(self, proc: subprocess.Popen, folder: Path, notice: Callable[[bool], str]):
-        self.proc, self.folder, self.notice = proc, folder, notice
+    def __init__(self, folder: Path, notice: Callable[[bool], str]):
+        self.folder, self.notice = folder, notice
+        self.proc: subprocess.Popen | None = None
         self.terms = 0
         self.other: int | None = None
+
+    def started(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        if self.terms:  # no rank can be ready yet
+            self._say(False)
+            _send(proc.pid, signal.SIGTERM, group=True)
+        if self.other is not None:
+            _send(proc.pid, self.other, group=True)
 
     def _say(self, saving: bool) -> None:
         try:
@@ -150,6 +165,8 @@ class _Forwarder:
 
     def on_sigterm(self, signum: int, frame: Any) -> None:
         self.terms += 1
+        if self.proc is None:
+            return
         ranks = ready_ranks(self.folder)
         if self.terms == 1 and ranks:
             self._say(True)
@@ -166,7 +183,8 @@ class _Forwarder:
 
     def on_other(self, signum: int, frame: Any) -> None:
         self.other = signum
-        _send(self.proc.pid, signum, group=True)
+        if self.proc is not None:
+            _send(self.proc.pid, signum, group=True)
 
 
 def run_launcher(command: Sequence[str], notice: Callable[[bool], str]) -> LaunchOutcome:
@@ -174,14 +192,9 @@ def run_launcher(command: Sequence[str], notice: Callable[[bool], str]) -> Launc
 
     `notice(saving)` gives the line logged on the first SIGTERM: `saving` is True when ranks are ready to save.
     A SIGINT received meanwhile is raised as KeyboardInterrupt once the launcher has ended; a SIGHUP ends this
-    process the default way then."""
+    process the default way then. Raises FileNotFoundError when the launcher is not found."""
     folder = Path(tempfile.mkdtemp(prefix="spo-stop-"))
-    try:
-        proc = subprocess.Popen(list(command), env={**os.environ, STOP_DIR_ENV: str(folder)}, start_new_session=True)
-    except FileNotFoundError:
-        folder.rmdir()
-        raise
-    forwarder = _Forwarder(proc, folder, notice)
+    forwarder = _Forwarder(folder, notice)
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, forwarder.on_sigterm)
@@ -189,7 +202,10 @@ def run_launcher(command: Sequence[str], notice: Callable[[bool], str]) -> Launc
             if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup`, a background job: left ignored
                 previous[signum] = signal.signal(signum, forwarder.on_other)
     try:
+        proc = subprocess.Popen(list(command), env={**os.environ, STOP_DIR_ENV: str(folder)}, start_new_session=True)
+        forwarder.started(proc)
         returncode = proc.wait()
+        _wait_for_the_rest(proc.pid, folder)
         stopped_at = _read_record(folder / STOP_RECORD)
     finally:
         for signum, handler in previous.items():
@@ -202,6 +218,47 @@ def run_launcher(command: Sequence[str], notice: Callable[[bool], str]) -> Launc
     if forwarder.other == signal.SIGHUP:
         os.kill(os.getpid(), signal.SIGHUP)
     return LaunchOutcome(returncode, forwarder.terms > 0, stopped_at)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The running processes of process group `pgid` (zombies excluded)."""
+    members = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc: the kernel says whether any member (a zombie included) is left
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
+
+
+def _wait_for_the_rest(pgid: int, folder: Path) -> None:
+    """After the launcher's own exit, wait for whatever it started (its node launcher, ranks in its group, ranks
+    in sessions of their own) to end, at most LINGER_S, then SIGKILL what is left: a launcher that exits before its
+    ranks (DeepSpeed's runner on a SIGINT) must not leave them running."""
+    deadline = time.monotonic() + LINGER_S
+    while True:
+        left = sorted(set(_group_members(pgid)) | set(ready_ranks(folder)))
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            logger.warning("processes %s of the launch still run %.0f s after the launcher ended: killing them", left, LINGER_S)
+            _send(pgid, signal.SIGKILL, group=True)
+            for pid in left:
+                _send(pid, signal.SIGKILL)
+            return
+        time.sleep(0.2)
 
 
 def _read_record(path: Path) -> tuple[int, str] | None:
