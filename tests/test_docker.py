@@ -180,13 +180,27 @@ def test_spo_is_the_entrypoint_and_cache_and_outputs_are_volumes(instructions, p
 
     assert "spo" in pyproject["project"]["scripts"]
     entry = [ins for ins in instructions if ins.keyword == "ENTRYPOINT"][-1]
-    assert json.loads(entry.args) == ["spo"]
+    assert json.loads(entry.args)[-1] == "spo"
     volumes = set(json.loads([ins for ins in instructions if ins.keyword == "VOLUME"][-1].args))
     env_text = " ".join(ins.args for ins in instructions if ins.keyword == "ENV")
     hf_home = re.search(r"HF_HOME=(\S+)", env_text).group(1)
     assert hf_home in volumes
     workdir = [ins for ins in instructions if ins.keyword == "WORKDIR"][-1].args
     assert f"{workdir}/outputs" in volumes  # shipped recipes write to outputs/... under the working directory
+
+
+def test_spo_runs_under_an_init_installed_in_the_image_with_the_stop_grace_stated(instructions):
+    """PID 1 without an init ignores signals it has no handler for (tests/train/test_train_container_init.py
+    runs the entrypoint as PID 1 for real); the init must be installed, and the grace spo compares a save with is
+    docker stop's default unless the user says otherwise."""
+    import json
+
+    entry = json.loads([ins for ins in instructions if ins.keyword == "ENTRYPOINT"][-1].args)
+    assert entry == ["tini", "--", "spo"]
+    installed = " ".join(ins.args for ins in instructions if ins.keyword == "RUN" and "apt-get install" in ins.args)
+    assert re.search(r"\btini\b", installed)
+    env_text = " ".join(ins.args for ins in instructions if ins.keyword == "ENV")
+    assert re.search(r"\bSPO_STOP_GRACE_S=10\b", env_text)
 
 
 # ---------------------------------------------------------------- README commands

@@ -1,7 +1,7 @@
 """Trainer callbacks every stage attaches: metrics.jsonl, checkpoint sealing and the progress bar.
 
-The metrics file and the progress bar are the main process's; sealing waits for every rank, then the main
-process seals (see `checkpoints`). `metrics.jsonl` gets one JSON object per `Trainer.log` call
+The metrics file and the progress bar are the main process's; each rank flushes the checkpoint files it wrote,
+then the main process seals (see `checkpoints`). `metrics.jsonl` gets one JSON object per `Trainer.log` call
 (every logging step, plus the final summary), with `step`, `epoch` and wall time added. On resume, records
 past the checkpoint's step (logged by the killed run after its last checkpoint) are dropped, so the file of a
 resumed run reads like the file of an uninterrupted one.
@@ -19,7 +19,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from spo_align.loss_catalogue import logged_metrics
-from spo_align.train.checkpoints import rotate, seal, write_durably
+from spo_align.train.checkpoints import flush_own_files, rotate, seal, write_durably
 from spo_align.train.outputs import METRICS, read_metrics, record_step
 
 logger = logging.getLogger(__name__)
@@ -108,18 +108,27 @@ class CheckpointSealCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self.keep: int | None = None
+        self._step_ended: float | None = None
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self.keep = args.save_total_limit
         args.save_total_limit = None
 
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._step_ended = time.monotonic()  # a checkpoint of this step is written after the step's callbacks
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        _barrier()  # every rank has written its optimizer shards and RNG state
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                seal(folder)
-                rotate(Path(args.output_dir), self.keep)
+        # The seal records how long this process took to write the checkpoint and how long sealing took after
+        # that (waiting for the other ranks included), which `spo` reads to say whether a stop's save fits in time.
+        written = time.monotonic()
+        write_s = None if self._step_ended is None else written - self._step_ended
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            flush_own_files(folder, args.process_index, args.world_size)  # every rank its own, in parallel
+        _barrier()  # every rank's optimizer shards and RNG state are written and on disk
+        if state.is_world_process_zero and folder.is_dir():
+            seal(folder, files_flushed=True, write_s=write_s, started=written)
+            rotate(Path(args.output_dir), self.keep)
         _barrier()
 
 

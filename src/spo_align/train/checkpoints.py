@@ -3,9 +3,10 @@
 The Hugging Face Trainer writes `checkpoint-N/` in place (weights, optimizer, scheduler, RNG states, then
 `trainer_state.json`) and deletes old checkpoints before it returns; nothing marks the folder as whole, and
 nothing is flushed to disk. A run killed or a machine lost during a save can leave a folder with a torn or
-missing file. So every checkpoint is sealed after the Trainer wrote it: every rank's files are on disk
-(all ranks wait for each other, then rank 0 fsyncs every file), and rank 0 writes `spo_checkpoint.json`
-(each file's size) atomically. Only a sealed checkpoint whose files still have their recorded sizes is
+missing file. So every checkpoint is sealed after the Trainer wrote it: each rank flushes the files it wrote
+itself (in parallel; a file's writer is told by its name, below), all ranks wait for each other, and rank 0
+flushes the folders and writes `spo_checkpoint.json` (each file's size, and how long writing and sealing took)
+atomically. Only a sealed checkpoint whose files still have their recorded sizes is
 resumed from. Old checkpoints are deleted after the new one is sealed (the Trainer's own rotation is
 switched off, since it deletes before), each losing its seal first. The callback that does both is
 `callbacks.CheckpointSealCallback`; this module imports neither torch nor transformers.
@@ -18,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,19 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_cost(folder: Path) -> tuple[int | None, float | None]:
+    """(bytes, seconds to write and seal it) as recorded in a checkpoint's seal; None for what is not recorded."""
+    try:
+        body = json.loads((Path(folder) / SEAL).read_text(encoding="utf-8"))
+        files = body["files"]
+        size = sum(int(n) for n in files.values()) if isinstance(files, dict) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None
+    times = [body.get("write_s"), body.get("seal_s")]
+    seconds = sum(times) if all(isinstance(t, int | float) for t in times) else None
+    return size, seconds
+
+
 def checkpoint_step(folder: Path) -> tuple[int, int | None]:
     """(global_step, max_steps) from a checkpoint's trainer state; max_steps None when it was not recorded."""
     state = json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))
@@ -76,18 +91,43 @@ def checkpoint_step(folder: Path) -> tuple[int, int | None]:
     return int(state["global_step"]), int(max_steps) if isinstance(max_steps, int) and max_steps > 0 else None
 
 
-def fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, then the folders themselves, to the disk."""
+# The files one rank writes carry its number: the Trainer's `rng_state_{process_index}.pth` and DeepSpeed's
+# `[bf16_]zero_pp_rank_{dp_rank}_mp_rank_XX_{model,optim}_states.pt` (data parallel only: dp rank = global rank).
+# Every other file of a checkpoint (weights, trainer state, scheduler, tokenizer, DeepSpeed's `latest` and
+# `mp_rank_00_model_states.pt`) is written by the main process alone.
+RANK_FILE = re.compile(r"(?:^|_)(?:rng_state|zero_pp_rank)_(\d+)[._]")
+
+
+def file_writer(name: str, world_size: int) -> int:
+    """The rank that writes the checkpoint file called `name` (0 for a name without a rank below `world_size`)."""
+    match = RANK_FILE.search(name)
+    rank = int(match.group(1)) if match else 0
+    return rank if rank < world_size else 0
+
+
+def flush_own_files(folder: Path, rank: int, world_size: int) -> None:
+    """Flush to disk the files of checkpoint `folder` that rank `rank` wrote (the other ranks do theirs)."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.name != SEAL and file_writer(path.name, world_size) == rank:
+            fsync_file(path)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path, *, files: bool = True) -> None:
+    """Flush every file under `folder` (unless `files` is False: flushed already), then the folders themselves."""
     folders = [Path(folder)]
     for path in sorted(Path(folder).rglob("*")):
         if path.is_dir():
             folders.append(path)
-        elif path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        elif files and path.is_file():
+            fsync_file(path)
     for path in folders:
         fsync_dir(path)
 
@@ -117,14 +157,21 @@ def write_durably(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def seal(folder: Path) -> None:
-    """Flush `folder` to disk and write its seal (the step and every file's size)."""
+def seal(
+    folder: Path, *, files_flushed: bool = False, write_s: float | None = None, started: float | None = None
+) -> None:
+    """Flush `folder` to disk (its folders only when every rank flushed its files: `files_flushed`) and write its
+    seal (the step and every file's size; with `write_s`, the seconds the checkpoint took to write, and the
+    seconds sealing took from `started`, a `time.monotonic()`)."""
     folder = Path(folder)
     match = CHECKPOINT.match(folder.name)
     if not match:
         raise ValueError(f"{folder} is not a checkpoint-N folder")
-    fsync_tree(folder)
-    body = {"step": int(match.group(1)), "files": _files(folder)}
+    fsync_tree(folder, files=not files_flushed)
+    body: dict[str, object] = {"step": int(match.group(1)), "files": _files(folder)}
+    if write_s is not None and started is not None:
+        body["write_s"] = round(write_s, 3)
+        body["seal_s"] = round(time.monotonic() - started, 3)
     write_durably(folder / SEAL, json.dumps(body, indent=1) + "\n")
 
 

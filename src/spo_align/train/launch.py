@@ -11,10 +11,11 @@ accelerate its own config plus the same variables).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
+    from spo_align.train.stopping import LaunchOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -172,53 +174,64 @@ def launch(
     spec = launch_command(plan, recipe_path, overrides, resume_from)
     assert spec.command is not None
     logger.info("launching: %s", spec.describe())
-    returncode, told_to_stop = _run_forwarding_sigterm(spec.command)
-    if returncode != 0 and not told_to_stop:
-        raise LaunchError(f"{spec.launcher} exited with code {returncode}", returncode)
-    _check_finished(Path(plan.output_dir))
+    outcome = _run_launcher(spec.command, plan)
+    if outcome.returncode != 0 and not outcome.told_to_stop:
+        raise LaunchError(f"{spec.launcher} exited with code {outcome.returncode}", outcome.returncode)
+    _check_finished(Path(plan.output_dir), outcome.stopped_at, told_to_stop=outcome.told_to_stop)
     return Path(plan.output_dir)
 
 
-def _run_forwarding_sigterm(command: list[str]) -> tuple[int, bool]:
-    """Run the launcher; a SIGTERM this process receives is passed on to it (its ranks then save a checkpoint
-    and stop, `train/preemption.py`) instead of ending this process and, in a container, everything with it.
-    Returns the launcher's exit code and whether it was told to stop (it may then exit non-zero: torchrun
-    does once it has stopped its ranks)."""
-    import signal
-    import threading
+def _run_launcher(command: list[str], plan: RunPlan) -> LaunchOutcome:
+    """Run the launcher; a SIGTERM this process receives reaches every rank (`train/stopping.py`), which then save
+    a checkpoint and stop, instead of ending this process alone and, in a container, everything with it."""
+    from spo_align.train.stopping import grace_seconds, run_launcher, stop_notice
 
+    estimate = estimated_checkpoint_bytes(plan)
+    output_dir = Path(plan.output_dir)
     try:
-        proc = subprocess.Popen(command)
+        return run_launcher(command, lambda saving: stop_notice(output_dir, saving, estimate, grace_seconds()))
     except FileNotFoundError as exc:
         raise LaunchError(f"launcher {command[0]!r} not found on PATH: {exc}") from exc
-    told: list[bool] = []
-
-    def forward(signum: int, frame: Any) -> None:
-        told.append(True)
-        proc.send_signal(signal.SIGTERM)
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        return proc.wait(), bool(told)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
-def _check_finished(output_dir: Path) -> None:
-    """A launch whose ranks all ended well but left the run unfinished was stopped on request (SIGTERM)."""
-    from spo_align.train.checkpoints import checkpoint_step, last_checkpoint
+def estimated_checkpoint_bytes(plan: RunPlan) -> int | None:
+    """A full fine-tuning checkpoint's size before one is written: the weights in their files plus Adam's fp32
+    state per parameter, read from a local model's safetensors headers (None for an adapter or a hub name)."""
+    from spo_align.train.stopping import OPTIMIZER_BYTES_PER_PARAM
+
+    if plan.recipe.adapter is not None or not Path(plan.model_path).is_dir():
+        return None
+    weights, params = 0, 0
+    for path in Path(plan.model_path).glob("*.safetensors"):
+        try:
+            with path.open("rb") as handle:
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    begin, end = entry["data_offsets"]
+                    weights += end - begin
+                    params += math.prod(entry["shape"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # not a readable safetensors file: no estimate
+    return weights + OPTIMIZER_BYTES_PER_PARAM * params if params else None
+
+
+def _check_finished(output_dir: Path, stopped_at: tuple[int, str] | None, *, told_to_stop: bool = True) -> None:
+    """A launch whose ranks all ended well but left the run unfinished was stopped on request (SIGTERM): say which
+    checkpoint holds it, the one the ranks recorded on the stop if it is sealed, else the newest sealed one (as
+    not saved on this stop when `spo` was told to stop; as found when the ranks were signalled by someone else,
+    e.g. on another node)."""
+    from spo_align.train.checkpoints import checkpoint_step, is_sealed, last_checkpoint
     from spo_align.train.outputs import finished_at
     from spo_align.train.preemption import RunStopped
 
     if finished_at(output_dir) is not None:
         return
+    if stopped_at is not None and is_sealed(Path(stopped_at[1])):
+        raise RunStopped(stopped_at[0], stopped_at[1])
     checkpoint = last_checkpoint(output_dir)
-    if checkpoint is None:
-        raise LaunchError(f"the launch ended without finishing the run in {output_dir} and without a checkpoint")
-    raise RunStopped(checkpoint_step(checkpoint)[0], str(checkpoint))
+    last = None if checkpoint is None else (checkpoint_step(checkpoint)[0], str(checkpoint))
+    raise RunStopped.unsaved(last) if told_to_stop else RunStopped.elsewhere(last)
 
 
 # ---------------------------------------------------------------- worker entry point (one per rank)
@@ -253,6 +266,15 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     except RunStopped as exc:
         # Not a failure: every rank saved the checkpoint and stops; the parent finds the run unfinished.
         logger.warning("%s", exc)
+        if rank == 0 and exc.checkpoint is not None and exc.step is not None:
+            from spo_align.train.stopping import record_stop
+
+            record_stop(exc.step, exc.checkpoint)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every rank: leave now, without a barrier the others may never reach, and without the
+        # interpreter's finalization (see `exit_worker`); `spo` says the run was interrupted.
+        logger.warning("interrupted")
+        return 130
     except Exception as exc:
         from spo_align.train.disk import write_failure
 
