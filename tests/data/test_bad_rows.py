@@ -9,11 +9,12 @@ from pathlib import Path
 import datasets
 import pytest
 
+from spo_align.data.errors import DataSourceError
 from spo_align.data.json_rows import JsonRowsError, read_json_rows
 from spo_align.data.kto import parse_label
 from spo_align.data.messages import RowFormatError, as_messages
 from spo_align.data.pairs import load_pair_dataset
-from spo_align.data.sources import DataSourceError, load_source
+from spo_align.data.sources import load_source
 from spo_align.recipe.schema import DatasetSource
 
 GOOD = '{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'

@@ -7,8 +7,8 @@ import json
 import datasets
 import pytest
 
+from spo_align.data.errors import DataSourceError
 from spo_align.data.pairs import PairFormatError, convert_pair_row, load_pair_dataset, to_canonical_pairs
-from spo_align.data.sources import DataSourceError
 from spo_align.data.tokenize import tokenize_pair
 from spo_align.recipe.schema import ColumnMap, DatasetSource
 from spo_align.tiny import build_tokenizer

@@ -17,8 +17,8 @@ import typer
 
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (recipe, data, model set-up, output folder): one line, no traceback."""
+    from spo_align.data.errors import DataSourceError
     from spo_align.data.policies import RowPolicyError
-    from spo_align.data.sources import DataSourceError
     from spo_align.data.tokenize import TemplateError
     from spo_align.train.model import ModelSetupError
     from spo_align.train.outputs import OutputFolderError
