@@ -137,7 +137,9 @@ def test_accuracy_table_averages_seeds_and_shows_their_range() -> None:
 
 
 def test_log_ratios_undo_each_losss_reward_scale_and_average_seeds() -> None:
-    from spo_align.recipe.schema import DPOLoss, IPOLoss, SPOLoss
+    from spo_align.losses.dpo import DPOLoss
+    from spo_align.losses.ipo import IPOLoss
+    from spo_align.losses.spo import SPOLoss
 
     assert reward_scale(SPOLoss(type="spo", beta=0.2)) == 0.2
     assert reward_scale(DPOLoss(type="dpo", beta=0.1)) == 0.1
@@ -304,7 +306,7 @@ def test_a_recipe_error_of_a_swept_key_is_reported_once(tmp_path: Path) -> None:
 
 
 def test_tiny_extended_sweeps_every_loss_over_three_points() -> None:
-    from spo_align.loss_catalogue import CATALOGUE
+    from spo_align.losses.registry import CATALOGUE
     from spo_align.recipe.load import load_recipe
 
     experiment = load_experiment(ROOT / "experiments" / "tiny-extended.yaml")

@@ -181,7 +181,7 @@ class LogRatioRow:
 def reward_scale(loss: Any) -> float | None:
     """What the runner's `rewards/*` are the log-ratio multiplied by (the loss's catalogue entry): beta (SPO,
     DPO, DPOP, KTO), 2 tau (IPO), None for a reference-free loss (SimPO), whose rewards are no log-ratio."""
-    from spo_align.loss_catalogue import reward_scale as scale
+    from spo_align.losses.registry import reward_scale as scale
 
     return scale(loss)
 

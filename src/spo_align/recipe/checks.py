@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from spo_align.loss_catalogue import CATALOGUE, TYPES, loss_entry
+from spo_align.losses.registry import CATALOGUE, TYPES, loss_entry
 from spo_align.recipe.paths import is_local_model_path, overlap_findings
 from spo_align.recipe.schema import Recipe
+from spo_align.section import Finding
 
-KeyPath = tuple[str | int, ...]
-Finding = tuple[KeyPath, str]
 Check = Callable[[Recipe, Path], Iterator[Finding]]
 
 

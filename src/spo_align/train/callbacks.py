@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from spo_align.loss_catalogue import logged_metrics
+from spo_align.losses.registry import logged_metrics
 from spo_align.train.checkpoints import rotate, seal, write_durably
 from spo_align.train.outputs import METRICS, read_metrics, record_step
 

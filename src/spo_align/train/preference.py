@@ -10,30 +10,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from spo_align.data.collate import Layout, LayoutStats, PairCollator, choose_layout, layout_stats
 from spo_align.data.pairs import pair_columns, prepare_pairs
-from spo_align.loss_catalogue import build_pair_loss, loss_entry
-from spo_align.train.collate import Layout, LayoutStats, PairCollator, choose_layout, layout_stats
+from spo_align.losses.registry import build_pair_loss, loss_entry
 
 if TYPE_CHECKING:
     import datasets
 
-    from spo_align.pair_losses import PairLossFn
     from spo_align.recipe.resolve import RunPlan
     from spo_align.train.context import RunContext
 
 logger = logging.getLogger(__name__)
-
-
-class PreferenceSetupError(ValueError):
-    """The recipe cannot run as a pairwise preference stage."""
-
-
-def make_pair_loss(loss: Any) -> PairLossFn:
-    """The recipe's loss section as a function over `PairInputs` (its catalogue entry, NLL term included)."""
-    try:
-        return build_pair_loss(loss)
-    except ValueError as exc:
-        raise PreferenceSetupError(str(exc)) from None
 
 
 def dataset_layout_stats(ds: datasets.Dataset, batch_size: int, pack_length: int, layout: Layout) -> LayoutStats:
@@ -73,7 +60,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     from spo_align.train.reference import CACHE_DIRNAME
 
     recipe = plan.recipe
-    pair_loss = make_pair_loss(recipe.loss)
+    pair_loss = build_pair_loss(recipe.loss)  # its entry's function, the NLL term added when nll_weight > 0
     data = recipe.data
     t = recipe.training
 

@@ -32,7 +32,7 @@ def stage_function(plan: RunPlan) -> StageFn:
         return run_sft
     if recipe.loss is None:
         raise ValueError("stage: preference needs a loss section")
-    from spo_align.loss_catalogue import loss_entry
+    from spo_align.losses.registry import loss_entry
 
     if loss_entry(recipe.loss).stage == "kto":
         from spo_align.train.kto import run_kto

@@ -1,141 +1,25 @@
-"""The losses' public home: KTO, the per-sequence log-probabilities every loss consumes, and (re-exported
-from `spo_align.pair_losses`) every pairwise loss, so ``from spo_align.losses import spo_loss`` works.
+"""Per-sequence log-probabilities from final hidden states: the LM head applied at labelled positions only,
+a chunk at a time, in fp32. Every loss's inputs are these sums (`spo_align.losses.pair.PairInputs`).
 
-Every loss takes per-example log-probabilities *summed* over each response's tokens (see
-:func:`sequence_logps`) and returns per-example, unreduced losses plus detached rewards for logging.
-Losses are computed in at least fp32 whatever the input dtype (fp64 inputs stay fp64, which keeps
-``torch.autograd.gradcheck`` usable). The maths, each optimum and two corrections to the SPO paper are
-derived in ``docs/losses.md``; what the rest of the project knows about each loss is its entry in
-`spo_align.loss_catalogue`.
-
-Notation: for a pair (y_w chosen, y_l rejected),
-``chosen log-ratio = log pi(y_w) - log pi_ref(y_w)``, ``rejected log-ratio = log pi(y_l) - log pi_ref(y_l)``
-and the margin ``delta = chosen log-ratio - rejected log-ratio``.
+`sequence_logps` sums the log-probs of the labelled tokens per row, or per packed segment; `token_counts`
+counts the same tokens by the same rules. No fp32 [tokens, vocab] tensor ever exists whole: `_TargetLogProbs`
+keeps only each token's log-sum-exp between forward and backward and recomputes each chunk's logits in the
+backward. `train/logps.py` runs a model on a pair batch and calls `sequence_logps` on its hidden states.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from spo_align.pair_losses import (
-    DEFAULT_Z_FLOOR,
-    PairInputs,
-    PairLoss,
-    PairLossFn,
-    add_nll_term,
-    chosen_nll,
-    dpo_loss,
-    dpop_loss,
-    ipo_loss,
-    ipo_tau_matching_spo,
-    simpo_loss,
-    spo_f,
-    spo_loss,
-    with_nll_term,
-)
-from spo_align.pair_losses import compute_dtype as _compute_dtype
-
-__all__ = [
-    "DEFAULT_CHUNK_SIZE",
-    "DEFAULT_Z_FLOOR",
-    "IGNORE_INDEX",
-    "KTOLoss",
-    "PairInputs",
-    "PairLoss",
-    "PairLossFn",
-    "add_nll_term",
-    "chosen_nll",
-    "dpo_loss",
-    "dpop_loss",
-    "ipo_loss",
-    "ipo_tau_matching_spo",
-    "kto_loss",
-    "sequence_logps",
-    "simpo_loss",
-    "spo_f",
-    "spo_loss",
-    "token_counts",
-    "with_nll_term",
-]
-
-IGNORE_INDEX = -100
-"""Label value that marks a position as not scored (prompt, padding)."""
+from spo_align.data.collate import IGNORE_INDEX
+from spo_align.losses.pair import compute_dtype
 
 DEFAULT_CHUNK_SIZE = 512
 """Tokens per LM-head chunk in :func:`sequence_logps`. Transient memory is about two fp32 [chunk, vocab]
 buffers: 125 MiB at vocab 32k (measured peak 129 MiB on CPU), 586 MiB at 150k. On CPU 512 also ran faster
 than 1024 (4.0 s vs 5.4 s forward+backward for 8192 tokens x 32k vocab, hidden 32, one thread)."""
-
-
-@dataclass(frozen=True)
-class KTOLoss:
-    """Result of :func:`kto_loss`.
-
-    ``losses`` is [B] in input order. ``chosen_rewards`` is beta * log-ratio of the desirable examples and
-    ``rejected_rewards`` that of the undesirable ones (either may be empty), detached. ``kl`` is the
-    reference point z0 actually used (detached, clamped at 0).
-    """
-
-    losses: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    kl: torch.Tensor
-
-
-def _require_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def kto_loss(
-    policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    desirable: torch.Tensor,
-    kl: torch.Tensor | float,
-    *,
-    beta: float,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-) -> KTOLoss:
-    """KTO (Ethayarajh et al. 2024) with reference point z0 = ``kl``.
-
-    With r = log pi(y) - log pi_ref(y): desirable examples cost ``w_D * (1 - s(beta * (r - z0)))``,
-    undesirable ones ``w_U * (1 - s(beta * (z0 - r)))``. ``kl`` (a scalar or one value per example, the
-    trainer's estimate of KL(pi || pi_ref) from mismatched pairs) is detached and clamped at 0, as in the
-    paper: no gradient flows through the reference point. The loss has no finite optimum; its gradient
-    decays like exp(-beta * |r - z0|) once an example sits on the right side of z0.
-    """
-    _require_positive("beta", beta)
-    _require_positive("desirable_weight", desirable_weight)
-    _require_positive("undesirable_weight", undesirable_weight)
-    if policy_logps.shape != ref_logps.shape or desirable.shape != policy_logps.shape:
-        raise ValueError(
-            f"policy_logps {tuple(policy_logps.shape)}, ref_logps {tuple(ref_logps.shape)} and "
-            f"desirable {tuple(desirable.shape)} must have the same shape"
-        )
-    if desirable.dtype != torch.bool:
-        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}")
-    dtype = _compute_dtype(policy_logps, ref_logps)
-    log_ratio = policy_logps.to(dtype) - ref_logps.to(dtype)
-    z0 = torch.as_tensor(kl, device=log_ratio.device).detach().to(dtype).clamp(min=0.0)
-    # 1 - sigmoid(x) == sigmoid(-x), without the cancellation near x >> 0.
-    desirable_losses = desirable_weight * torch.sigmoid(-beta * (log_ratio - z0))
-    undesirable_losses = undesirable_weight * torch.sigmoid(-beta * (z0 - log_ratio))
-    rewards = (beta * log_ratio).detach()
-    return KTOLoss(
-        losses=torch.where(desirable, desirable_losses, undesirable_losses),
-        chosen_rewards=rewards[desirable],
-        rejected_rewards=rewards[~desirable],
-        kl=z0,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-sequence log-probabilities from final hidden states, chunked over labelled tokens only.
 
 
 def _chunk_logits(
@@ -147,7 +31,7 @@ def _chunk_logits(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [c, V] in at least fp32, and tanh(scaled / softcap) when a softcap is set (for backward)."""
     logits = F.linear(hidden, weight, bias)
-    logits = logits.to(_compute_dtype(logits))
+    logits = logits.to(compute_dtype(logits))
     if logit_scale is not None:
         logits = logits * logit_scale
     if logit_softcap is None:
@@ -174,7 +58,7 @@ class _TargetLogProbs(torch.autograd.Function):
         logit_softcap: float | None,
     ) -> torch.Tensor:
         n = hidden.shape[0]
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)
         out = torch.empty(n, dtype=dtype, device=hidden.device)
         lse = torch.empty(n, dtype=dtype, device=hidden.device)
         for start in range(0, n, chunk_size):
@@ -315,10 +199,10 @@ def sequence_logps(
     mask = labels != ignore_index
     index, size = _segment_index(labels, mask, segment_ids, num_segments)
     targets = labels[mask].long()
-    compute_dtype = torch.promote_types(hidden_states.dtype, lm_head_weight.dtype)
-    hidden = hidden_states[mask].to(compute_dtype)
-    weight = lm_head_weight.to(compute_dtype)
-    bias = lm_head_bias.to(compute_dtype) if lm_head_bias is not None else None
+    head_dtype = torch.promote_types(hidden_states.dtype, lm_head_weight.dtype)
+    hidden = hidden_states[mask].to(head_dtype)
+    weight = lm_head_weight.to(head_dtype)
+    bias = lm_head_bias.to(head_dtype) if lm_head_bias is not None else None
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         token_logps = _TargetLogProbs.apply(
             hidden, weight, bias, targets, chunk_size, logit_scale, logit_softcap

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spo_align.losses import IGNORE_INDEX, _TargetLogProbs, sequence_logps, token_counts
+from spo_align.train.sequence_logps import IGNORE_INDEX, _TargetLogProbs, sequence_logps, token_counts
 
 torch.set_num_threads(1)
 
