@@ -131,8 +131,8 @@ def run_recipe(
     """
     from spo_align.recipe.load import load_recipe
     from spo_align.recipe.resolve import resolve
+    from spo_align.run_folder import RUN_INFO
     from spo_align.train.model import check_model_setup
-    from spo_align.train.outputs import RUN_INFO
     from spo_align.train.run import build_context, claim_output, stage_function
 
     started = time.perf_counter()

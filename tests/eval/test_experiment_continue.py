@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from spo_align.eval.experiment import load_experiment, plan_stages, run_stage
-from spo_align.train.outputs import OutputFolderError, finished_at
+from spo_align.run_folder import OutputFolderError, finished_at
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "experiments" / "tiny.yaml"

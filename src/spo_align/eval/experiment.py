@@ -55,7 +55,7 @@ from spo_align.eval.experiment_spec import (  # the file's schema, loading and p
     load_experiment,
     plan_stages,
 )
-from spo_align.train.outputs import finished_at
+from spo_align.run_folder import finished_at
 
 __all__ = [
     "EvalSection",

@@ -32,7 +32,7 @@ def experiment_command(
         typer.echo(exc.format("text"), err=True)
         raise typer.Exit(1) from None
     if dry_run:
-        from spo_align.train.outputs import finished_at
+        from spo_align.run_folder import finished_at
 
         for step in steps:
             started = step.output_dir.is_dir() and any(step.output_dir.iterdir())
@@ -49,7 +49,7 @@ def _run(experiment: object) -> None:
     from spo_align.eval.judge import JudgeFatalError
     from spo_align.eval.records import EvalInputError
     from spo_align.recipe.errors import RecipeErrors
-    from spo_align.train.outputs import OutputFolderError
+    from spo_align.run_folder import OutputFolderError
 
     try:
         result = run_experiment(experiment)  # type: ignore[arg-type]

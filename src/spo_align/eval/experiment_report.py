@@ -198,7 +198,7 @@ def log_ratio_rows(experiment: LoadedExperiment) -> list[LogRatioRow]:
     """Per preference run and seed, from its metrics.jsonl; runs that log no `rewards/chosen` are left out."""
     from spo_align.eval.experiment_spec import plan_stages
     from spo_align.recipe.load import load_recipe
-    from spo_align.train.outputs import read_metrics
+    from spo_align.run_folder import read_metrics
 
     rows: list[LogRatioRow] = []
     for step in plan_stages(experiment):

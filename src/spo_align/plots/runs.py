@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spo_align.plots.metrics import RunMetrics, read_metrics_file
-from spo_align.train.outputs import METRICS, RESOLVED_RECIPE
+from spo_align.run_folder import METRICS, RESOLVED_RECIPE
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from spo_align.data.errors import DataSourceError
     from spo_align.data.policies import RowPolicyError
     from spo_align.data.tokenize import TemplateError
+    from spo_align.run_folder import OutputFolderError
     from spo_align.train.model import ModelSetupError
-    from spo_align.train.outputs import OutputFolderError
     from spo_align.train.reference import ReferenceCacheError
 
     return (DataSourceError, ModelSetupError, OutputFolderError, TemplateError, RowPolicyError, ReferenceCacheError)
@@ -88,7 +88,7 @@ def train(
         )
         raise typer.Exit(code=130) from None
     except Exception as exc:
-        from spo_align.train.disk import write_failure
+        from spo_align.run_folder import write_failure
 
         message = write_failure(exc, Path(plan.output_dir))
         if message is None:

@@ -1,19 +1,19 @@
-"""The end of a run: the model (or adapter) and tokenizer, run.json, the curves, the model card, then the marker.
+"""The end of a run: the model (or adapter) and tokenizer, the curves, then the folder marked complete.
 
-Everything is flushed to disk before `COMPLETE` is written (flushed too), so a machine lost at any moment
-leaves either a finished run whole or a folder that is not marked finished. A failure to write (a full
-disk) raises before the marker; a failure to draw the curves does not stop the run, and the card says so.
+The model is saved by every rank (ZeRO-3 gathers its shards); the main process then draws the curves and
+hands the folder to `run_folder.complete` (run.json, the model card, every file flushed, the marker last), so
+a machine lost at any moment leaves either a finished run whole or a folder that is not marked finished. A
+failure to write (a full disk) raises before the marker; a failure to draw the curves does not stop the run,
+and the card says so.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spo_align.train.checkpoints import fsync_dir, fsync_tree, write_durably
-from spo_align.train.outputs import COMPLETE_MARKER, CURVES, METRICS, MODEL_CARD, read_metrics
+from spo_align import run_folder
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
@@ -24,48 +24,22 @@ logger = logging.getLogger(__name__)
 
 def draw_curves(output_dir: Path) -> str | None:
     """Draw metrics.png; returns None when drawn, else why not. A write error (a full disk) is raised."""
-    from spo_align.train.disk import is_write_failure
-    from spo_align.train.plot import plot_run
+    from spo_align.plots.compare import plot_runs
 
     try:
-        plot_run(output_dir, Path(output_dir) / CURVES)
+        plot_runs([Path(output_dir)], Path(output_dir) / run_folder.CURVES, every_curve=True)
     except Exception as exc:  # noqa: BLE001 - the card says what went wrong; the run itself is fine
-        if is_write_failure(exc):
+        if run_folder.is_write_failure(exc):
             raise
         logger.warning("the curves could not be drawn: %s", exc)
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
-def write_card(output_dir: Path, plan: RunPlan, info: dict[str, Any]) -> Path:
-    from spo_align.train.card import render
-
-    output_dir = Path(output_dir)
-    curves_error = draw_curves(output_dir)
-    records = read_metrics(output_dir / METRICS)
-    path = output_dir / MODEL_CARD
-    write_durably(path, render(output_dir, plan, info, records, curves_error))
-    return path
-
-
-def _flush_outputs(output_dir: Path) -> None:
-    """Flush the folder's own files and merged/ (checkpoints were flushed when they were sealed)."""
-    for child in Path(output_dir).iterdir():
-        if child.is_file():
-            with child.open("rb") as handle:
-                os.fsync(handle.fileno())
-    merged = Path(output_dir) / "merged"
-    if merged.is_dir():
-        fsync_tree(merged)
-    fsync_dir(Path(output_dir))
-
-
 def make_save_final(plan: RunPlan, ctx: RunContext) -> Any:
     """The `RunContext.save_final` callable."""
 
     def save_final(trainer: Any) -> None:
-        from spo_align.train.run_info import now, write_final_info
-
         output_dir = ctx.output_dir
         _to_recipe_dtype(trainer, plan)
         trainer.save_model(str(output_dir))  # every rank: ZeRO-3 gathers the shards here
@@ -75,11 +49,10 @@ def make_save_final(plan: RunPlan, ctx: RunContext) -> Any:
                 tokenizer.save_pretrained(str(output_dir))
             if plan.recipe.adapter is not None and plan.recipe.output.save_merged:
                 _save_merged(trainer, output_dir / "merged", tokenizer)
-            info = write_final_info(output_dir, plan, ctx)
-            write_card(output_dir, plan, info)
-            _flush_outputs(output_dir)
-            write_durably(output_dir / COMPLETE_MARKER, now() + "\n")
-            logger.info("finished: %s", output_dir)
+            run_folder.complete(
+                output_dir, plan, resumed_from=ctx.resume_from_checkpoint, facts=ctx.run_info,
+                curves_error=draw_curves(output_dir),
+            )
         # The other ranks wait for the marker: a rank that exits while rank 0 still writes can take the
         # launch down with it (torchrun stops every rank when one ends badly).
         trainer.accelerator.wait_for_everyone()

@@ -198,8 +198,7 @@ def _run_forwarding_sigterm(command: list[str]) -> tuple[int, bool]:
 
 def _check_finished(output_dir: Path) -> None:
     """A launch whose ranks all ended well but left the run unfinished was stopped on request (SIGTERM)."""
-    from spo_align.train.checkpoints import checkpoint_step, last_checkpoint
-    from spo_align.train.outputs import finished_at
+    from spo_align.run_folder import checkpoint_step, finished_at, last_checkpoint
     from spo_align.train.preemption import RunStopped
 
     if finished_at(output_dir) is not None:
@@ -243,7 +242,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         # Not a failure: every rank saved the checkpoint and stops; the parent finds the run unfinished.
         logger.warning("%s", exc)
     except Exception as exc:
-        from spo_align.train.disk import write_failure
+        from spo_align.run_folder import write_failure
 
         message = write_failure(exc, Path(plan.output_dir))
         if message is None:

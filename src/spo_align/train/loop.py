@@ -41,7 +41,7 @@ def reached_the_end(checkpoint: str | None) -> bool:
     """True when `checkpoint` was taken at (or past) the run's last step."""
     if checkpoint is None:
         return False
-    from spo_align.train.checkpoints import checkpoint_step
+    from spo_align.run_folder import checkpoint_step
 
     step, max_steps = checkpoint_step(checkpoint)
     return max_steps is not None and step >= max_steps
@@ -60,7 +60,7 @@ def train(trainer: Any, ctx: RunContext, *, restore_tokens: bool = False) -> Any
     checkpoint = ctx.resume_from_checkpoint
     if not reached_the_end(checkpoint):
         return _train_until_done_or_stopped(trainer, ctx, checkpoint)
-    from spo_align.train.checkpoints import checkpoint_step
+    from spo_align.run_folder import checkpoint_step
 
     step, _ = checkpoint_step(checkpoint)  # type: ignore[arg-type]
     logger.info("%s was taken at the last step (%d): finishing the run without training", checkpoint, step)

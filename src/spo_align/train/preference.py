@@ -47,6 +47,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     import torch
 
     from spo_align.data.columns import require_columns
+    from spo_align.run_folder import REFERENCE_CACHE
     from spo_align.train.args import build_training_args
     from spo_align.train.model import (
         apply_adapter,
@@ -57,7 +58,6 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     )
     from spo_align.train.one_device import device_info
     from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
-    from spo_align.train.reference import CACHE_DIRNAME
 
     recipe = plan.recipe
     pair_loss = build_pair_loss(recipe.loss)  # its entry's function, the NLL term added when nll_weight > 0
@@ -116,7 +116,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
         reference = ReferenceSpec(
             kind="precomputed",
             model=load_model(plan, plan.reference_model_path, for_training=False) if plan.separate_reference else None,
-            cache_dir=ctx.output_dir / CACHE_DIRNAME,
+            cache_dir=ctx.output_dir / REFERENCE_CACHE,
             adapter=adapter,
             settings={"max_length": data.max_length, "layout": layout, "pack_length": pack_length},
         )

@@ -59,41 +59,11 @@ def train_command(recipe_path: Path, overrides: Sequence[str]) -> str:
 def claim_output(
     plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None, primary: bool = True
 ) -> str | None:
-    """Claim the output folder (see `outputs.claim_folder`) and record the run in it: the resolved recipe,
-    its hash and run.json. Returns the checkpoint to continue from, or None."""
-    from spo_align.train.outputs import RESOLVED_RECIPE, claim_folder
-    from spo_align.train.recipe_hash import RecipeSettings
-    from spo_align.train.run_info import write_claim_info
+    """Claim the output folder for the plan (`run_folder.claim`); returns the checkpoint to continue from, or None."""
+    from spo_align import run_folder
 
-    output_dir = Path(plan.output_dir)
-    settings = RecipeSettings.from_plan(plan)
-    claim = claim_folder(output_dir, settings, resume=resume, overwrite=overwrite, primary=primary)
-    if primary:
-        from spo_align.recipe.load import save_resolved
-
-        changed = _changed_since(output_dir / RESOLVED_RECIPE, plan) if claim.continued else []
-        if changed:
-            logger.info("continuing with keys that do not change the weights changed: %s", "; ".join(changed))
-        save_resolved(plan, output_dir / RESOLVED_RECIPE)
-        settings.write(output_dir)
-        write_claim_info(
-            output_dir, plan, command=command or train_command(plan.recipe_path, []), recipe_hash=settings.hash,
-            resumed_from=claim.checkpoint, continued=claim.continued, changed=changed,
-        )
-    return str(claim.checkpoint) if claim.checkpoint is not None else None
-
-
-def _changed_since(resolved: Path, plan: RunPlan) -> list[str]:
-    """Keys of the folder's resolved recipe that this continuation changes (only non-deciding ones can)."""
-    import yaml
-
-    from spo_align.train.recipe_hash import changed_keys
-
-    try:
-        old = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return []
-    return changed_keys(old, plan.recipe_dict()) if isinstance(old, dict) else []
+    command = command or train_command(plan.recipe_path, [])
+    return run_folder.claim(plan, resume=resume, overwrite=overwrite, command=command, primary=primary)
 
 
 def build_context(plan: RunPlan, resume_from_checkpoint: str | None) -> RunContext:

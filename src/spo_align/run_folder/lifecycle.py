@@ -1,13 +1,10 @@
-"""The output folder's lifecycle: claim it, continue a run in it, start it over, tell whether it is finished.
+"""The output folder's lifecycle: claim it, continue a run in it, start it over, mark it complete.
 
-A folder holds a finished run exactly when its completion marker exists (`finished_at`). The marker is
-written last, flushed to disk, after the model, tokenizer, run.json and model card; it is removed first,
-before anything else, when a run is replaced. So a folder is never taken as finished without its model.
-
-Layout: model or adapter + tokenizer (`from_pretrained`-loadable), `resolved_recipe.yaml`, `recipe_hash.json`,
-`metrics.jsonl`, `metrics.png`, `run.json`, `README.md` (model card), sealed `checkpoint-N/` folders,
-`runs/` (TensorBoard), `merged/` (LoRA merged into the base, if asked), `reference_logps/` (a cache that
-outlives runs: its files are checked before use), `COMPLETE`.
+`claim` decides where a run starts (`claim_folder`: continue, start over, or refuse) and records it in the
+folder: the resolved recipe, its hash and run.json. `complete` ends it: run.json's final facts, the model card,
+every file flushed, and the completion marker last (`layout.finished_at` is the test of a finished run). The
+marker is removed first, before anything else, when a run is replaced. So a folder is never taken as finished
+without its model.
 
 Starting a run over deletes only what spo-align (or the Trainer it drives) writes: the names above and the
 Trainer's model, adapter and tokenizer files. Anything else in the folder stays, and is named in the log.
@@ -15,83 +12,48 @@ Trainer's model, adapter and tokenizer files. Anything else in the folder stays,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from spo_align.train.checkpoints import (
+from spo_align.run_folder.checkpoints import (
     CHECKPOINT,
     checkpoint_folders,
     fsync_dir,
+    fsync_tree,
     last_checkpoint,
     remove_checkpoint,
     rotate,
+    write_durably,
 )
-from spo_align.train.recipe_hash import HASH_FILE, RecipeHashError, RecipeSettings, differences
+from spo_align.run_folder.layout import (
+    COMPLETE_MARKER,
+    METRICS,
+    MODEL_CARD,
+    REFERENCE_CACHE,
+    RESOLVED_RECIPE,
+    finished_at,
+    is_tool_file,
+)
+from spo_align.run_folder.recipe_hash import (
+    HASH_FILE,
+    RecipeHashError,
+    RecipeSettings,
+    changed_keys,
+    differences,
+)
+
+if TYPE_CHECKING:
+    from spo_align.recipe.resolve import RunPlan
 
 logger = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "COMPLETE"
-RUN_INFO = "run.json"
-METRICS = "metrics.jsonl"
-RESOLVED_RECIPE = "resolved_recipe.yaml"
-MODEL_CARD = "README.md"
-CURVES = "metrics.png"
-REFERENCE_CACHE = "reference_logps"
-CARD_MARK = "<!-- model card written by spo-align -->"
-"""The line that tells a README.md spo-align wrote from one a person put in the folder."""
-
-_TOOL_NAMES = frozenset({
-    COMPLETE_MARKER, RUN_INFO, METRICS, RESOLVED_RECIPE, HASH_FILE, CURVES, "runs", "merged",
-    # what Trainer.save_model and save_pretrained write for a model, an adapter and a tokenizer
-    "config.json", "generation_config.json", "training_args.bin", "model.safetensors", "pytorch_model.bin",
-    "model.safetensors.index.json", "pytorch_model.bin.index.json", "adapter_config.json",
-    "adapter_model.safetensors", "adapter_model.bin", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
-    "merges.txt", "tokenizer.model",
-})
-_TOOL_PATTERNS = (
-    CHECKPOINT,
-    re.compile(r"^model-\d+-of-\d+\.safetensors$"),
-    re.compile(r"^pytorch_model-\d+-of-\d+\.bin$"),
-    re.compile(r"^\..+\.tmp-\d+$"),  # checkpoints.write_durably
-    re.compile(r"^.+\.tmp$"),  # recipe.load.save_resolved
-)
 
 
 class OutputFolderError(ValueError):
     """The output folder cannot be used as asked (finished run without --overwrite, another recipe, not writable)."""
-
-
-def finished_at(output_dir: Path) -> float | None:
-    """When the run in `output_dir` was marked finished (the marker's mtime), or None if it is not finished.
-
-    The one test of "is this run finished", for `spo train` and `spo experiment` alike."""
-    marker = Path(output_dir) / COMPLETE_MARKER
-    try:
-        return marker.stat().st_mtime if marker.is_file() else None
-    except OSError:
-        return None
-
-
-def _is_tool_file(path: Path) -> bool:
-    if path.name == REFERENCE_CACHE:
-        return False
-    if path.name in _TOOL_NAMES or any(p.match(path.name) for p in _TOOL_PATTERNS):
-        return True
-    if path.name == MODEL_CARD and path.is_file():
-        try:
-            with path.open(encoding="utf-8", errors="replace") as handle:
-                return CARD_MARK in handle.read(65536)
-        except OSError:
-            return False
-    return False
 
 
 def _has_recipe(output_dir: Path) -> bool:
@@ -99,7 +61,7 @@ def _has_recipe(output_dir: Path) -> bool:
 
 
 def _only_tool_files(output_dir: Path) -> bool:
-    return all(_is_tool_file(child) or child.name == REFERENCE_CACHE for child in output_dir.iterdir())
+    return all(is_tool_file(child) or child.name == REFERENCE_CACHE for child in output_dir.iterdir())
 
 
 def clear_run(output_dir: Path) -> list[str]:
@@ -112,7 +74,7 @@ def clear_run(output_dir: Path) -> list[str]:
         fsync_dir(output_dir)
     kept = []
     for child in sorted(output_dir.iterdir()):
-        if not _is_tool_file(child):
+        if not is_tool_file(child):
             kept.append(child.name)
         elif CHECKPOINT.match(child.name) and child.is_dir() and not child.is_symlink():
             remove_checkpoint(child)
@@ -251,47 +213,70 @@ def _drop_unsealed(output_dir: Path, checkpoint: Path) -> None:
     rotate(output_dir, None)
 
 
-def metric_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(line number, record) for every non-blank line of a metrics.jsonl file, or (line number, why the line is
-    no record): torn by a killed run, not UTF-8, not JSON, or not a JSON object."""
-    for number, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            yield number, "not UTF-8"
-            continue
-        try:
-            value = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
-            yield number, "not JSON: a torn line?"
-            continue
-        yield number, value if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+# ---------------------------------------------------------------- a run's start and end
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl file. A line that cannot be a record (`metric_lines`) is skipped, and one
-    warning names the file and those lines."""
-    path = Path(path)
-    if not path.exists():
+def claim(plan: RunPlan, *, resume: bool, overwrite: bool, command: str, primary: bool = True) -> str | None:
+    """Claim `plan.output_dir` for the plan (see `claim_folder`) and record the run in it: the resolved recipe,
+    its hash and run.json (`command` is the `spo train` line that runs it again). Returns the checkpoint to
+    continue from, or None. `primary` False (another node of the same launch) records nothing."""
+    from spo_align.recipe.load import save_resolved
+    from spo_align.run_folder.run_info import write_claim_info
+
+    output_dir = Path(plan.output_dir)
+    settings = RecipeSettings.from_plan(plan)
+    claimed = claim_folder(output_dir, settings, resume=resume, overwrite=overwrite, primary=primary)
+    if primary:
+        changed = _changed_since(output_dir / RESOLVED_RECIPE, plan) if claimed.continued else []
+        if changed:
+            logger.info("continuing with keys that do not change the weights changed: %s", "; ".join(changed))
+        save_resolved(plan, output_dir / RESOLVED_RECIPE)
+        settings.write(output_dir)
+        write_claim_info(
+            output_dir, plan, command=command, recipe_hash=settings.hash,
+            resumed_from=claimed.checkpoint, continued=claimed.continued, changed=changed,
+        )
+    return str(claimed.checkpoint) if claimed.checkpoint is not None else None
+
+
+def _changed_since(resolved: Path, plan: RunPlan) -> list[str]:
+    """Keys of the folder's resolved recipe that this continuation changes (only non-deciding ones can)."""
+    import yaml
+
+    try:
+        old = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
         return []
-    records: list[dict[str, Any]] = []
-    skipped: list[int] = []
-    for number, record in metric_lines(path):
-        if isinstance(record, str):
-            skipped.append(number)
-        else:
-            records.append(record)
-    if skipped:
-        shown = ", ".join(str(n) for n in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        logger.warning("%s: skipped %d line(s) that are not metric records (line %s)", path, len(skipped), shown)
-    return records
+    return changed_keys(old, plan.recipe_dict()) if isinstance(old, dict) else []
 
 
-def record_step(record: dict[str, Any]) -> int | None:
-    """The record's `step` as a whole number >= 0, or None when it has none that is."""
-    step = record.get("step")
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or step != step or step < 0:
-        return None
-    return int(step) if float(step).is_integer() else None
+def complete(
+    output_dir: Path, plan: RunPlan, *, resumed_from: str | None, facts: dict[str, Any], curves_error: str | None
+) -> dict[str, Any]:
+    """Mark the run in `output_dir` finished, once its model and tokenizer are saved and its curves drawn:
+    run.json's final facts (`facts`: what the stage reported), the model card, every file flushed, then the
+    completion marker, flushed too. A machine lost at any moment leaves either a finished run whole or a folder
+    that is not marked finished. Returns run.json as written."""
+    from spo_align.run_folder.card import render
+    from spo_align.run_folder.metrics_file import read_metrics
+    from spo_align.run_folder.run_info import now, write_final_info
+
+    output_dir = Path(output_dir)
+    info = write_final_info(output_dir, plan, resumed_from=resumed_from, facts=facts)
+    write_durably(output_dir / MODEL_CARD, render(output_dir, plan, info, read_metrics(output_dir / METRICS), curves_error))
+    _flush_outputs(output_dir)
+    write_durably(output_dir / COMPLETE_MARKER, now() + "\n")
+    logger.info("finished: %s", output_dir)
+    return info
+
+
+def _flush_outputs(output_dir: Path) -> None:
+    """Flush the folder's own files and merged/ (checkpoints were flushed when they were sealed)."""
+    for child in Path(output_dir).iterdir():
+        if child.is_file():
+            with child.open("rb") as handle:
+                os.fsync(handle.fileno())
+    merged = Path(output_dir) / "merged"
+    if merged.is_dir():
+        fsync_tree(merged)
+    fsync_dir(Path(output_dir))

@@ -106,7 +106,7 @@ def test_a_full_disk_is_one_error_line_and_the_run_continues_once_there_is_room(
     assert not (kept / "COMPLETE").exists()
 
     if tmpfs:  # checkpoint-3 was saved before the disk filled: with room again, the run goes on from it
-        from spo_align.train.checkpoints import is_sealed
+        from spo_align.run_folder.checkpoints import is_sealed
 
         assert is_sealed(kept / "checkpoint-3") and not is_sealed(kept / "checkpoint-6")
         again = CliRunner().invoke(app, _args(small_model, kept))

@@ -17,12 +17,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spo_align.train.checkpoints import write_durably
-from spo_align.train.outputs import RUN_INFO
+from spo_align.run_folder.checkpoints import write_durably
+from spo_align.run_folder.layout import RUN_INFO
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
-    from spo_align.train.context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +121,11 @@ def write_claim_info(
     _write(output_dir, info)
 
 
-def write_final_info(output_dir: Path, plan: RunPlan, ctx: RunContext) -> dict[str, Any]:
-    """run.json of a finished run: what the claim wrote, plus the stage's facts and where it ran."""
+def write_final_info(
+    output_dir: Path, plan: RunPlan, *, resumed_from: str | None, facts: dict[str, Any]
+) -> dict[str, Any]:
+    """run.json of a finished run: what the claim wrote, plus the stage's facts (`facts`, written as `run_info`)
+    and where it ran."""
     info = read_run_info(output_dir)
     info.update({
         "stage": plan.recipe.stage,
@@ -131,11 +133,11 @@ def write_final_info(output_dir: Path, plan: RunPlan, ctx: RunContext) -> dict[s
         "recipe": info.get("recipe", str(plan.recipe_path)),
         "started": info.get("started", now()),
         "finished": now(),
-        "resumed_from": ctx.resume_from_checkpoint,
+        "resumed_from": resumed_from,
         "git_revision": _git_revision(),
         "packages": package_versions(),
         "hardware": hardware(),
-        "run_info": ctx.run_info,
+        "run_info": facts,
     })
     _write(output_dir, info)
     return info

@@ -9,16 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from spo_align.train.checkpoints import SEAL, is_sealed, last_checkpoint, rotate, seal
-from spo_align.train.outputs import (
-    COMPLETE_MARKER,
-    RESOLVED_RECIPE,
+from spo_align.run_folder.checkpoints import SEAL, is_sealed, last_checkpoint, rotate, seal
+from spo_align.run_folder.layout import COMPLETE_MARKER, RESOLVED_RECIPE, finished_at
+from spo_align.run_folder.lifecycle import (
     Claim,
     OutputFolderError,
     claim_folder,
-    finished_at,
 )
-from spo_align.train.recipe_hash import RecipeSettings
+from spo_align.run_folder.recipe_hash import RecipeSettings
 
 SETTINGS = RecipeSettings({"stage": "sft", "loss.beta": 0.1, "training.learning_rate": 1e-3})
 
@@ -146,7 +144,7 @@ def test_a_failed_set_up_is_started_over_deleting_only_what_the_tool_wrote(tmp_p
     (out / "data" / "rows.jsonl").write_text("{}\n")
     (out / "reference_logps").mkdir()
     (out / "reference_logps" / "train-x.pt").write_bytes(b"cache")
-    caplog.set_level("WARNING", logger="spo_align.train.outputs")
+    caplog.set_level("WARNING", logger="spo_align.run_folder.lifecycle")
     assert _claim(out).checkpoint is None
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "data", "notes.txt", "reference_logps"]
     assert (out / "notes.txt").read_text() == "keep me" and (out / "data" / "rows.jsonl").exists()
@@ -269,8 +267,8 @@ def _state(step: int, zero: bool = True):
 def test_metrics_jsonl_gets_every_logged_step_and_drops_steps_past_a_resumed_checkpoint(tmp_path: Path):
     from transformers import TrainerControl
 
+    from spo_align.run_folder.metrics_file import read_metrics
     from spo_align.train.callbacks import MetricsJsonlCallback
-    from spo_align.train.outputs import read_metrics
 
     path = tmp_path / "metrics.jsonl"
     cb = MetricsJsonlCallback(path)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from spo_align.train.outputs import CARD_MARK, CURVES, MODEL_CARD, RESOLVED_RECIPE
+from spo_align.run_folder.layout import CARD_MARK, CURVES, MODEL_CARD, RESOLVED_RECIPE
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
@@ -157,7 +157,7 @@ def front_matter(plan: RunPlan) -> dict[str, Any]:
 
 
 def _training_rows(plan: RunPlan, info: dict[str, Any]) -> list[tuple[str, Any]]:
-    from spo_align.recipe.resolve import loss_optimum
+    from spo_align.losses.registry import loss_optimum
 
     recipe = plan.recipe
     rows: list[tuple[str, Any]] = [("stage", recipe.stage), ("base model", plan.model_path)]

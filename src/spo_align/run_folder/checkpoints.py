@@ -8,7 +8,7 @@ missing file. So every checkpoint is sealed after the Trainer wrote it: every ra
 (each file's size) atomically. Only a sealed checkpoint whose files still have their recorded sizes is
 resumed from. Old checkpoints are deleted after the new one is sealed (the Trainer's own rotation is
 switched off, since it deletes before), each losing its seal first. The callback that does both is
-`callbacks.CheckpointSealCallback`; this module imports neither torch nor transformers.
+`train/callbacks.CheckpointSealCallback`; this module imports neither torch nor transformers.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class RecipeSettings:
         return cls.from_recipe_dict(plan.recipe_dict(), plan.deepspeed_config)
 
     def write(self, folder: Path) -> None:
-        from spo_align.train.checkpoints import write_durably
+        from spo_align.run_folder.checkpoints import write_durably
 
         body = {"recipe_hash": self.hash, "not_deciding": list(NOT_DECIDING), "settings": self.values}
         write_durably(Path(folder) / HASH_FILE, json.dumps(body, indent=1, default=str) + "\n")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from spo_align.run_folder.metrics_file import read_metrics, record_step
 from spo_align.train.callbacks import keep_metrics_up_to
-from spo_align.train.outputs import read_metrics, record_step
 
 
 def _damaged(path: Path) -> Path:

@@ -12,8 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 from spo_align.cli import app
-from spo_align.train.card import flatten, front_matter, number
-from spo_align.train.outputs import CARD_MARK, read_metrics
+from spo_align.run_folder.card import flatten, front_matter, number
+from spo_align.run_folder.layout import CARD_MARK
+from spo_align.run_folder.metrics_file import read_metrics
 
 RECIPES = Path(__file__).resolve().parents[1] / "data" / "recipes"
 
@@ -101,12 +102,14 @@ def test_front_matter_names_hub_datasets_and_the_license_of_a_local_base(plan_fo
 
 
 def test_the_card_is_written_when_the_curves_cannot_be_drawn(plan_for, tmp_path: Path):
-    from spo_align.train.finish import write_card
+    from spo_align.run_folder.card import render
+    from spo_align.train.finish import draw_curves
 
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "train_runtime": 1.0}\n')  # a summary, no step curve
     plan = plan_for("spo")
-    card = write_card(out, plan, {"command": "spo train x.yaml", "run_info": {}}).read_text()
+    info = {"command": "spo train x.yaml", "run_info": {}}
+    card = render(out, plan, info, read_metrics(out / "metrics.jsonl"), draw_curves(out))
     assert "The curves could not be drawn: PlotError:" in card and "holds no usable metric record" in card
     assert not (out / "metrics.png").exists()
