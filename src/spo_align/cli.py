@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "spo_align.recipe.commands",
     "spo_align.train.commands",
     "spo_align.eval.commands",
+    "spo_align.experiment.commands",
 )
 
 app = typer.Typer(

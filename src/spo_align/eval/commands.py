@@ -180,9 +180,6 @@ def table_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `spo eval ...` and `spo experiment` to the top-level app."""
-    from spo_align.eval.experiment_cli import experiment_command
-
+    """Add `spo eval ...` to the top-level app."""
     app.add_typer(eval_app, name="eval")
-    app.command("experiment")(experiment_command)
 

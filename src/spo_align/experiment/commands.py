@@ -1,7 +1,6 @@
-"""`spo experiment EXPERIMENT.yaml`: the thin command over `spo_align.eval.experiment`.
+"""`spo experiment EXPERIMENT.yaml`: the thin command over `spo_align.experiment`.
 
-Only typer and the standard library are imported here; `eval.commands.register` adds the command to
-the top-level app. Exit codes: 0 done, 1 invalid experiment/recipe or a failed step.
+Only typer and the standard library are imported here; `register` adds the command to the top-level app. Exit codes: 0 done, 1 invalid experiment/recipe or a failed step.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ def experiment_command(
     from spo_align.recipe.errors import RecipeErrors
 
     try:
-        from spo_align.eval.experiment_spec import load_experiment, plan_stages
+        from spo_align.experiment.spec import load_experiment, plan_stages
 
         experiment = load_experiment(path, set_ or [])
         steps = plan_stages(experiment)
@@ -44,10 +43,10 @@ def experiment_command(
 
 
 def _run(experiment: object) -> None:
-    from spo_align.eval.experiment import ExperimentError, run_experiment
-    from spo_align.eval.experiment_report import PromptGroupError
     from spo_align.eval.judge import JudgeFatalError
     from spo_align.eval.records import EvalInputError
+    from spo_align.experiment.report import PromptGroupError
+    from spo_align.experiment.runner import ExperimentError, run_experiment
     from spo_align.recipe.errors import RecipeErrors
     from spo_align.run_folder import OutputFolderError
 
@@ -67,3 +66,8 @@ def _run(experiment: object) -> None:
         f"{len(result.trained)} stage(s) trained, {len(result.skipped)} skipped, "
         f"{result.wall_seconds:.0f} s; files in {result.output_dir}"
     )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `spo experiment` to the top-level app."""
+    app.command("experiment")(experiment_command)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spo_align.eval.experiment import ExperimentError, load_experiment, plan_stages
-from spo_align.eval.experiment_report import (
+from spo_align.experiment.report import (
     AccuracyRow,
     LogRatioRow,
     accuracy_markdown,
@@ -18,6 +17,8 @@ from spo_align.eval.experiment_report import (
     read_prompt_groups,
     reward_scale,
 )
+from spo_align.experiment.runner import ExperimentError
+from spo_align.experiment.spec import load_experiment, plan_stages
 from spo_align.recipe.errors import RecipeErrors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,7 +174,7 @@ def _judgment_lines(path: Path) -> list[str]:
 @pytest.mark.slow
 def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from spo_align.eval.experiment import run_experiment
+    from spo_align.experiment.runner import run_experiment
 
     torch.set_num_threads(1)
     out = tmp_path / "exp"
@@ -229,15 +230,15 @@ def test_tiny_experiment_runs_end_to_end_then_skips_every_finished_stage(tmp_pat
 
 
 def test_the_spec_and_the_report_never_import_the_runner() -> None:
-    """experiment_spec (file, loading, plan) and experiment_report (tables) sit below experiment (running):
-    no import loop, and the plan needs no torch."""
+    """experiment/spec (file, loading, plan) and experiment/report (tables) sit below experiment/runner
+    (running): no import loop, and the plan needs no torch."""
     import ast
 
-    for name in ("experiment_spec", "experiment_report"):
-        tree = ast.parse((ROOT / "src" / "spo_align" / "eval" / f"{name}.py").read_text(encoding="utf-8"))
+    for name in ("spec", "report"):
+        tree = ast.parse((ROOT / "src" / "spo_align" / "experiment" / f"{name}.py").read_text(encoding="utf-8"))
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert "spo_align.eval.experiment" not in imported, name
+        assert "spo_align.experiment.runner" not in imported, name
 
 
 # ---------------------------------------------------------------- sweeps
@@ -326,8 +327,8 @@ def test_tiny_extended_sweeps_every_loss_over_three_points() -> None:
 
 
 def test_sweep_table_lists_every_point_and_the_best_per_stage(tmp_path: Path) -> None:
-    from spo_align.eval.experiment_report import sweep_markdown, sweep_scores
     from spo_align.eval.table import Cell, WinRateTable
+    from spo_align.experiment.report import sweep_markdown, sweep_scores
 
     experiment = load_experiment(_write(tmp_path, SWEEP))
     rows = [AccuracyRow(name, seed, "all", correct, 10) for seed in (0, 1)
@@ -362,7 +363,7 @@ def test_the_paper_experiments_commented_baselines_validate_when_uncommented(tmp
 
 
 def test_log_ratio_rows_skip_damaged_metric_records(tmp_path: Path) -> None:
-    from spo_align.eval.experiment_report import log_ratio_rows
+    from spo_align.experiment.report import log_ratio_rows
 
     text = GOOD.replace("seeds: [0, 1]", "seeds: [0]").replace("output_dir: out", f"output_dir: {tmp_path / 'out'}")
     experiment = load_experiment(_write(tmp_path, text))

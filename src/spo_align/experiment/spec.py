@@ -4,7 +4,7 @@ An experiment names an SFT recipe, the preference recipes that start from its ou
 how to evaluate. `load_experiment` reads the file like a recipe (duplicate keys, unknown keys with
 did-you-mean, `--set key=value`) and raises `RecipeErrors` with `file:line:col`; `plan_stages` turns it
 into the ordered training runs (`StageStep`), every recipe validated, without importing torch.
-Running them is `eval/experiment.py`; the tables are `eval/experiment_report.py`.
+Running them is `experiment/runner.py`; the tables are `experiment/report.py`.
 """
 
 from __future__ import annotations

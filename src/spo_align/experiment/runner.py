@@ -29,8 +29,8 @@ Python API:
     steps = plan_stages(experiment)           # validates every recipe; no torch
     result = run_experiment(experiment)       # trains, generates, judges, tabulates
 
-The file's schema, loading and plan live in `eval/experiment_spec.py` (torch-free; re-exported here),
-the tables in `eval/experiment_report.py`; this module runs the plan.
+The file's schema, loading and plan live in `experiment/spec.py` (torch-free), the tables in
+`experiment/report.py`, the command in `experiment/commands.py`; this module runs the plan.
 """
 
 from __future__ import annotations
@@ -44,38 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from spo_align.eval.experiment_spec import (  # the file's schema, loading and plan; re-exported here
-    EvalSection,
-    Experiment,
-    GenerationSection,
-    JudgeSection,
-    LoadedExperiment,
-    StageSpec,
-    StageStep,
-    load_experiment,
-    plan_stages,
-)
+from spo_align.experiment.spec import JudgeSection, LoadedExperiment, StageStep, load_experiment, plan_stages
 from spo_align.run_folder import finished_at
-
-__all__ = [
-    "EvalSection",
-    "Experiment",
-    "ExperimentError",
-    "ExperimentResult",
-    "GenerationSection",
-    "JudgeSection",
-    "LoadedExperiment",
-    "SeedResult",
-    "StageSpec",
-    "StageStep",
-    "evaluate_seed",
-    "finished_at",
-    "load_experiment",
-    "plan_stages",
-    "run_experiment",
-    "run_seed",
-    "run_stage",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +215,7 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
     _, judge = _eval_inputs(experiment)
     groups = None
     if spec.eval.accuracy_by is not None:
-        from spo_align.eval.experiment_report import read_prompt_groups
+        from spo_align.experiment.report import read_prompt_groups
 
         groups = read_prompt_groups(Path(experiment.prompts_source()), spec.eval.accuracy_by)
     experiment.output_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +225,7 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
         result.skipped += seed_result.skipped
         result.stage_seconds.update(seed_result.stage_seconds)
         result.stage_cpu_seconds.update(seed_result.stage_cpu_seconds)
-    from spo_align.eval.experiment_report import (
+    from spo_align.experiment.report import (
         accuracy_rows,
         write_accuracy,
         write_log_ratios,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from spo_align.eval.experiment import load_experiment, plan_stages, run_stage
+from spo_align.experiment.runner import run_stage
+from spo_align.experiment.spec import load_experiment, plan_stages
 from spo_align.run_folder import OutputFolderError, finished_at
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ def _overrides(out: Path, *spo_set: str) -> list[str]:
 @pytest.mark.slow
 def test_rerunning_an_experiment_continues_its_interrupted_stage(tmp_path: Path):
     torch = pytest.importorskip("torch")
-    from spo_align.eval.experiment import run_experiment
+    from spo_align.experiment.runner import run_experiment
 
     torch.set_num_threads(1)
     out = tmp_path / "exp"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from spo_align.eval.experiment_spec import LoadedExperiment
+    from spo_align.experiment.spec import LoadedExperiment
 
 
 class PromptGroupError(ValueError):
@@ -196,7 +196,7 @@ def _numbers(record: dict[str, Any], *keys: str) -> bool:
 
 def log_ratio_rows(experiment: LoadedExperiment) -> list[LogRatioRow]:
     """Per preference run and seed, from its metrics.jsonl; runs that log no `rewards/chosen` are left out."""
-    from spo_align.eval.experiment_spec import plan_stages
+    from spo_align.experiment.spec import plan_stages
     from spo_align.recipe.load import load_recipe
     from spo_align.run_folder import read_metrics
 
