@@ -16,6 +16,7 @@ import typer
 COMMAND_MODULES = (
     "spo_align.recipe.commands",
     "spo_align.train.commands",
+    "spo_align.plots.commands",
     "spo_align.eval.commands",
     "spo_align.experiment.commands",
 )
