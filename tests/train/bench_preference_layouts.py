@@ -28,8 +28,8 @@ from spo_align.losses.registry import build_pair_loss
 from spo_align.losses.spo import SPOLoss
 from spo_align.recipe.schema import RowPolicy
 from spo_align.tiny import TinyModelShape, build_model, build_tokenizer
-from spo_align.train.preference import dataset_layout_stats
 from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
+from spo_align.train.stages import dataset_layout_stats
 
 MAX_LENGTH = 1024
 PAIRS_PER_STEP = 8

@@ -135,7 +135,7 @@ def test_every_stage_config_keeps_one_device_per_process(plan_for, tmp_path: Pat
 
 
 def test_the_log_says_which_gpu_trains_and_how_to_use_the_others():
-    from spo_align.train.one_device import device_message
+    from spo_align.train.args import device_message
 
     cuda0 = torch.device("cuda:0")
     assert device_message(cuda0, 4, 1) == (

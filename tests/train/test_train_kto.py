@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spo_align.data.kto import interleave_classes
-from spo_align.train.kto_trainer import PretokenizedKTOTrainer
+from spo_align.train.stages import PretokenizedKTOTrainer
 
 
 @pytest.mark.parametrize("block", [2, 4, 8, 64])
@@ -62,8 +62,8 @@ def test_trl_kto_loss_matches_the_paper_s_kto_on_a_batch(plan_for, tmp_path):
 
     from spo_align.data.kto import load_kto_dataset
     from spo_align.train.args import build_training_args
-    from spo_align.train.kto import kto_config_kwargs
     from spo_align.train.model import load_model, load_tokenizer
+    from spo_align.train.stages import kto_config_kwargs
 
     plan = plan_for("kto", "data.train.0.max_samples=16", "loss.desirable_weight=1.5", "loss.beta=0.5")
     args = build_training_args(plan, tmp_path, KTOConfig, **kto_config_kwargs(plan))
@@ -120,16 +120,16 @@ def test_pretokenized_examples_reach_trl_as_its_own_preparation_makes_them(plan_
     import datasets
     from trl import KTOConfig, KTOTrainer
 
-    from spo_align.data.pairs import load_pair_dataset
+    from spo_align.data.pairs import load_canonical_pairs
     from spo_align.data.tokenize import tokenize_completions
     from spo_align.train.args import build_training_args
-    from spo_align.train.kto import kto_config_kwargs
     from spo_align.train.model import load_model, load_tokenizer
+    from spo_align.train.stages import kto_config_kwargs
 
     plan = plan_for("kto", "data.train.0.max_samples=12")
     args = build_training_args(plan, tmp_path, KTOConfig, **kto_config_kwargs(plan))
     tokenizer = load_tokenizer(plan)
-    pairs = load_pair_dataset(list(plan.recipe.data.train), plan.base_dir)
+    pairs = load_canonical_pairs(plan.recipe.data.train[0], plan.base_dir)
     text_rows = [
         {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}], "label": label}
         for prompt, chosen, rejected in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])

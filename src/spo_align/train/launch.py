@@ -114,11 +114,11 @@ def dry_run_report(plan: RunPlan, recipe_path: Path, overrides: Sequence[str]) -
     trainer_args = training_kwargs(plan, plan.output_dir)
     stage = stage_name(plan)
     if stage == "sft":
-        from spo_align.train.sft import sft_config_kwargs
+        from spo_align.train.stages import sft_config_kwargs
 
         trainer_args.update(sft_config_kwargs(plan))
     elif stage == "kto":
-        from spo_align.train.kto import kto_config_kwargs
+        from spo_align.train.stages import kto_config_kwargs
 
         trainer_args.update(kto_config_kwargs(plan))
     return {
