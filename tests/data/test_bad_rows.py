@@ -11,10 +11,10 @@ import pytest
 
 from spo_align.data.errors import DataSourceError
 from spo_align.data.json_rows import JsonRowsError, read_json_rows
-from spo_align.data.kto import parse_label
 from spo_align.data.messages import RowFormatError, as_messages
 from spo_align.data.pairs import load_canonical_pairs
 from spo_align.data.sources import load_source
+from spo_align.data.unpaired import parse_label
 from spo_align.recipe.schema import DatasetSource
 
 GOOD = '{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spo_align.data.kto import interleave_classes
+from spo_align.data.unpaired import interleave_classes
 from spo_align.train.stages import PretokenizedKTOTrainer
 
 
@@ -23,7 +23,7 @@ def test_every_batch_mixes_desirable_and_undesirable_examples(block: int):
 
 
 def test_paired_data_is_unpaired_with_the_row_policy_and_mixed(plan_for):
-    from spo_align.data.kto import load_kto_dataset
+    from spo_align.data.unpaired import load_kto_dataset
     from spo_align.tiny import build_tokenizer
 
     plan = plan_for("kto", "data.train.0.max_samples=40")
@@ -60,7 +60,7 @@ def test_trl_kto_loss_matches_the_paper_s_kto_on_a_batch(plan_for, tmp_path):
     """Fails loudly if TRL's KTOTrainer stops computing the paper's KTO (eq. 7 with a detached, clamped z0)."""
     from trl import KTOConfig
 
-    from spo_align.data.kto import load_kto_dataset
+    from spo_align.data.unpaired import load_kto_dataset
     from spo_align.train.args import build_training_args
     from spo_align.train.model import load_model, load_tokenizer
     from spo_align.train.stages import kto_config_kwargs
@@ -95,7 +95,7 @@ def test_rows_already_in_kto_layout_are_read_as_they_are(plan_for, tmp_path):
     import json
 
     from spo_align.data.columns import MissingColumnError
-    from spo_align.data.kto import load_kto_dataset
+    from spo_align.data.unpaired import load_kto_dataset
     from spo_align.tiny import build_tokenizer
 
     rows = [{"q": f"{i}+1=", "answer": str(i + 1 if i % 3 else i), "good": bool(i % 3)} for i in range(12)]

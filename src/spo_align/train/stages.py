@@ -12,7 +12,7 @@ learns about the run (row-policy counts, sizes, the batch layout, the reference 
   collator emits `position_ids` that restart at each sequence, from which the model builds a block-diagonal
   causal mask (flash attention: varlen kernels; sdpa/eager: a packed-sequence mask), so packed conversations
   never attend to each other.
-- `run_kto`: TRL's KTOTrainer on desirable/undesirable examples, tokenized by `spo_align.data.kto` (row policy
+- `run_kto`: TRL's KTOTrainer on desirable/undesirable examples, tokenized by `spo_align.data.unpaired` (row policy
   applied, every batch mixing both classes) and entering TRL through `PretokenizedKTOTrainer`. With LoRA the
   reference is the same model with the adapter disabled (TRL does this when it wraps the model itself from
   `peft_config`), unless `reference.model` names another model; with full fine-tuning a frozen copy is loaded
@@ -162,7 +162,7 @@ def kto_config_kwargs(plan: RunPlan) -> dict[str, Any]:
 def run_kto(plan: RunPlan, ctx: RunContext) -> None:
     from trl import KTOConfig
 
-    from spo_align.data.kto import load_kto_dataset
+    from spo_align.data.unpaired import load_kto_dataset
     from spo_align.train.args import build_training_args, device_info
     from spo_align.train.finish import train_and_save
     from spo_align.train.model import (

@@ -1,4 +1,5 @@
-"""KTO data: desirable/undesirable examples, tokenized like the pairs, every batch mixing both classes.
+"""Unpaired rows (what KTO trains on): desirable/undesirable examples, tokenized like the pairs, every batch
+mixing both classes.
 
 Paired data (any layout `data/pairs.py` reads) goes through the pair row policy, then is unpaired: each pair gives
 a desirable (chosen) and an undesirable (rejected) example. Rows already in KTO layout (`format: kto`: prompt /
