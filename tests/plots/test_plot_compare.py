@@ -326,7 +326,7 @@ def test_spo_experiment_hook_writes_each_seeds_figure_and_survives_a_seed_withou
 
 
 def test_plot_modules_import_neither_torch_nor_matplotlib_until_drawing() -> None:
-    code = ("import sys, spo_align.plots.compare, spo_align.plots.commands, spo_align.run_folder, spo_align.train.commands; "
+    code = ("import sys, spo_align.plots.compare, spo_align.cli.plot, spo_align.run_folder, spo_align.cli.train; "
             "heavy = {'torch', 'matplotlib', 'transformers'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -30,7 +30,7 @@ Python API:
     result = run_experiment(experiment)       # trains, generates, judges, tabulates
 
 The file's schema, loading and plan live in `experiment/spec.py` (torch-free), the tables in
-`experiment/report.py`, the command in `experiment/commands.py`; this module runs the plan.
+`experiment/report.py`, the command in `cli/experiment.py`; this module runs the plan.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`spo experiment EXPERIMENT.yaml`: the thin command over `spo_align.experiment`.
 
-Only typer and the standard library are imported here; `register` adds the command to the top-level app. Exit codes: 0 done, 1 invalid experiment/recipe or a failed step.
+Only typer and the standard library are imported here; `register` adds the command to the top-level app.
+Exit codes: 0 done, 1 invalid experiment/recipe or a failed step.
 """
 
 from __future__ import annotations

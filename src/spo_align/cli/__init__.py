@@ -1,8 +1,9 @@
-"""The `spo` command.
+"""The `spo` command: one module of this package per command group, each adding its commands to the app.
 
-Each area of the project contributes its commands through a `register(app)` function in its own
-`commands` module. Those modules import only typer and the standard library at import time and load
-heavy dependencies (torch, transformers) inside the command bodies, so `spo validate` stays light.
+`recipe` (validate, resolve, schema, new), `train`, `plot`, `experiment` and `eval` each have a
+`register(app)` function. Those modules import only typer and the standard library at import time and load
+the library (and torch, transformers) inside the command bodies, so `spo validate` stays light. Each body
+parses, calls one function of the package below, and prints; errors become one line and an exit code.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import logging
 import typer
 
 COMMAND_MODULES = (
-    "spo_align.recipe.commands",
-    "spo_align.train.commands",
-    "spo_align.plots.commands",
-    "spo_align.eval.commands",
-    "spo_align.experiment.commands",
+    "spo_align.cli.recipe",
+    "spo_align.cli.train",
+    "spo_align.cli.plot",
+    "spo_align.cli.eval",
+    "spo_align.cli.experiment",
 )
 
 app = typer.Typer(
@@ -65,6 +66,3 @@ _register_all()
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    main()
