@@ -66,7 +66,7 @@ class LogpWork:
     prompt_share: float = 0.25
     """Leading share of each row that is prompt (not scored), as in a preference batch."""
     chunk_size: int | None = None
-    """Tokens per LM-head chunk; None: `spo_align.losses.DEFAULT_CHUNK_SIZE`."""
+    """Tokens per LM-head chunk; None: `spo_align.train.sequence_logps.DEFAULT_CHUNK_SIZE`."""
     threads: int = 2
     seed: int = 0
     rounds: int = 1

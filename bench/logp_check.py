@@ -79,8 +79,8 @@ def run_logp_check(work: Workload, check: GpuCheck, attention: str, model_dir: P
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from spo_align.data.collate import PairCollator, choose_layout
     from spo_align.recipe.resolve import default_pack_length
-    from spo_align.train.collate import PairCollator, choose_layout
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -3,7 +3,7 @@
 Two methods, each in its own fresh process so neither inherits the other's allocator state:
 - ``full``: what a plain implementation does: logits for every position ``[B, T, V]`` in fp32, a full
   ``log_softmax``, gather the targets, mask the prompt, sum per row.
-- ``chunked``: `spo_align.losses.sequence_logps`: the head applied only at labelled positions, a chunk of
+- ``chunked``: `spo_align.train.sequence_logps.sequence_logps`: the head applied only at labelled positions, a chunk of
   tokens at a time, logits recomputed in backward.
 The figure is the process's peak resident set during the step minus its resident set just before it
 (inputs, weights and their gradient buffers are allocated before the baseline is read; the kernel's
@@ -76,7 +76,7 @@ def full_tensor_logps(hidden: Any, weight: Any, labels: Any) -> Any:
 def run_logp(work: LogpWork, method: Method) -> dict[str, Any]:
     import os
 
-    from spo_align.losses import DEFAULT_CHUNK_SIZE, sequence_logps
+    from spo_align.train.sequence_logps import DEFAULT_CHUNK_SIZE, sequence_logps
 
     hidden, weight, labels = _inputs(work)
     chunk = work.chunk_size or DEFAULT_CHUNK_SIZE

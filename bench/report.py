@@ -22,7 +22,7 @@ LABELS = {
     "sft-padded": "SFT, no packing",
     "sft-packed": "SFT, packing",
     "logp-full": "full-tensor log_softmax",
-    "logp-chunked": "spo_align.losses.sequence_logps (chunked)",
+    "logp-chunked": "spo_align.train.sequence_logps (chunked)",
 }
 
 # Done-when targets of issue 7 (2 CPU cores): measured against, never adjusted.

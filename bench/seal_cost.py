@@ -5,7 +5,7 @@
 For each model size this writes a tiny-vocabulary Llama, trains it with tests/data/recipes/spo_zero3.yaml under
 the `deepspeed` launcher (2 CPU ranks over gloo; tests/data/gloo_only on PYTHONPATH, as in the tests, so that
 DeepSpeed does not compile its shared-memory op), a checkpoint every `--save-steps`, and reads what each seal
-recorded (`train/checkpoints.py`): the checkpoint's bytes, `write_s` (rank 0, from the step's end to its files
+recorded (`run_folder/checkpoints.py`): the checkpoint's bytes, `write_s` (rank 0, from the step's end to its files
 written) and `seal_s` (from there to the seal written: waiting for the other ranks, flushing, the manifest).
 It prints one markdown row per checkpoint and the median per size. Timings on a shared machine are noisy:
 say where they were taken.

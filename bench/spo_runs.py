@@ -131,22 +131,16 @@ def run_recipe(
     """
     from spo_align.recipe.load import load_recipe
     from spo_align.recipe.resolve import resolve
-    from spo_align.train.model import check_model_setup
-    from spo_align.train.outputs import RUN_INFO
-    from spo_align.train.run import build_context, claim_output, stage_function
+    from spo_align.run_folder import RUN_INFO
+    from spo_align.train.run import run
 
     started = time.perf_counter()
     recipe_path = Path(recipe_path)
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     plan = resolve(load_recipe(recipe_path), recipe_path, device="cuda" if _cuda() else "cpu")
-    check_model_setup(plan)
-    checkpoint = claim_output(plan, resume=False, overwrite=True)
-    ctx = build_context(plan, checkpoint)
     times = LoopTimes()
-    ctx.callbacks.append(step_clock(times))
-    ctx.callbacks.extend(extra_callbacks)
-    stage_function(plan)(plan, ctx)
+    run(plan, resume=False, overwrite=True, extra_callbacks=(step_clock(times), *extra_callbacks))
     info_path = Path(plan.output_dir) / RUN_INFO
     run_info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
     if times.begin is None:

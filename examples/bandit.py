@@ -25,9 +25,13 @@ from typing import Any
 
 import torch
 
-from spo_align.loss_catalogue import build_pair_loss
-from spo_align.pair_losses import PairInputs, ipo_tau_matching_spo
-from spo_align.recipe.schema import DPOLoss, DPOPLoss, IPOLoss, SimPOLoss, SPOLoss
+from spo_align.losses.dpo import DPOLoss
+from spo_align.losses.dpop import DPOPLoss
+from spo_align.losses.ipo import IPOLoss, tau_matching_spo
+from spo_align.losses.pair import PairInputs
+from spo_align.losses.registry import build_pair_loss
+from spo_align.losses.simpo import SimPOLoss
+from spo_align.losses.spo import SPOLoss
 
 ACTIONS = ("a", "b", "c")
 PAIRS = torch.tensor([[0, 1], [1, 2], [0, 2]])  # (winner, loser): a > b, b > c, a > c
@@ -63,7 +67,7 @@ def default_losses(
 ) -> list[BanditLoss]:
     """DPO at two betas, cDPO (eps 0.1), IPO matched to SPO's margin optimum, SPO; then DPOP, SimPO, DPO
     with an NLL term, and SPO with an NLL term (weights: `nll_weight`, `spo_nll_weight`)."""
-    tau = ipo_tau_matching_spo(beta)
+    tau = tau_matching_spo(beta)
     return [
         from_recipe(f"DPO beta={small_beta}", DPOLoss(type="dpo", beta=small_beta, label_smoothing=0.0), False),
         from_recipe(f"DPO beta={beta}", DPOLoss(type="dpo", beta=beta, label_smoothing=0.0), False),

@@ -148,7 +148,7 @@ def test_harness_runs_a_job_in_a_fresh_process_and_reports_its_failure(tmp_path:
 def test_trl_and_spo_train_on_exactly_the_same_tokens(tmp_path: Path):
     """Runs (a) and (c) in this process at toy size: same real tokens; TRL pads, packed spo does not."""
     pytest.importorskip("trl")
-    pytest.importorskip("spo_align.train.preference")
+    pytest.importorskip("spo_align.train.stages")
     from bench.spo_runs import run_spo
     from bench.suite import prepare
     from bench.trl_baseline import run_trl

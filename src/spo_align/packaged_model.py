@@ -21,14 +21,12 @@ llama.cpp). The package is located on disk and never imported.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,28 +186,3 @@ def _convert(model: PackagedModel, source: Path, out: Path) -> None:
         "note": "weights de-quantized from the GGUF file to float32; not the hub checkpoint's bf16 weights",
     }
     (out / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
-# ---------------------------------------------------------------- `spo packaged-model NAME`
-
-
-def register(app: object) -> None:
-    import typer
-
-    def packaged_model_command(
-        name: str = typer.Argument(..., help=f"The packaged model: {', '.join(PACKAGED)}."),
-    ) -> None:
-        """Print the local folder of a real model shipped by a pip package (converted once), for --set
-        model.name_or_path=... on a machine without a model hub."""
-        try:
-            # stdout is the folder alone (`--set model.name_or_path=$(spo packaged-model NAME)` reads it): what the
-            # libraries print while converting goes to stderr (DeepSpeed, imported by transformers on save, logs
-            # a warning to stdout).
-            with contextlib.redirect_stdout(sys.stderr):
-                folder = materialise(name)
-        except PackagedModelError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        typer.echo(str(folder))
-
-    app.command("packaged-model")(packaged_model_command)  # type: ignore[attr-defined]

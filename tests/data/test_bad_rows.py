@@ -9,11 +9,12 @@ from pathlib import Path
 import datasets
 import pytest
 
+from spo_align.data.errors import DataSourceError
 from spo_align.data.json_rows import JsonRowsError, read_json_rows
-from spo_align.data.kto import parse_label
 from spo_align.data.messages import RowFormatError, as_messages
-from spo_align.data.pairs import load_pair_dataset
-from spo_align.data.sources import DataSourceError, load_source
+from spo_align.data.pairs import load_canonical_pairs
+from spo_align.data.sources import load_source
+from spo_align.data.unpaired import parse_label
 from spo_align.recipe.schema import DatasetSource
 
 GOOD = '{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
@@ -43,7 +44,7 @@ def test_a_bad_file_is_one_located_error(name: str, tmp_path: Path):
     path = tmp_path / f"{name}.jsonl"
     path.write_bytes(data)
     with pytest.raises(DataSourceError, match=message):
-        load_pair_dataset([DatasetSource(path=str(path), format="pairs")])
+        load_canonical_pairs(DatasetSource(path=str(path), format="pairs"))
 
 
 def test_a_json_array_file_names_the_item(tmp_path: Path):
@@ -59,7 +60,7 @@ def test_a_json_array_file_names_the_item(tmp_path: Path):
 def test_rows_keep_where_they_came_from_through_shuffling(tmp_path: Path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"}) for i in range(20)) + "\n")
-    ds = load_pair_dataset([DatasetSource(path=str(path))], shuffle=True, seed=3)
+    ds = load_canonical_pairs(DatasetSource(path=str(path)), shuffle=True, seed=3)
     for row in ds:
         line = int(row["_row"].rsplit(":", 1)[1])
         assert row["prompt"][0]["content"] == f"{line - 1}+1="
@@ -86,7 +87,7 @@ def test_a_pair_with_parts_trains_on_the_joined_text(tmp_path: Path):
         "rejected": [{"type": "text", "text": "41"}],
     }
     path.write_text(json.dumps(row) + "\n")
-    ds = load_pair_dataset([DatasetSource(path=str(path))])
+    ds = load_canonical_pairs(DatasetSource(path=str(path)))
     assert (ds[0]["prompt"], ds[0]["chosen"], ds[0]["rejected"]) == ([{"role": "user", "content": "12+30="}], "42", "41")
 
 
@@ -109,5 +110,5 @@ def test_a_parquet_source_names_its_rows(tmp_path: Path):
     path = tmp_path / "pairs.parquet"
     datasets.Dataset.from_list([json.loads(GOOD), {"prompt": "1+1=", "chosen": None, "rejected": "3"}]).to_parquet(path)
     with pytest.raises(DataSourceError, match=r"pairs\.parquet \[train\] row 1: 'chosen' is null"):
-        load_pair_dataset([DatasetSource(path=str(path))])
+        load_canonical_pairs(DatasetSource(path=str(path)))
     assert load_source(DatasetSource(path=str(path)))["_row"][0].endswith("pairs.parquet [train] row 0")

@@ -7,10 +7,16 @@ import json
 import datasets
 import pytest
 
-from spo_align.data.pairs import PairFormatError, convert_pair_row, load_pair_dataset, to_canonical_pairs
-from spo_align.data.sources import DataSourceError
+from spo_align.data.errors import DataSourceError
+from spo_align.data.pairs import (
+    PairFormatError,
+    convert_pair_row,
+    load_canonical_pairs,
+    prepare_pairs,
+    to_canonical_pairs,
+)
 from spo_align.data.tokenize import tokenize_pair
-from spo_align.recipe.schema import ColumnMap, DatasetSource
+from spo_align.recipe.schema import ColumnMap, DataSection, DatasetSource
 from spo_align.tiny import build_tokenizer
 
 
@@ -81,14 +87,14 @@ def test_column_map_and_missing_column_named(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps({"question": "1+1=", "good": "2", "bad": "3"}) for _ in range(3)))
     mapped = DatasetSource(path=str(path), columns=ColumnMap(prompt="question", chosen="good", rejected="bad"))
-    ds = load_pair_dataset([mapped])
+    ds = load_canonical_pairs(mapped)
     first = ds[0]
     assert first.pop("_row") == f"{path}:1"  # where the row came from, for error messages
     assert first == {"prompt": [{"role": "user", "content": "1+1="}], "chosen": "2", "rejected": "3"}
 
     unmapped = DatasetSource(path=str(path))
     with pytest.raises(DataSourceError, match=r"missing column 'chosen'.*columns.chosen") as err:
-        load_pair_dataset([unmapped])
+        load_canonical_pairs(unmapped)
     assert str(path) in str(err.value)
 
 
@@ -97,13 +103,14 @@ def test_sources_convert_before_concatenation(tmp_path):
     a.write_text(json.dumps({"q": "1+1=", "c": "2", "r": "3"}))
     b = tmp_path / "b.jsonl"
     b.write_text(json.dumps(_ultrafeedback_rows()[0]))
-    ds = load_pair_dataset(
-        [
-            DatasetSource(path=str(a), columns=ColumnMap(prompt="q", chosen="c", rejected="r")),
-            DatasetSource(path=str(b), format="ultrafeedback"),
-        ]
-    )
-    assert len(ds) == 2 and ds[1]["chosen"] == "4."
+    sources = [
+        DatasetSource(path=str(a), columns=ColumnMap(prompt="q", chosen="c", rejected="r")),
+        DatasetSource(path=str(b), format="ultrafeedback"),
+    ]
+    tokenizer = build_tokenizer()
+    pairs = prepare_pairs(sources, DataSection(train=sources), tokenizer, shuffle=False)
+    assert len(pairs.dataset) == 2 and list(pairs.counts["by_source"]) == [f"{a} [train]", f"{b} [train]"]
+    assert tokenizer.decode(pairs.dataset[1]["chosen_ids"]).startswith("4.")
 
 
 def test_kto_format_is_not_a_pair_format():

@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from spo_align.eval.commands import register
+from spo_align.cli.eval import register
 from tests.eval.judge_server import FakeJudgeServer, write_generations
 
 runner = CliRunner()
@@ -118,7 +118,7 @@ def test_dry_run_counts_calls_and_tokens_and_failed_judgments_exit_1(
 
 
 def test_commands_module_imports_no_heavy_dependencies() -> None:
-    code = ("import sys, spo_align.eval.commands; "
+    code = ("import sys, spo_align.cli.eval; "
             "heavy = {'torch', 'transformers', 'openai', 'matplotlib', 'numpy'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from spo_align.eval.commands import register
+from spo_align.cli.eval import register
 from spo_align.eval.judge_store import JudgmentRecord, JudgmentStore, read_judgments
 from spo_align.eval.records import GenerationRecord, read_generation_file
 from tests.eval.judge_server import write_generations

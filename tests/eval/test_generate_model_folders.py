@@ -98,7 +98,7 @@ def test_cut_weights_outside_a_run_are_one_line(place: Path, tiny_model_dir: Pat
 
 
 def test_checkpoints_are_used_only_when_sealed(place: Path, tiny_model_dir: Path):
-    from spo_align.train.checkpoints import seal
+    from spo_align.run_folder import seal
 
     run = _run_folder(place, tiny_model_dir, "run", finished=False, with_model=False)
     shutil.copytree(tiny_model_dir, run / "checkpoint-2")

@@ -29,7 +29,8 @@ def test_make_judge_builds_each_kind_with_its_settings(tmp_path: Path, monkeypat
 
 
 def test_the_experiment_judge_is_the_cli_judge_with_its_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    from spo_align.eval.experiment import JudgeSection, _judge
+    from spo_align.experiment.runner import _judge
+    from spo_align.experiment.spec import JudgeSection
 
     monkeypatch.setenv("SPO_FACTORY_KEY", "sk-factory-Hq3vZ8pLw2Rn5Tb")
     section = JudgeSection(type="openai", model="judge-x", base_url="http://127.0.0.1:9/v1", api_key_env="SPO_FACTORY_KEY")

@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from spo_align.eval.commands import register
+from spo_align.cli.eval import register
 from spo_align.eval.judge import judge_all
 from spo_align.eval.judge_client import OpenAIJudge
 from spo_align.eval.judge_reply import MAX_REPLY_BYTES

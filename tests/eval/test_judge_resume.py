@@ -19,7 +19,7 @@ from spo_align.eval.judge_store import JudgmentStore, read_judgments
 from tests.eval.judge_server import FakeJudgeServer, write_generations
 
 KEY_ENV = "SPO_TEST_JUDGE_KEY"
-CLI = "import typer; from spo_align.eval.commands import register; app = typer.Typer(); register(app); app()"
+CLI = "import typer; from spo_align.cli.eval import register; app = typer.Typer(); register(app); app()"
 
 
 def _complete_lines(path: Path) -> int:

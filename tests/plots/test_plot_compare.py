@@ -297,13 +297,11 @@ def test_eval_values_are_dashed_in_the_runs_colour(tmp_path: Path) -> None:
 def test_one_run_shows_every_curve_and_rewards_without_a_recipe_stay_as_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from spo_align.train.plot import plot_run
-
     run = _write_run(tmp_path / "spo", "spo")
     titles = [p.title for p in build_figure(load_runs([run]), "spo", every_curve=True).panels]
     assert titles[:3] == ["chosen answer: log π/π_ref", "rejected answer: log π/π_ref", "margin: chosen − rejected log-ratio"]
     assert titles[-3:] == ["learning_rate", "logps/chosen", "logps/rejected"]
-    assert plot_run(run) == run / "metrics.png" and (run / "metrics.png").is_file()
+    assert plot_runs([run], None, every_curve=True) == [run / "metrics.png"] and (run / "metrics.png").is_file()
 
     (run / "resolved_recipe.yaml").unlink()
     with caplog.at_level(logging.WARNING):
@@ -328,7 +326,7 @@ def test_spo_experiment_hook_writes_each_seeds_figure_and_survives_a_seed_withou
 
 
 def test_plot_modules_import_neither_torch_nor_matplotlib_until_drawing() -> None:
-    code = ("import sys, spo_align.plots.compare, spo_align.train.plot, spo_align.train.commands; "
+    code = ("import sys, spo_align.plots.compare, spo_align.cli.plot, spo_align.run_folder, spo_align.cli.train; "
             "heavy = {'torch', 'matplotlib', 'transformers'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -97,7 +97,7 @@ def _scored_per_sequence(batch: dict[str, Any], count: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("layout", ["padded", "packed_rows", "packed_batch", "packed_single_row"])
 def test_pair_batches_score_the_answer_and_end_of_turn_never_the_padding(pairs, real_tokenizer: Any, ids, layout: str):
-    from spo_align.train.collate import PairCollator
+    from spo_align.data.collate import PairCollator
     from spo_align.train.logps import batch_token_counts
 
     tok = real_tokenizer
@@ -131,11 +131,10 @@ def test_kto_batches_score_the_answer_and_end_of_turn(kto_recipe: Path, smollm2_
     `input_ids.masked_fill(completion_mask == 0, -100)`) covers exactly each answer and its end of turn."""
     from trl import KTOConfig
 
-    from spo_align.data.kto import load_kto_dataset
+    from spo_align.data.unpaired import load_kto_dataset
     from spo_align.train.args import build_training_args
-    from spo_align.train.kto import kto_config_kwargs
-    from spo_align.train.kto_trainer import PretokenizedKTOTrainer
     from spo_align.train.model import load_model
+    from spo_align.train.stages import PretokenizedKTOTrainer, kto_config_kwargs
 
     tok = real_tokenizer
     plan = real_plan(kto_recipe, smollm2_folder, tmp_path / "out")
@@ -178,7 +177,7 @@ def test_sft_batches_score_each_assistant_turn_and_its_end_of_turn(
     from spo_align.data.sft import load_sft_dataset
     from spo_align.train.args import build_training_args
     from spo_align.train.model import load_model
-    from spo_align.train.sft import sft_config_kwargs
+    from spo_align.train.stages import sft_config_kwargs
 
     tok = real_tokenizer
     overrides = ["data.packing=true", "data.pack_length=256"] if packing else []

@@ -115,7 +115,7 @@ def test_a_base_recipe_elsewhere_keeps_its_variable_paths_unrebased(env: Path, t
 
 
 def test_experiment_paths_expand_and_an_unset_one_is_located(env: Path, tmp_path: Path) -> None:
-    from spo_align.eval.experiment_spec import load_experiment
+    from spo_align.experiment.spec import load_experiment
     from spo_align.recipe.errors import RecipeErrors
 
     root = Path(__file__).resolve().parents[2]

@@ -7,9 +7,14 @@ from pathlib import Path
 import pytest
 from recipe_paths import RECIPE_ROOTS, REPO, repo_recipes
 
+from spo_align.losses.dpo import DPOLoss
+from spo_align.losses.dpop import DPOPLoss
+from spo_align.losses.ipo import IPOLoss
+from spo_align.losses.kto import KTOLoss
+from spo_align.losses.simpo import SimPOLoss
+from spo_align.losses.spo import SPOLoss
 from spo_align.recipe.load import find_recipe_files, load_recipe
 from spo_align.recipe.resolve import resolve
-from spo_align.recipe.schema import DPOLoss, DPOPLoss, IPOLoss, KTOLoss, SimPOLoss, SPOLoss
 
 RECIPES = repo_recipes()
 MODELS = ("qwen2.5-7b-instruct", "llama-3.1-8b-instruct")

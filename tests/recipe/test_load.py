@@ -9,10 +9,10 @@ import pytest
 from pydantic import ValidationError
 from recipe_paths import REPO
 
+from spo_align.losses.spo import SPOLoss
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
 from spo_align.recipe.load import load_recipe, save_resolved, validate_files
 from spo_align.recipe.resolve import resolve
-from spo_align.recipe.schema import SPOLoss
 
 VALID = """\
 stage: preference
@@ -248,7 +248,7 @@ def test_a_typo_of_type_is_reported_at_its_own_line_with_did_you_mean(tmp_path: 
     (error,) = errors_of(write(tmp_path / "r.yaml", text))
     assert (error.line, error.key_path) == (10, "loss.tpye")
     assert "unknown key 'tpye' in 'loss' (did you mean 'type'?)" in error.message
-    from spo_align.loss_catalogue import TYPES
+    from spo_align.losses.registry import TYPES
 
     assert ", ".join(TYPES) in error.message
 

@@ -52,7 +52,10 @@ def test_validate_github_annotations() -> None:
     assert code == 1
     (line,) = out.splitlines()
     assert line.startswith("::error file=") and ",line=10,col=3," in line
-    assert line.endswith("::loss.type: unknown type 'spoo' (did you mean 'spo'?); expected one of: 'spo', 'dpo', 'ipo', 'dpop', 'simpo', 'kto'")
+    from spo_align.losses.registry import TYPES
+
+    known = ", ".join(f"'{t}'" for t in TYPES)  # every loss type, in the registry's order
+    assert line.endswith(f"::loss.type: unknown type 'spoo' (did you mean 'spo'?); expected one of: {known}")
 
 
 def test_resolve_shows_derived_values() -> None:

@@ -106,11 +106,10 @@ def test_plan_is_frozen_and_serialises(tmp_path: Path) -> None:
 
 
 def test_schema_spo_floor_default_is_the_loss_module_default() -> None:
-    """The recipe is the one source of the floor; its default must be the one losses.py justifies."""
-    losses = pytest.importorskip("spo_align.losses")
-    from spo_align.recipe.schema import SPOLoss
+    """The recipe is the one source of the floor; its default must be the one losses/spo.py justifies."""
+    from spo_align.losses.spo import DEFAULT_Z_FLOOR, SPOLoss
 
-    assert SPOLoss(type="spo").z_floor == losses.DEFAULT_Z_FLOOR
+    assert SPOLoss(type="spo").z_floor == DEFAULT_Z_FLOOR
     with pytest.raises(ValidationError):
         SPOLoss(type="spo", z_floor=1.0)
 
@@ -118,8 +117,11 @@ def test_schema_spo_floor_default_is_the_loss_module_default() -> None:
 def test_loss_optimum_is_shown_for_each_paired_loss() -> None:
     import math
 
+    from spo_align.losses.dpo import DPOLoss
+    from spo_align.losses.ipo import IPOLoss
+    from spo_align.losses.kto import KTOLoss
+    from spo_align.losses.spo import SPOLoss
     from spo_align.recipe.resolve import loss_optimum
-    from spo_align.recipe.schema import DPOLoss, IPOLoss, KTOLoss, SPOLoss
 
     assert loss_optimum(SPOLoss(type="spo", beta=0.1, alpha=1.0)) == pytest.approx(
         {"margin": 10.0, "rejected_log_ratio": -1.0, "chosen_log_ratio": 9.0}

@@ -21,13 +21,15 @@ import datasets
 import torch
 from transformers import TrainingArguments
 
+from spo_align.data.collate import PairCollator
 from spo_align.data.policies import apply_pair_policy
 from spo_align.data.tokenize import tokenize_pairs
-from spo_align.recipe.schema import RowPolicy, SPOLoss
+from spo_align.losses.registry import build_pair_loss
+from spo_align.losses.spo import SPOLoss
+from spo_align.recipe.schema import RowPolicy
 from spo_align.tiny import TinyModelShape, build_model, build_tokenizer
-from spo_align.train.collate import PairCollator
-from spo_align.train.preference import dataset_layout_stats, make_pair_loss
 from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
+from spo_align.train.stages import dataset_layout_stats
 
 MAX_LENGTH = 1024
 PAIRS_PER_STEP = 8
@@ -70,7 +72,7 @@ def main(steps: int) -> dict[str, dict[str, float]]:
         trainer = PreferenceTrainer(
             model=model, args=args, train_dataset=ds, processing_class=tok, reference=reference,
             data_collator=PairCollator(tok.pad_token_id, layout, MAX_LENGTH),  # type: ignore[arg-type]
-            pair_loss=make_pair_loss(SPOLoss(type="spo")),
+            pair_loss=build_pair_loss(SPOLoss(type="spo")),
         )
         cpu0 = time.process_time()
         wall = trainer.train().metrics["train_runtime"]

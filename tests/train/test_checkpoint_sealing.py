@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spo_align.train.checkpoints import checkpoint_cost, file_writer, is_sealed
+from spo_align.run_folder import checkpoint_cost, file_writer, is_sealed
 
 HERE = Path(__file__).resolve().parent
 

@@ -32,7 +32,7 @@ def test_chunk_constants_are_the_runners() -> None:
     from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
-    from spo_align.losses import DEFAULT_CHUNK_SIZE
+    from spo_align.train.sequence_logps import DEFAULT_CHUNK_SIZE
 
     assert PAIR_HEAD_CHUNK == DEFAULT_CHUNK_SIZE
     assert (TRL_HEAD_TOKENS, TRL_HEAD_VOCAB) == (TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)

@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from spo_align.recipe.schema import SPOLoss
-from spo_align.train.collate import PairCollator
-from spo_align.train.preference import make_pair_loss
+from spo_align.data.collate import PairCollator
+from spo_align.losses.registry import build_pair_loss
+from spo_align.losses.spo import SPOLoss
 from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
 
 torch.set_num_threads(1)
@@ -94,7 +94,7 @@ def _train(plan: Any, out: Path, tok: Any, ds: Any, *, lora: bool, use_cpu: bool
         train_dataset=ds,
         data_collator=PairCollator(tok.pad_token_id, "padded"),
         processing_class=tok,
-        pair_loss=make_pair_loss(SPOLoss(type="spo", beta=1.0, alpha=1.0)),
+        pair_loss=build_pair_loss(SPOLoss(type="spo", beta=1.0, alpha=1.0)),
         reference=reference,
     )
     trainer.train()
@@ -135,7 +135,7 @@ def test_every_stage_config_keeps_one_device_per_process(plan_for, tmp_path: Pat
 
 
 def test_the_log_says_which_gpu_trains_and_how_to_use_the_others():
-    from spo_align.train.one_device import device_message
+    from spo_align.train.args import device_message
 
     cuda0 = torch.device("cuda:0")
     assert device_message(cuda0, 4, 1) == (

@@ -66,11 +66,11 @@ def test_bf16_full_fine_tuning_starts_at_log_ratio_zero_and_records_its_precisio
 def test_the_preference_trainer_computes_in_bf16_over_fp32_weights(plan_for, tmp_path: Path):
     """The policy's forward runs under autocast although `batch_logps` swaps the causal LM's forward, which is
     where accelerate puts its autocast for a model without wrappers; the optimizer updates float32 weights."""
-    from spo_align.recipe.schema import SPOLoss
+    from spo_align.data.collate import PairCollator
+    from spo_align.losses.registry import build_pair_loss
+    from spo_align.losses.spo import SPOLoss
     from spo_align.train.args import build_training_args
-    from spo_align.train.collate import PairCollator
     from spo_align.train.model import load_model
-    from spo_align.train.preference import make_pair_loss
     from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
 
     plan = plan_for("spo", "model.dtype=bfloat16", "output.report_to=[none]")
@@ -84,7 +84,7 @@ def test_the_preference_trainer_computes_in_bf16_over_fp32_weights(plan_for, tmp
         train_dataset=h.tokenized_dataset(tok, 16),
         data_collator=PairCollator(tok.pad_token_id, "padded"),
         processing_class=tok,
-        pair_loss=make_pair_loss(SPOLoss(type="spo")),
+        pair_loss=build_pair_loss(SPOLoss(type="spo")),
         reference=ReferenceSpec(kind="model", model=load_model(plan, plan.model_path, for_training=False)),
     )
     trainer.train()
@@ -93,7 +93,7 @@ def test_the_preference_trainer_computes_in_bf16_over_fp32_weights(plan_for, tmp
 
 
 def test_a_forward_set_on_the_model_instance_survives_a_log_prob_call(plan_for):
-    from spo_align.train.collate import PairCollator
+    from spo_align.data.collate import PairCollator
     from spo_align.train.logps import batch_logps
     from spo_align.train.model import load_model
 

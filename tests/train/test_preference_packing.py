@@ -6,11 +6,14 @@ import preference_helpers as h
 import pytest
 import torch
 
-from spo_align.loss_catalogue import loss_entry
-from spo_align.recipe.schema import DPOLoss, DPOPLoss, IPOLoss, SimPOLoss, SPOLoss
-from spo_align.train.collate import PairCollator, choose_layout, layout_stats
+from spo_align.data.collate import PairCollator, choose_layout, layout_stats
+from spo_align.losses.dpo import DPOLoss
+from spo_align.losses.dpop import DPOPLoss
+from spo_align.losses.ipo import IPOLoss
+from spo_align.losses.registry import build_pair_loss, loss_entry
+from spo_align.losses.simpo import SimPOLoss
+from spo_align.losses.spo import SPOLoss
 from spo_align.train.logps import batch_logps, batch_token_counts
-from spo_align.train.preference import make_pair_loss
 from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
 
 torch.set_num_threads(1)
@@ -82,7 +85,7 @@ def _trainer(tok, ds, tmp_path, loss, layout, reset_positions=True, **args):
         train_dataset=ds,
         data_collator=collator,
         processing_class=tok,
-        pair_loss=make_pair_loss(loss),
+        pair_loss=build_pair_loss(loss),
         reference=reference,
     )
 
@@ -171,8 +174,8 @@ def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path):
 def test_balanced_rows_never_cost_more_than_plain_bfd():
     import random
 
+    from spo_align.data.collate import balanced_rows
     from spo_align.data.packing import pack_pairs
-    from spo_align.train.collate import balanced_rows
 
     rng = random.Random(0)
     for _ in range(200):

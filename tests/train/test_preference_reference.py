@@ -9,10 +9,10 @@ import preference_helpers as h
 import pytest
 import torch
 
-from spo_align.recipe.schema import SPOLoss
-from spo_align.train.collate import PairCollator
+from spo_align.data.collate import PairCollator
+from spo_align.losses.registry import build_pair_loss
+from spo_align.losses.spo import SPOLoss
 from spo_align.train.logps import batch_logps
-from spo_align.train.preference import make_pair_loss
 from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
 from spo_align.train.reference import ReferenceCache, ReferenceCacheError, adapter_disabled, make_key
 
@@ -38,7 +38,7 @@ def _trainer(tok, ds, out, model, reference, **args):
         train_dataset=ds,
         data_collator=PairCollator(tok.pad_token_id, "packed_rows", pack_length=128),
         processing_class=tok,
-        pair_loss=make_pair_loss(SPOLoss(type="spo")),
+        pair_loss=build_pair_loss(SPOLoss(type="spo")),
         reference=reference,
     )
 

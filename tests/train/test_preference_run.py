@@ -109,7 +109,7 @@ def test_run_preference_lora_packed_precomputed(tmp_path, monkeypatch):
 
 
 def test_missing_column_names_column_and_recipe_line(tmp_path, monkeypatch):
-    from spo_align.data.sources import DataSourceError
+    from spo_align.data.errors import DataSourceError
     from spo_align.recipe.load import load_recipe
     from spo_align.recipe.resolve import resolve
     from spo_align.train.run import run

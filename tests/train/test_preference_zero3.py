@@ -72,10 +72,10 @@ ZERO3 = {
 def test_packed_spo_under_zero3_trains_reloads_and_gathers_reference(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from spo_align.data.collate import PairCollator
     from spo_align.data.pairs import prepare_pairs
     from spo_align.recipe.load import load_recipe
     from spo_align.recipe.resolve import resolve
-    from spo_align.train.collate import PairCollator
     from spo_align.train.model import load_tokenizer
     from spo_align.train.reference import compute_reference_table
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spo_align.train.checkpoints import seal
+from spo_align.run_folder import seal
 from spo_align.train.launch import _check_finished, estimated_checkpoint_bytes
 from spo_align.train.preemption import RunStopped
 from spo_align.train.stopping import GRACE_ENV, grace_seconds, stop_notice

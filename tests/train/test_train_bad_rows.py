@@ -33,7 +33,7 @@ def test_spo_train_prints_the_located_error_and_no_traceback(name: str, tmp_path
 
 
 def test_kto_rows_with_string_labels_train_with_the_right_class(plan_for, tmp_path: Path):
-    from spo_align.data.kto import load_kto_dataset
+    from spo_align.data.unpaired import load_kto_dataset
     from spo_align.tiny import build_tokenizer
 
     rows = [{"prompt": f"{i}+1=", "completion": str(i + 1 if i % 2 else i), "label": "true" if i % 2 else "false"}

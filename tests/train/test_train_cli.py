@@ -141,8 +141,8 @@ def test_accelerate_launch_runs_two_cpu_processes(tmp_path: Path, small_model: P
 def test_resume_and_overwrite_together_are_refused_before_anything_is_touched(small_model: Path, tmp_path: Path):
     """--resume continues the run, --overwrite deletes it: given both, a finished run was deleted. Now the pair is
     refused in either order, with one line, and the finished run stays as it was."""
+    from spo_align.run_folder import OutputFolderError
     from spo_align.train.launch import launch
-    from spo_align.train.outputs import OutputFolderError
     from tests.train.conftest import make_plan
 
     out = tmp_path / "out"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from spo_align.train.checkpoints import checkpoint_folders, is_sealed
+from spo_align.run_folder import checkpoint_folders, is_sealed
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spo_align.data.kto import interleave_classes
-from spo_align.train.kto_trainer import PretokenizedKTOTrainer
+from spo_align.data.unpaired import interleave_classes
+from spo_align.train.stages import PretokenizedKTOTrainer
 
 
 @pytest.mark.parametrize("block", [2, 4, 8, 64])
@@ -23,7 +23,7 @@ def test_every_batch_mixes_desirable_and_undesirable_examples(block: int):
 
 
 def test_paired_data_is_unpaired_with_the_row_policy_and_mixed(plan_for):
-    from spo_align.data.kto import load_kto_dataset
+    from spo_align.data.unpaired import load_kto_dataset
     from spo_align.tiny import build_tokenizer
 
     plan = plan_for("kto", "data.train.0.max_samples=40")
@@ -42,15 +42,28 @@ def _completion_logps(model, input_ids, attention_mask, completion_mask) -> torc
     return (token_logps * completion_mask[:, 1:]).sum(-1)
 
 
-def test_trl_kto_loss_matches_spo_align_kto_loss_on_a_batch(plan_for, tmp_path):
+def paper_kto_losses(
+    log_ratio: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *, beta: float, desirable_weight: float
+) -> torch.Tensor:
+    """KTO (Ethayarajh et al. 2024, eq. 7) per example, undesirable weight 1: with r = log pi/pi_ref and the reference
+    point z0 = max(0, kl), detached, a desirable example costs w_D (1 - s(beta (r - z0))), an undesirable one
+    1 - s(beta (z0 - r))."""
+    z0 = kl.detach().clamp(min=0.0)
+    return torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - z0))),
+        1 - torch.sigmoid(beta * (z0 - log_ratio)),
+    )
+
+
+def test_trl_kto_loss_matches_the_paper_s_kto_on_a_batch(plan_for, tmp_path):
     """Fails loudly if TRL's KTOTrainer stops computing the paper's KTO (eq. 7 with a detached, clamped z0)."""
     from trl import KTOConfig
 
-    from spo_align.data.kto import load_kto_dataset
-    from spo_align.losses import kto_loss
+    from spo_align.data.unpaired import load_kto_dataset
     from spo_align.train.args import build_training_args
-    from spo_align.train.kto import kto_config_kwargs
     from spo_align.train.model import load_model, load_tokenizer
+    from spo_align.train.stages import kto_config_kwargs
 
     plan = plan_for("kto", "data.train.0.max_samples=16", "loss.desirable_weight=1.5", "loss.beta=0.5")
     args = build_training_args(plan, tmp_path, KTOConfig, **kto_config_kwargs(plan))
@@ -73,18 +86,16 @@ def test_trl_kto_loss_matches_spo_align_kto_loss_on_a_batch(plan_for, tmp_path):
         kl_ref = _completion_logps(ref, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
     desirable = batch["label"].bool()
     assert desirable.any() and (~desirable).any()
-    ours = kto_loss(
-        policy, reference, desirable, (kl_policy - kl_ref).mean(), beta=0.5, desirable_weight=1.5, undesirable_weight=1.0
-    )
     assert (policy - reference).abs().max() > 0.1
-    torch.testing.assert_close(trl_loss, ours.losses.mean(), atol=1e-5, rtol=1e-5)
+    ours = paper_kto_losses(policy - reference, desirable, (kl_policy - kl_ref).mean(), beta=0.5, desirable_weight=1.5)
+    torch.testing.assert_close(trl_loss, ours.mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_rows_already_in_kto_layout_are_read_as_they_are(plan_for, tmp_path):
     import json
 
     from spo_align.data.columns import MissingColumnError
-    from spo_align.data.kto import load_kto_dataset
+    from spo_align.data.unpaired import load_kto_dataset
     from spo_align.tiny import build_tokenizer
 
     rows = [{"q": f"{i}+1=", "answer": str(i + 1 if i % 3 else i), "good": bool(i % 3)} for i in range(12)]
@@ -109,16 +120,16 @@ def test_pretokenized_examples_reach_trl_as_its_own_preparation_makes_them(plan_
     import datasets
     from trl import KTOConfig, KTOTrainer
 
-    from spo_align.data.pairs import load_pair_dataset
+    from spo_align.data.pairs import load_canonical_pairs
     from spo_align.data.tokenize import tokenize_completions
     from spo_align.train.args import build_training_args
-    from spo_align.train.kto import kto_config_kwargs
     from spo_align.train.model import load_model, load_tokenizer
+    from spo_align.train.stages import kto_config_kwargs
 
     plan = plan_for("kto", "data.train.0.max_samples=12")
     args = build_training_args(plan, tmp_path, KTOConfig, **kto_config_kwargs(plan))
     tokenizer = load_tokenizer(plan)
-    pairs = load_pair_dataset(list(plan.recipe.data.train), plan.base_dir)
+    pairs = load_canonical_pairs(plan.recipe.data.train[0], plan.base_dir)
     text_rows = [
         {"prompt": prompt, "completion": [{"role": "assistant", "content": answer}], "label": label}
         for prompt, chosen, rejected in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])

@@ -90,7 +90,7 @@ def test_a_run_killed_during_its_final_save_finishes_without_training(
     assert (out / f"checkpoint-{STEPS}").is_dir() and not (out / "COMPLETE").exists()
     before = _records(out)
 
-    caplog.set_level("INFO", logger="spo_align.train.loop")
+    caplog.set_level("INFO", logger="spo_align.train.finish")
     again = CliRunner().invoke(app, _args(small_model, out))
     assert again.exit_code == 0, again.output
     assert any("finishing the run without training" in r.getMessage() for r in caplog.records)

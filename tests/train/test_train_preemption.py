@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from spo_align.cli import app
-from spo_align.train.checkpoints import is_sealed, last_checkpoint
+from spo_align.run_folder.checkpoints import is_sealed, last_checkpoint
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "data" / "recipes"

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from spo_align.cli import app
-from spo_align.train.checkpoints import last_checkpoint
+from spo_align.run_folder.checkpoints import last_checkpoint
 
 RECIPES = Path(__file__).resolve().parents[1] / "data" / "recipes"
 STEPS = 80

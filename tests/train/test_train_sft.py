@@ -117,7 +117,7 @@ def test_trl_turns_our_assistant_masks_into_labels(plan_for, tmp_path):
     from spo_align.data.sft import load_sft_dataset
     from spo_align.train.args import build_training_args
     from spo_align.train.model import load_model, load_tokenizer
-    from spo_align.train.sft import sft_config_kwargs
+    from spo_align.train.stages import sft_config_kwargs
 
     plan = plan_for("sft_packed", "data.packing=false", "data.pack_length=null", "data.shuffle=false", "data.train.0.max_samples=4")
     tokenizer = load_tokenizer(plan)
@@ -163,7 +163,7 @@ def test_packed_rows_reach_the_model_with_position_ids_restarting_per_conversati
     from spo_align.data.sft import load_sft_dataset
     from spo_align.train.args import build_training_args
     from spo_align.train.model import load_model, load_tokenizer
-    from spo_align.train.sft import sft_config_kwargs
+    from spo_align.train.stages import sft_config_kwargs
 
     plan = plan_for("sft_packed", "data.train.0.max_samples=24")
     tokenizer = load_tokenizer(plan)

@@ -242,10 +242,10 @@ def test_the_adapter_off_reference_runs_without_dropout_when_the_policy_keeps_it
     adapter off) must still be deterministic, like a frozen reference in eval mode."""
     import torch
 
-    from spo_align.loss_catalogue import build_pair_loss
-    from spo_align.recipe.schema import SPOLoss
+    from spo_align.data.collate import PairCollator
+    from spo_align.losses.registry import build_pair_loss
+    from spo_align.losses.spo import SPOLoss
     from spo_align.train.args import build_training_args
-    from spo_align.train.collate import PairCollator
     from spo_align.train.model import apply_adapter, load_model, load_tokenizer
     from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
     from tests.train.preference_helpers import tokenized_dataset

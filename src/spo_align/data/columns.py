@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from spo_align.data.sources import DataSourceError, data_columns
+from spo_align.data.errors import DataSourceError
+from spo_align.data.sources import data_columns
 
 if TYPE_CHECKING:
     import datasets

@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from spo_align.data.errors import DataSourceError
 from spo_align.data.messages import content_text, is_message_list
-from spo_align.data.sources import DataSourceError
 
 
 class JsonRowsError(DataSourceError):

@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from spo_align.data.sources import DataSourceError
+from spo_align.data.errors import DataSourceError
 from spo_align.recipe.paths import COMPRESSION_SUFFIXES, data_file_name, data_file_problem
 
 Rows = list[tuple[str, dict[str, Any]]]

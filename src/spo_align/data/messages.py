@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spo_align.data.sources import DataSourceError
+from spo_align.data.errors import DataSourceError
 
 Message = dict[str, str]
 

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CANONICAL_COLUMNS = ("prompt", "chosen", "rejected")
 _PAIR_FORMATS = ("auto", "ultrafeedback", "pairs")
 
 
@@ -163,39 +162,20 @@ def source_name(source: DatasetSource) -> str:
     return f"{source.path} [{source.split}]"
 
 
-def load_pair_dataset(
-    sources: Sequence[DatasetSource],
+def load_canonical_pairs(
+    source: DatasetSource,
     base_dir: Path | None = None,
     *,
     shuffle: bool = False,
     seed: int = 0,
     check_columns: Callable[[int, datasets.Dataset], None] | None = None,
+    index: int = 0,
 ) -> datasets.Dataset:
-    """Load each source, shuffle and cap it, convert it to canonical pairs, then concatenate.
+    """Load one source, shuffle and cap it, and convert it to canonical pairs (with the row-origin column).
 
-    `check_columns(index, ds)` runs on each raw source first (the runner uses it to name the recipe line
-    of a missing column).
+    `check_columns(index, ds)` runs on the raw source first (the runner uses it to name the recipe line of a
+    missing column; `index` is the source's place in the recipe's list).
     """
-    import datasets
-
-    parts = [
-        _canonical_source(index, source, base_dir, shuffle=shuffle, seed=seed, check_columns=check_columns)
-        for index, source in enumerate(sources)
-    ]
-    merged = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    logger.info("%d preference pairs from %d source(s)", len(merged), len(parts))
-    return merged
-
-
-def _canonical_source(
-    index: int,
-    source: DatasetSource,
-    base_dir: Path | None,
-    *,
-    shuffle: bool,
-    seed: int,
-    check_columns: Callable[[int, datasets.Dataset], None] | None,
-) -> datasets.Dataset:
     ds = load_source(source, base_dir)
     if check_columns is not None:
         check_columns(index, ds)
@@ -234,7 +214,9 @@ def prepare_pairs(
     total = RowCounts()
     by_source: dict[str, dict[str, int]] = {}
     for index, source in enumerate(sources):
-        pairs = _canonical_source(index, source, base_dir, shuffle=shuffle, seed=seed, check_columns=check_columns)
+        pairs = load_canonical_pairs(
+            source, base_dir, shuffle=shuffle, seed=seed, check_columns=check_columns, index=index
+        )
         tokenized = tokenize_pairs(pairs, tokenizer, num_proc=data.num_proc)
         kept, counts = apply_pair_policy(tokenized, data.policy, data.max_length, require_rows=False)
         by_source[source_name(source)] = counts.as_dict()

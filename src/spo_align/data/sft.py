@@ -13,10 +13,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from spo_align.data.conversations import ChatTemplateError, tokenize_conversation
+from spo_align.data.errors import DataSourceError
 from spo_align.data.messages import as_messages
 from spo_align.data.pairs import source_name
 from spo_align.data.policies import RowCounts, left_nothing, screen
-from spo_align.data.sources import ROW_COLUMN, DataSourceError, load_source, sample_source
+from spo_align.data.sources import ROW_COLUMN, load_source, sample_source
 from spo_align.data.tokenize import TemplateRefusedError, check_roles, template_roles
 
 if TYPE_CHECKING:

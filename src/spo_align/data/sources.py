@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from spo_align.data.errors import DataSourceError
 from spo_align.recipe.schema import DatasetSource
 
 if TYPE_CHECKING:
@@ -21,10 +22,6 @@ logger = logging.getLogger(__name__)
 
 ROW_COLUMN = "_row"
 """Column added to every loaded dataset: where each row came from, for error messages."""
-
-
-class DataSourceError(ValueError):
-    """A dataset could not be read, or lacks what the recipe says it holds."""
 
 
 def resolve_source_path(source: DatasetSource, base_dir: Path | None) -> str:

@@ -205,7 +205,7 @@ def generate(
 def model_folder_problem(path: Path) -> str | None:
     """Why a local `--model` path holds no model to generate from: a file given instead of its folder, an
     unfinished spo-align run or unsealed checkpoint, a folder with no model config. None otherwise (a hub id too)."""
-    from spo_align.train.outputs import unfinished_run_problem
+    from spo_align.run_folder import unfinished_run_problem
 
     if path.is_file():
         return f"is a file, not a model folder; give its folder ({path.parent})"

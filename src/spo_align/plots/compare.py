@@ -3,9 +3,9 @@
 The panels that compare preference runs come first: the chosen and the rejected answers' log-ratio
 log π/π_ref and their margin, in nats (each run's logged reward divided by its reward scale, so runs with
 different β compare), the reward accuracy, the share of pairs with both answers below the reference, and
-each loss's own terms (SPO's two terms, KTO's reference point). One colour per run (SPO blue, DPO red, IPO
-green, KTO orange when each appears once); evaluation values (`eval_*`) dashed in the run's colour. For a
-single run every other logged metric follows, the loss first. The losses of different runs are not
+each loss's own terms (SPO's two terms, KTO's reference point), titled by its loss entry. One colour per
+run (each loss entry's `colour` when that loss appears once: SPO blue, DPO red, IPO green, KTO orange, ...);
+evaluation values (`eval_*`) dashed in the run's colour. For a single run every other logged metric follows, the loss first. The losses of different runs are not
 compared by default: their scales differ too much (IPO's starts near (1/2τ)², 25 for τ = 0.1).
 
 NaN and ±inf values are drawn as gaps (the line breaks there); the figure's footnote and the log name the
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spo_align.losses.registry import CATALOGUE, logged_metrics
 from spo_align.plots.runs import PlotError, Run, classify, experiment_seeds, load_runs
 
 logger = logging.getLogger(__name__)
@@ -50,24 +51,20 @@ PANELS = (
     Panel("rewards/accuracies", "reward accuracy (chosen > rejected)", "share of pairs"),
     Panel("both_below_ref", "both answers below the reference", "share of pairs"),
 )
-TERM_TITLES = {
-    "spo_margin_term": "SPO margin term f(β·Δ)",
-    "spo_rejected_term": "SPO rejected term f(α·(log π_ref − log π))",
-    "kl": "KTO reference point z₀ (kl)",
-    "dpop_penalty": "DPOP penalty λ·max(0, −chosen log-ratio)",
-    "nll_term": "NLL term on the chosen answer (per token)",
-}
 # Order of the remaining curves of a single run; any other metric follows by name.
 PREFERRED = ("loss", "learning_rate", "logps/chosen", "logps/rejected", "grad_norm", "mean_token_accuracy", "entropy")
 COLOURS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
            "tab:olive", "tab:cyan")
-KIND_COLOURS = {
-    "spo": "tab:blue", "dpo": "tab:red", "ipo": "tab:green", "kto": "tab:orange", "dpop": "tab:purple",
-    "simpo": "tab:brown", "sft": "tab:gray",
-}
+SFT_COLOUR = "tab:gray"
+"""A run without a loss (the SFT stage); each loss's own colour is its entry's."""
 FORMATS = (".png", ".svg")
 RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 """Markers of the second, third, ... run that shares a colour (the first has none)."""
+
+
+def term_title(name: str) -> str:
+    """A loss term's panel title, as its loss entry gives it (the name itself for a term no entry logs)."""
+    return next((m.title for m in logged_metrics() if m.name == name and m.title), name)
 
 
 @dataclass(frozen=True)
@@ -108,7 +105,8 @@ class FigureContent:
 
 def run_colours(kinds: Sequence[str | None]) -> tuple[str, ...]:
     """A loss's own colour for a loss that appears once; the other runs take the unused colours in turn."""
-    fixed = {kind: KIND_COLOURS[kind] for kind in kinds if kind in KIND_COLOURS and list(kinds).count(kind) == 1}
+    own = {entry.type: entry.colour for entry in CATALOGUE.values()} | {"sft": SFT_COLOUR}
+    fixed = {kind: own[kind] for kind in kinds if kind in own and list(kinds).count(kind) == 1}
     spare = [c for c in COLOURS if c not in fixed.values()]
     colours, taken = [], 0
     for kind in kinds:
@@ -203,7 +201,7 @@ def _other_panels(runs: Sequence[Run], window: int, used: set[tuple[str, str]]) 
 def build_figure(runs: Sequence[Run], title: str, *, smooth_window: int = 1, every_curve: bool = False) -> FigureContent:
     """What the figure shows: the comparison panels that some run has data for, then (every_curve) the rest."""
     terms = list(dict.fromkeys(term for run in runs for term in run.facts.terms))
-    panels = [*PANELS, *(Panel(t, TERM_TITLES.get(t, t), "loss term") for t in terms)]
+    panels = [*PANELS, *(Panel(t, term_title(t), "loss term") for t in terms)]
     used: set[tuple[str, str]] = set()
     content = []
     for panel in panels:

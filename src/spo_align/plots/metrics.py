@@ -1,7 +1,9 @@
 """Read one run's metrics.jsonl into a series per metric, whatever a killed run or a damaged file left in it.
 
-A record is a JSON object with a whole-number `step` and numeric fields; the runner writes NaN and ±inf
-as the strings "nan", "inf" and "-inf". What cannot be used is skipped and counted, never fatal:
+The lines, their values and their steps are parsed by the run folder's one reader (`run_folder.metrics_file`);
+this module turns them into curves. A record is a JSON object with a whole-number `step` and numeric fields;
+the runner writes NaN and ±inf as the strings "nan", "inf" and "-inf". What cannot be used is skipped and
+counted, never fatal:
 
 - the whole record, for a line that is not UTF-8, not JSON (a torn last line), not a JSON object, or
   whose `step` is missing, not a whole number or negative;
@@ -16,15 +18,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from spo_align.train.outputs import metric_lines
+from spo_align.run_folder import metric_lines, metric_value, parse_step
 
 # Bookkeeping fields, never drawn.
 NOT_CURVES = frozenset(
     {"step", "epoch", "elapsed_s", "total_flos", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 )
-_NON_FINITE_WORDS = frozenset({"nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"})
 _SHOWN = 5  # skipped lines named in the warning; the rest are counted
 
 
@@ -72,31 +72,6 @@ class RunMetrics:
         )
 
 
-def _number(value: Any) -> float | str:
-    """The value as a float (NaN for NaN/±inf), or why it is not one."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        number = float(value)
-        return number if math.isfinite(number) else math.nan
-    if isinstance(value, str):
-        return math.nan if value.strip().lower() in _NON_FINITE_WORDS else f"text {value[:20]!r}"
-    if value is None:
-        return "null"
-    return f"a JSON {type(value).__name__}"
-
-
-def _step(record: dict[str, Any]) -> int | str:
-    if "step" not in record:
-        return "no step"
-    step = _number(record["step"])
-    if isinstance(step, str):
-        return f"step is {step}"
-    if math.isnan(step) or step != int(step) or step < 0:
-        return f"step {record['step']!r} is not a whole number >= 0"
-    return int(step)
-
-
 def read_metrics_file(path: Path) -> RunMetrics:
     """Every usable point of a metrics.jsonl file, and what was skipped. Raises OSError if it cannot be read."""
     path = Path(path)
@@ -108,14 +83,14 @@ def read_metrics_file(path: Path) -> RunMetrics:
             continue
         if any(key.startswith("train_") for key in record):
             continue  # the closing summary of the run
-        step = _step(record)
+        step = parse_step(record)
         if isinstance(step, str):
             skipped.append(Skipped(number, step))
             continue
         for key, value in record.items():
             if key in NOT_CURVES:
                 continue
-            parsed = _number(value)
+            parsed = metric_value(value)
             if isinstance(parsed, str):
                 skipped.append(Skipped(number, parsed, key))
                 continue

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spo_align.plots.metrics import RunMetrics, read_metrics_file
-from spo_align.train.outputs import METRICS, RESOLVED_RECIPE
+from spo_align.run_folder import METRICS, RESOLVED_RECIPE
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,9 @@ def loss_facts(loss: Any) -> LossFacts:
     """Reward scale and logged terms of a recipe's loss section (None: a stage without one, such as SFT)."""
     if loss is None:
         return LossFacts(None)
-    from spo_align.loss_catalogue import NLL_TERM, loss_entry, reward_scale
+    from spo_align.losses.registry import logged_terms, reward_scale
 
-    terms = tuple(term.name for term in loss_entry(loss).terms)
-    if float(getattr(loss, "nll_weight", 0.0)) > 0:
-        terms += (NLL_TERM.name,)
-    return LossFacts(reward_scale(loss), terms)
+    return LossFacts(reward_scale(loss), logged_terms(loss))
 
 
 def loss_label(stage: str | None, loss: Any) -> str:
@@ -56,7 +53,7 @@ def loss_label(stage: str | None, loss: Any) -> str:
     for a run without a loss."""
     if loss is None:
         return stage or "run"
-    from spo_align.loss_catalogue import loss_label as catalogue_label
+    from spo_align.losses.registry import loss_label as catalogue_label
 
     return catalogue_label(loss)
 

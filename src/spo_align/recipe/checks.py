@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from spo_align.loss_catalogue import CATALOGUE, TYPES, loss_entry
-from spo_align.recipe.paths import overlap_findings
+from spo_align.losses.registry import CATALOGUE, TYPES, loss_entry
+from spo_align.recipe.paths import is_local_model_path, overlap_findings
 from spo_align.recipe.schema import Recipe
+from spo_align.section import Finding
 
-KeyPath = tuple[str | int, ...]
-Finding = tuple[KeyPath, str]
 Check = Callable[[Recipe, Path], Iterator[Finding]]
 
 
@@ -166,8 +165,6 @@ def adapter(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
 def model_revision(recipe: Recipe, base_dir: Path) -> Iterator[Finding]:
     """model.revision pins the starting model, and with it every reference that is the starting model (no
     reference.model, or one naming the same model); a local folder or tiny: model has no revisions to pin."""
-    from spo_align.recipe.resolve import is_local_model_path
-
     name = recipe.model.name_or_path
     if recipe.model.revision is not None and (name.startswith("tiny:") or is_local_model_path(name)):
         yield ("model", "revision"), (

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from spo_align.loss_catalogue import loss_entry
+from spo_align.losses.registry import loss_entry
 from spo_align.recipe.model_shapes import ModelShape
 from spo_align.recipe.resolve import default_pack_length
 
@@ -35,7 +35,7 @@ Phase = Literal["resident", "step", "optimizer", "overhead"]
 GIB = 1024**3
 
 PAIR_HEAD_CHUNK = 512
-"""Tokens per chunk of this project's LM head (`spo_align.losses.DEFAULT_CHUNK_SIZE`; a test keeps them equal)."""
+"""Tokens per chunk of this project's LM head (`spo_align.train.sequence_logps.DEFAULT_CHUNK_SIZE`; a test keeps them equal)."""
 TRL_HEAD_TOKENS, TRL_HEAD_VOCAB = 4096, 32768
 """Tile of TRL's fused LM head (SFT, KTO): `trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE` tokens by
 `trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE` vocabulary entries (a test keeps them equal)."""

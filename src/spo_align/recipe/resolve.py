@@ -12,16 +12,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from spo_align.loss_catalogue import loss_optimum, optimum_note  # loss facts live in the catalogue
+from spo_align.losses.ipo import IPOLoss
+from spo_align.losses.registry import loss_optimum, optimum_note
 from spo_align.recipe.checks import DeepSpeedConfigError, read_deepspeed_config, zero_stage_of
 from spo_align.recipe.errors import RecipeError, RecipeErrors
-from spo_align.recipe.paths import is_local_model_path, model_location
-from spo_align.recipe.schema import IPOLoss, Recipe
+from spo_align.recipe.paths import model_location
+from spo_align.recipe.schema import Recipe
 
 Device = Literal["cpu", "cuda"]
 LauncherKind = Literal["inprocess", "torchrun", "accelerate", "deepspeed"]
 CPU_PACK_LENGTH_CAP = 1024
-__all__ = ["RunPlan", "is_local_model_path", "model_location", "resolve"]  # path helpers live in recipe/paths.py
 
 
 def default_pack_length(max_length: int, device: Device) -> int:

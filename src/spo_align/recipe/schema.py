@@ -1,10 +1,12 @@
 """The recipe schema: nested pydantic models, unknown keys refused everywhere, types strict.
 
-Strict types: a value is taken only as what it is written as. A boolean is never a number (`max_steps:
-true` is an error, not 1), a number is never text or a path (`revision: 1234567` is an error: quote it),
-and a quoted number is never a number. An integer where a float is expected is taken as that float.
+Strict types (`spo_align.section.Section`): a value is taken only as what it is written as. A boolean is
+never a number (`max_steps: true` is an error, not 1), a number is never text or a path (`revision: 1234567`
+is an error: quote it), and a quoted number is never a number. An integer where a float is expected is taken
+as that float. Each loss's section lives in its loss module (`spo_align.losses.<type>`).
 
-This module imports only pydantic and the standard library: validating a recipe never needs torch.
+This module imports pydantic, the standard library and the loss registry, all torch-free: validating a
+recipe never needs torch.
 Field descriptions feed `spo schema` (JSON Schema, editor autocompletion) and the docs.
 Cross-field checks that involve more than one section live in `recipe/checks.py`.
 """
@@ -12,18 +14,12 @@ Cross-field checks that involve more than one section live in `recipe/checks.py`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
-
-class Section(BaseModel):
-    """Base of every recipe section: frozen, unknown keys refused, no type coercion (see the module doc)."""
-
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False, strict=True
-    )
-
+from spo_align.losses.registry import SECTIONS, TYPES
+from spo_align.section import Section
 
 # ---------------------------------------------------------------- model
 
@@ -132,125 +128,10 @@ class DataSection(Section):
 
 
 # ---------------------------------------------------------------- losses
-# One section per loss type. What the rest of the project needs to know about a loss (how to build it,
-# its reward scale, its optimum, whether it needs a reference) is its entry in `spo_align.loss_catalogue`.
+# Each loss's section lives in its own module of `spo_align.losses`, with its tensor function and its entry;
+# the union below is built from the registry, so a new loss module is a new `loss.type` here.
 
-
-class PairLossSection(Section):
-    """A pairwise loss, trained by this project's preference trainer. Each one ends with `nll_weight`."""
-
-
-def _nll_weight() -> float:
-    return Field(  # type: ignore[no-any-return]
-        0.0,
-        ge=0,
-        description="Weight w of an NLL term on the chosen answer, added to the pair loss: w * (-log pi(chosen)) "
-        "per token of the chosen answer (the 'DPO + SFT term' / RPO fix for falling chosen likelihoods); logged "
-        "as nll_term. 0 (default) adds nothing. It moves the loss's optimum: docs/losses.md.",
-    )
-
-
-class SPOLoss(PairLossSection):
-    type: Literal["spo"]
-    beta: float = Field(0.1, gt=0, description="Scale of the margin term: optimum at beta * margin = 1.")
-    alpha: float = Field(
-        1.0,
-        gt=0,
-        description="Scale of the rejected-answer term: optimum at log pi/pi_ref(rejected) = -1/alpha. "
-        "alpha >= beta keeps the chosen log-ratio non-negative at the optimum (1/beta - 1/alpha).",
-    )
-    z_floor: float | None = Field(
-        -5.0,
-        lt=1,
-        description="Below this argument f(z) = -z*exp(-z) continues linearly (same value and slope) so "
-        "gradients stay finite; must be < 1 (f's minimum). -5 caps one pair's gradient weight at ~890x its "
-        "weight at the start (losses.DEFAULT_Z_FLOOR, see docs/losses.md); null gives the paper's loss exactly.",
-    )
-    nll_weight: float = _nll_weight()
-
-
-class DPOLoss(PairLossSection):
-    type: Literal["dpo"]
-    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward.")
-    label_smoothing: float = Field(
-        0.1,
-        ge=0,
-        lt=0.5,
-        description="cDPO epsilon (paper eq. 12); 0 gives plain DPO. Optimum at beta*margin = ln((1-e)/e).",
-    )
-    nll_weight: float = _nll_weight()
-
-
-class IPOLoss(PairLossSection):
-    type: Literal["ipo"]
-    tau: float | None = Field(None, gt=0, description="IPO regularisation: optimum at margin = 1/(2 tau).")
-    match_spo_beta: float | None = Field(
-        None,
-        gt=0,
-        description="Derive tau = beta/2 so IPO's optimum coincides with SPO's beta*margin = 1.",
-    )
-    nll_weight: float = _nll_weight()
-
-    @model_validator(mode="after")
-    def _one_of_tau(self) -> IPOLoss:
-        if (self.tau is None) == (self.match_spo_beta is None):
-            raise ValueError("give exactly one of 'tau' or 'match_spo_beta'")
-        return self
-
-    @property
-    def resolved_tau(self) -> float:
-        """tau as given, or match_spo_beta / 2 (the validator guarantees exactly one is set)."""
-        if self.tau is not None:
-            return self.tau
-        assert self.match_spo_beta is not None
-        return self.match_spo_beta / 2.0
-
-
-class DPOPLoss(PairLossSection):
-    """DPO-Positive (Pal et al. 2024). The recipe key is `lambda` (a Python keyword: `lambda_` in code)."""
-
-    model_config = ConfigDict(serialize_by_alias=True)
-
-    type: Literal["dpop"]
-    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward, as in DPO.")
-    lambda_: float = Field(
-        50.0,
-        alias="lambda",
-        ge=0,
-        description="Weight of the penalty lambda * max(0, log pi_ref(chosen) - log pi(chosen)) subtracted from "
-        "the margin inside the sigmoid: while the chosen answer is below the reference, raising it counts "
-        "(1 + lambda) times as much as lowering the rejected one. 0 gives plain DPO. No finite optimum.",
-    )
-    nll_weight: float = _nll_weight()
-
-
-class SimPOLoss(PairLossSection):
-    """SimPO (Meng et al. 2024): reference-free, on per-token mean log-probs."""
-
-    type: Literal["simpo"]
-    beta: float = Field(
-        2.0, gt=0, description="Scale of the per-token mean log-prob (SimPO's reward = beta * mean log pi)."
-    )
-    gamma: float = Field(
-        1.0,
-        ge=0,
-        description="Target reward margin gamma, in reward units (absolute, as in the paper's equation and TRL's "
-        "simpo_gamma; not the SimPO repository's gamma/beta ratio): the loss is -log s(beta * per-token margin - "
-        "gamma), so the per-token margin it aims past is gamma / beta. No finite optimum.",
-    )
-    nll_weight: float = _nll_weight()
-
-
-class KTOLoss(Section):
-    type: Literal["kto"]
-    beta: float = Field(0.1, gt=0, description="KTO inverse temperature.")
-    desirable_weight: float = Field(1.0, gt=0, description="Weight of desirable (chosen) examples.")
-    undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable (rejected) examples.")
-
-
-Loss = Annotated[
-    SPOLoss | DPOLoss | IPOLoss | DPOPLoss | SimPOLoss | KTOLoss, Field(discriminator="type")
-]
+Loss = Annotated[Union[SECTIONS], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
 
 
 class ReferenceSection(Section):
@@ -372,7 +253,7 @@ class Recipe(Section):
     stage: Stage
     model: ModelSection
     data: DataSection
-    loss: Loss | None = Field(None, description="Preference loss (spo, dpo, ipo, dpop, simpo or kto).")
+    loss: Loss | None = Field(None, description=f"Preference loss ({', '.join(TYPES[:-1])} or {TYPES[-1]}).")
     reference: ReferenceSection = Field(default_factory=ReferenceSection)
     adapter: LoRASection | None = Field(None, description="LoRA/QLoRA; omit for full fine-tuning.")
     training: TrainingSection

@@ -1,7 +1,21 @@
-"""The recipe's training section as Hugging Face `TrainingArguments` (or a TRL config subclass of it).
+"""The recipe's training section as Hugging Face `TrainingArguments` (or a TRL config subclass of it), for one
+device per process.
 
 One function, so that SFT, KTO and the preference stage read the same numbers the same way and
 `spo train --dry-run` can print exactly what a run would use.
+
+One device per process: without a distributed launcher, transformers' `TrainingArguments.n_gpu` counts every
+visible GPU, and `Trainer` then wraps the model in `nn.DataParallel` and multiplies the micro-batch by that
+count. The
+preference stage computes log-probs by swapping the causal LM's ``forward`` for the duration of a call
+(`train/logps.py`); DataParallel's replicas copy that swapped ``forward`` and each computes the whole
+batch on the original weights, so the chosen/rejected split of the gathered output pairs each sequence
+with itself (margins exactly 0) or fails on a shape. TRL's SFT and KTO trainers refuse `n_gpu > 1`
+instead. Here `n_gpu` is at most 1: an in-process run trains on ``cuda:0`` (the first visible GPU), and
+several GPUs are used through ``distributed.num_processes`` (one process per GPU).
+
+The classes live at module level so that the ``training_args.bin`` the Trainer pickles into every
+checkpoint loads back.
 """
 
 from __future__ import annotations
@@ -11,6 +25,10 @@ import importlib.util
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from transformers import TrainingArguments
+from trl import KTOConfig, SFTConfig
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
@@ -36,8 +54,6 @@ def report_to(plan: RunPlan) -> list[str]:
 
 
 def on_cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -60,8 +76,6 @@ def deepspeed_config(plan: RunPlan) -> dict[str, Any] | None:
 
 def training_kwargs(plan: RunPlan, output_dir: Path | str) -> dict[str, Any]:
     """Keyword arguments for `TrainingArguments` from the resolved plan (no side effects)."""
-    import torch
-
     from spo_align.train.model import fp32_master_weights, resolve_dtype
 
     t = plan.recipe.training
@@ -109,8 +123,6 @@ def training_kwargs(plan: RunPlan, output_dir: Path | str) -> dict[str, Any]:
 
 def apply_threads(plan: RunPlan) -> None:
     """torch intra-op threads from training.cpu_threads (CPU runs only; torch's choice when unset)."""
-    import torch
-
     threads = plan.recipe.training.cpu_threads
     if threads is not None and not on_cuda():
         torch.set_num_threads(threads)
@@ -119,14 +131,79 @@ def apply_threads(plan: RunPlan) -> None:
 def build_training_args(plan: RunPlan, output_dir: Path | str, cls: type[T] | None = None, **extra: Any) -> T:
     """`cls(**training_kwargs(plan, output_dir), **extra)`; `cls` defaults to `TrainingArguments`.
 
-    `cls` is replaced by its one-device variant (`train/one_device.py`): a process never trains through
+    `cls` is replaced by its one-device variant (see the module doc): a process never trains through
     `nn.DataParallel`, however many GPUs it sees. `extra` overrides or adds fields of the TRL config class
     (e.g. `max_length`, `beta`). Sets torch's thread count from training.cpu_threads as a side effect.
     """
-    from spo_align.train.one_device import OneDeviceTrainingArguments, one_device_class
-
     chosen: Any = OneDeviceTrainingArguments if cls is None else one_device_class(cls)
     apply_threads(plan)
     kwargs = training_kwargs(plan, output_dir)
     kwargs.update(extra)
     return chosen(**kwargs)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------- one device per process
+
+
+class _OneDevice:
+    """Mixin for a `TrainingArguments` class: at most one GPU per process."""
+
+    @property
+    def n_gpu(self) -> int:
+        return min(super().n_gpu, 1)  # type: ignore[misc]
+
+
+class OneDeviceTrainingArguments(_OneDevice, TrainingArguments):
+    """`TrainingArguments` for one device per process."""
+
+
+class OneDeviceSFTConfig(_OneDevice, SFTConfig):
+    """TRL's `SFTConfig` for one device per process."""
+
+
+class OneDeviceKTOConfig(_OneDevice, KTOConfig):
+    """TRL's `KTOConfig` for one device per process."""
+
+
+_ONE_DEVICE: dict[type, type] = {
+    TrainingArguments: OneDeviceTrainingArguments,
+    SFTConfig: OneDeviceSFTConfig,
+    KTOConfig: OneDeviceKTOConfig,
+}
+
+
+def one_device_class(cls: type[T]) -> type[T]:
+    """The one-device variant of `TrainingArguments` or of a TRL config the stages use."""
+    if issubclass(cls, _OneDevice):
+        return cls
+    try:
+        return _ONE_DEVICE[cls]
+    except KeyError:
+        raise TypeError(f"no one-device variant of {cls.__name__}; add one to {__name__}") from None
+
+
+def device_message(device: torch.device, visible_gpus: int, processes: int) -> str:
+    """The log line that says where a process trains (and, when one process leaves GPUs idle, how to use them)."""
+    if device.type == "cuda" and processes == 1 and visible_gpus > 1:
+        return (
+            f"training on {device} (1 of {visible_gpus} visible GPUs; use distributed.num_processes: "
+            f"{visible_gpus} to use all)"
+        )
+    return f"training on {device}"
+
+
+def device_info(args: Any, plan: RunPlan) -> dict[str, Any]:
+    """Log the device this process trains on; returns it for run.json with the precision it trains in."""
+    from spo_align.train.model import weights_dtype
+
+    device = args.device
+    visible = torch.cuda.device_count() if device.type == "cuda" else 0
+    logger.info("%s", device_message(device, visible, plan.world_size))
+    autocast = "bfloat16" if args.bf16 else "float16" if args.fp16 else None
+    return {
+        "device": str(device),
+        "visible_gpus": visible,
+        "processes": plan.world_size,
+        "weights": str(weights_dtype(plan)).removeprefix("torch."),
+        "autocast": autocast,
+    }

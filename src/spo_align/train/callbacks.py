@@ -1,7 +1,8 @@
 """Trainer callbacks every stage attaches: metrics.jsonl, checkpoint sealing and the progress bar.
 
 The metrics file and the progress bar are the main process's; each rank flushes the checkpoint files it wrote,
-then the main process seals (see `checkpoints`). `metrics.jsonl` gets one JSON object per `Trainer.log` call
+then the main process seals (see `run_folder.checkpoints`). `metrics.jsonl` gets one JSON object per `Trainer.log`
+call
 (every logging step, plus the final summary), with `step`, `epoch` and wall time added. On resume, records
 past the checkpoint's step (logged by the killed run after its last checkpoint) are dropped, so the file of a
 resumed run reads like the file of an uninterrupted one.
@@ -18,9 +19,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from spo_align.loss_catalogue import logged_metrics
-from spo_align.train.checkpoints import flush_own_files, rotate, seal, write_durably
-from spo_align.train.outputs import METRICS, read_metrics, record_step
+from spo_align.losses.registry import logged_metrics
+from spo_align.run_folder import METRICS, flush_own_files, keep_records_up_to, rotate, seal
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class MetricsJsonlCallback(TrainerCallback):
             return
         self._started = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _keep_records_up_to(self.path, state.global_step)
+        keep_records_up_to(self.path, state.global_step)
 
     def on_log(
         self,
@@ -74,23 +74,10 @@ class MetricsJsonlCallback(TrainerCallback):
             handle.flush()
 
 
-def _keep_records_up_to(path: Path, step: int, *, keep_summary: bool = False) -> None:
-    if step > 0 and path.exists():
-        # A session that will train on drops the closing summary (train_runtime, ...) of one stopped on request:
-        # its own summary closes the run.
-        kept = [
-            r for r in read_metrics(path)
-            if (at := record_step(r)) is not None and at <= step and (keep_summary or "train_runtime" not in r)
-        ]
-        write_durably(path, "".join(json.dumps(r) + "\n" for r in kept))
-    elif step == 0 and path.exists():
-        path.unlink()
-
-
 def keep_metrics_up_to(output_dir: Path, step: int) -> None:
     """Drop metrics.jsonl records past `step` (and a torn last line): a run continued from checkpoint `step` at
     its last step, which trains no more (its closing summary, if written, stays)."""
-    _keep_records_up_to(Path(output_dir) / METRICS, step, keep_summary=True)
+    keep_records_up_to(Path(output_dir) / METRICS, step, keep_summary=True)
 
 
 def _barrier() -> None:
@@ -103,7 +90,7 @@ def _barrier() -> None:
 class CheckpointSealCallback(TrainerCallback):
     """Seal each checkpoint once every rank has written its part, then delete old ones (main process).
 
-    See `checkpoints`: the Trainer's own rotation (which deletes before the new checkpoint is whole) is
+    See `run_folder.checkpoints`: the Trainer's own rotation (which deletes before the new checkpoint is whole) is
     switched off here, and `training.save_total_limit` is applied after sealing instead."""
 
     def __init__(self) -> None:

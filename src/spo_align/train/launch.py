@@ -116,11 +116,11 @@ def dry_run_report(plan: RunPlan, recipe_path: Path, overrides: Sequence[str]) -
     trainer_args = training_kwargs(plan, plan.output_dir)
     stage = stage_name(plan)
     if stage == "sft":
-        from spo_align.train.sft import sft_config_kwargs
+        from spo_align.train.stages import sft_config_kwargs
 
         trainer_args.update(sft_config_kwargs(plan))
     elif stage == "kto":
-        from spo_align.train.kto import kto_config_kwargs
+        from spo_align.train.stages import kto_config_kwargs
 
         trainer_args.update(kto_config_kwargs(plan))
     return {
@@ -156,8 +156,8 @@ def launch(
     """Run the plan to completion, in-process or under its launcher; returns the output folder.
 
     Raises `OutputFolderError` for `resume` and `overwrite` together (continue the run, and delete it)."""
+    from spo_align.run_folder import OutputFolderError
     from spo_align.train.model import check_model_setup
-    from spo_align.train.outputs import OutputFolderError
     from spo_align.train.run import claim_output, run, train_command
 
     if resume and overwrite:
@@ -221,8 +221,7 @@ def _check_finished(output_dir: Path, stopped_at: tuple[int, str] | None, *, tol
     checkpoint holds it, the one the ranks recorded on the stop if it is sealed, else the newest sealed one (as
     not saved on this stop when `spo` was told to stop; as found when the ranks were signalled by someone else,
     e.g. on another node)."""
-    from spo_align.train.checkpoints import checkpoint_step, is_sealed, last_checkpoint
-    from spo_align.train.outputs import finished_at
+    from spo_align.run_folder import checkpoint_step, finished_at, is_sealed, last_checkpoint
     from spo_align.train.preemption import RunStopped
 
     if finished_at(output_dir) is not None:
@@ -276,7 +275,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         logger.warning("interrupted")
         return 130
     except Exception as exc:
-        from spo_align.train.disk import write_failure
+        from spo_align.run_folder import write_failure
 
         message = write_failure(exc, Path(plan.output_dir))
         if message is None:

@@ -4,12 +4,12 @@ The model is unwrapped down to the causal-LM module (DeepSpeed engine / DDP `.mo
 `get_base_model()`: LoRA layers are injected in place, so the base model's decoder carries them and
 `disable_adapter()` still applies). Its decoder runs with ``use_cache=False`` (transformers derives the
 packed per-sequence mask only without a cache) and returns the final hidden states; then
-`spo_align.losses.sequence_logps` applies the head at labelled positions, chunked, in fp32.
+`train/sequence_logps.py` applies the head at labelled positions, chunked, in fp32.
 
 ZeRO-3 partitions every weight outside its module's forward, so ``lm_head.weight`` cannot be read
 directly. The head is therefore always entered through the lm_head module's own ``__call__`` (whose
 DeepSpeed hooks gather the weight for the forward and again for the backward) with a forward that
-computes the sequence log-probs: `_HeadCall`. Tied embeddings need nothing special: the head's weight is
+computes the sequence log-probs: `head_logps`. Tied embeddings need nothing special: the head's weight is
 the embedding parameter, gathered by the same hooks.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spo_align.losses import DEFAULT_CHUNK_SIZE, sequence_logps, token_counts
+from spo_align.train.sequence_logps import DEFAULT_CHUNK_SIZE, sequence_logps, token_counts
 
 
 class ModelLayoutError(TypeError):
@@ -191,7 +191,7 @@ def batch_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DE
 def batch_token_counts(batch: dict[str, Any]) -> torch.Tensor:
     """Scored (completion) tokens of the batch's 2B sequences, chosen then rejected, int64 [2B].
 
-    Counted from the labels by the same rules as the log-prob sums (`losses.token_counts`), per row when
+    Counted from the labels by the same rules as the log-prob sums (`sequence_logps.token_counts`), per row when
     padded, per packed segment otherwise, so ``logps / counts`` is each answer's per-token mean log-prob.
     """
     if "attention_mask" in batch:

@@ -136,7 +136,7 @@ def _check_adapter_possible(plan: RunPlan) -> None:
 def _check_starting_folders(plan: RunPlan) -> None:
     """A local model, tokenizer or reference folder that is an unfinished spo-align run (an SFT stage stopped
     before its end) is refused: its model is missing or half-written."""
-    from spo_align.train.outputs import unfinished_run_problem
+    from spo_align.run_folder import unfinished_run_problem
 
     section = plan.recipe.model
     for key, path in (
@@ -151,7 +151,9 @@ def _check_starting_folders(plan: RunPlan) -> None:
 
 
 def check_model_setup(plan: RunPlan) -> None:
-    """Every model-section check that does not need the weights (attention, dtype, QLoRA, unfinished runs)."""
+    """Every model-section check that does not need the weights (attention, dtype, QLoRA, unfinished runs): once per process that
+    starts a run, before its output folder is claimed (`run.run`, `launch.launch`). `load_model` then resolves
+    the attention and checks QLoRA where it uses them, so a direct caller is refused before loading too."""
     resolve_attention(plan)
     _check_adapter_possible(plan)
     _check_starting_folders(plan)
@@ -204,7 +206,6 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    check_model_setup(plan)
     model_section = plan.recipe.model
     path = resolve_model_path(name_or_path or model_section.name_or_path)
     kwargs: dict[str, Any] = {
@@ -214,6 +215,7 @@ def load_model(
         "dtype": weights_dtype(plan),
     }
     if for_training and plan.recipe.adapter is not None and plan.recipe.adapter.type == "qlora":
+        _check_adapter_possible(plan)
         kwargs["quantization_config"] = _quantization_config(plan)
 
     adapter_only = Path(path, "adapter_config.json").exists() and not Path(path, "config.json").exists()

@@ -1,7 +1,7 @@
 """A run told to stop (SIGTERM: a spot instance's notice, `docker stop`, a scheduler) saves a checkpoint first.
 
 The first SIGTERM asks the run to stop at the end of the optimizer step it is in: the Trainer writes a
-checkpoint there (sealed like every other one, `train/checkpoints.py`) and training ends without the final
+checkpoint there (sealed like every other one, `run_folder/checkpoints.py`) and training ends without the final
 save, so the folder is not marked finished. A SIGTERM that arrives while a checkpoint is being written stops
 the run as soon as that checkpoint is sealed. `spo train` then exits with 143 (128 + SIGTERM) and one line
 naming the checkpoint; the same command continues from it. A second SIGTERM ends the process at once (the

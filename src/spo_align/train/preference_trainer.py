@@ -4,7 +4,7 @@ Not TRL's DPOTrainer: its tokenization and batching fight packing and its loss t
 paper. The Trainer supplies the loop (optimizer, scheduler, DeepSpeed, checkpoints, resume, callbacks);
 this subclass supplies `compute_loss`, evaluation, metric averaging and the reference log-probs.
 
-The loss is any function over `PairInputs` (`spo_align.loss_catalogue.build_pair_loss`): policy sums and
+The loss is any function over `PairInputs` (`spo_align.losses.registry.build_pair_loss`): policy sums and
 token counts always, reference sums only when the loss needs them. Reference log-probs come from one of
 (`ReferenceKind`):
 - ``adapter``: the policy itself with its LoRA adapter disabled, under no_grad (no second copy);
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from spo_align.losses import DEFAULT_CHUNK_SIZE, PairInputs, PairLoss, PairLossFn
+from spo_align.losses.pair import PairInputs, PairLoss, PairLossFn
 from spo_align.train.logps import batch_logps, batch_token_counts
 from spo_align.train.reference import (
     CacheKey,
@@ -37,6 +37,7 @@ from spo_align.train.reference import (
     compute_reference_table,
     make_key,
 )
+from spo_align.train.sequence_logps import DEFAULT_CHUNK_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class PreferenceTrainer(Trainer):
         return (loss, {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards}) if return_outputs else loss
 
     def _record(self, split: str, pairs: PairInputs, out: PairLoss) -> None:
-        """The step's metrics (`loss_catalogue.logged_metrics`); both_below_ref only where a reference exists."""
+        """The step's metrics (`losses.registry.logged_metrics`); both_below_ref only where a reference exists."""
         pc, pr = pairs.policy_chosen.detach(), pairs.policy_rejected.detach()
         values = {
             "rewards/chosen": out.chosen_rewards,

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIRNAME = "reference_logps"
 _SAMPLE = 1024
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_attn_implementation", "_commit_hash", "use_cache")
 """Config entries that do not change log-probs (the Trainer itself sets use_cache=False)."""

@@ -1,8 +1,10 @@
-"""One run, in this process: claim the output folder, build the `RunContext`, call exactly one stage.
+"""One run, in this process: check the model set-up, claim the output folder, build the `RunContext`, call
+exactly one stage.
 
 `run()` is the whole in-process path. A multi-process launch (see `launch.py`) splits it: the parent
-claims the folder (`claim_output`), each worker process calls `execute()`. What a stage does with its
-Trainer (train, continue, finish) is in `loop.py`, which the stages import.
+checks and claims the folder (`claim_output`), each worker process calls `execute()`. The stages are
+`stages.py`; what a stage does with its Trainer (train, continue, stop, finish) and the `RunContext` it is
+handed are `finish.py`.
 """
 
 from __future__ import annotations
@@ -11,36 +13,34 @@ import logging
 import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from spo_align.train.context import RunContext
+from spo_align.losses.registry import loss_entry
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
+    from spo_align.train.finish import RunContext
 
 logger = logging.getLogger(__name__)
 
-StageFn = Callable[["RunPlan", RunContext], None]
+
+StageFn = Callable[["RunPlan", "RunContext"], None]
 
 
 def stage_function(plan: RunPlan) -> StageFn:
-    """The stage a plan runs: sft -> run_sft; preference -> the loss's catalogue stage (run_kto or run_preference)."""
+    """The stage a plan runs: sft -> run_sft; preference -> its loss entry's stage (run_kto or run_preference)."""
+    from spo_align.train.stages import (  # trl and torch, only when a stage runs
+        run_kto,
+        run_preference,
+        run_sft,
+    )
+
     recipe = plan.recipe
     if recipe.stage == "sft":
-        from spo_align.train.sft import run_sft
-
         return run_sft
     if recipe.loss is None:
         raise ValueError("stage: preference needs a loss section")
-    from spo_align.loss_catalogue import loss_entry
-
-    if loss_entry(recipe.loss).stage == "kto":
-        from spo_align.train.kto import run_kto
-
-        return run_kto
-    from spo_align.train.preference import run_preference
-
-    return run_preference
+    return run_kto if loss_entry(recipe.loss).stage == "kto" else run_preference
 
 
 def stage_name(plan: RunPlan) -> str:
@@ -59,70 +59,42 @@ def train_command(recipe_path: Path, overrides: Sequence[str]) -> str:
 def claim_output(
     plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None, primary: bool = True
 ) -> str | None:
-    """Claim the output folder (see `outputs.claim_folder`) and record the run in it: the resolved recipe,
-    its hash and run.json. Returns the checkpoint to continue from, or None."""
-    from spo_align.train.outputs import RESOLVED_RECIPE, claim_folder
-    from spo_align.train.recipe_hash import RecipeSettings
-    from spo_align.train.run_info import write_claim_info
+    """Claim the output folder for the plan (`run_folder.claim`); returns the checkpoint to continue from, or None."""
+    from spo_align import run_folder
 
-    output_dir = Path(plan.output_dir)
-    settings = RecipeSettings.from_plan(plan)
-    claim = claim_folder(output_dir, settings, resume=resume, overwrite=overwrite, primary=primary)
-    if primary:
-        from spo_align.recipe.load import save_resolved
-
-        changed = _changed_since(output_dir / RESOLVED_RECIPE, plan) if claim.continued else []
-        if changed:
-            logger.info("continuing with keys that do not change the weights changed: %s", "; ".join(changed))
-        save_resolved(plan, output_dir / RESOLVED_RECIPE)
-        settings.write(output_dir)
-        write_claim_info(
-            output_dir, plan, command=command or train_command(plan.recipe_path, []), recipe_hash=settings.hash,
-            resumed_from=claim.checkpoint, continued=claim.continued, changed=changed,
-        )
-    return str(claim.checkpoint) if claim.checkpoint is not None else None
+    command = command or train_command(plan.recipe_path, [])
+    return run_folder.claim(plan, resume=resume, overwrite=overwrite, command=command, primary=primary)
 
 
-def _changed_since(resolved: Path, plan: RunPlan) -> list[str]:
-    """Keys of the folder's resolved recipe that this continuation changes (only non-deciding ones can)."""
-    import yaml
-
-    from spo_align.train.recipe_hash import changed_keys
-
-    try:
-        old = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return []
-    return changed_keys(old, plan.recipe_dict()) if isinstance(old, dict) else []
-
-
-def build_context(plan: RunPlan, resume_from_checkpoint: str | None) -> RunContext:
+def build_context(plan: RunPlan, resume_from_checkpoint: str | None, extra_callbacks: Sequence[Any] = ()) -> RunContext:
+    """The context of one run: every stage's callbacks (then `extra_callbacks`) and the final save."""
     from spo_align.train.callbacks import default_callbacks
-    from spo_align.train.finish import make_save_final
+    from spo_align.train.finish import RunContext, make_save_final
 
     output_dir = Path(plan.output_dir)
     ctx = RunContext(output_dir=output_dir, resume_from_checkpoint=resume_from_checkpoint)
-    ctx.callbacks = default_callbacks(output_dir, stage_name(plan))
+    ctx.callbacks = [*default_callbacks(output_dir, stage_name(plan)), *extra_callbacks]
     ctx.save_final = make_save_final(plan, ctx)
     return ctx
 
 
-def execute(plan: RunPlan, resume_from_checkpoint: str | None) -> Path:
-    """Run the plan's stage in this process (one rank of a launch, or the whole run)."""
-    from spo_align.train.model import check_model_setup
-
-    check_model_setup(plan)  # before any weights or data are read
+def execute(plan: RunPlan, resume_from_checkpoint: str | None, extra_callbacks: Sequence[Any] = ()) -> Path:
+    """Run the plan's stage in this process (one rank of a launch, or the whole run), its folder already claimed
+    and its model set-up already checked (`run`, or the launching parent)."""
     stage = stage_function(plan)
-    ctx = build_context(plan, resume_from_checkpoint)
+    ctx = build_context(plan, resume_from_checkpoint, extra_callbacks)
     logger.info("running %s into %s", stage_name(plan), ctx.output_dir)
     stage(plan, ctx)
     return ctx.output_dir
 
 
-def run(plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None) -> Path:
-    """Run the plan in this process: claim the output folder, then execute its stage; returns the folder."""
+def run(
+    plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None, extra_callbacks: Sequence[Any] = ()
+) -> Path:
+    """Run the plan in this process: check its model set-up (before the folder is touched), claim the output
+    folder, then execute its stage with `extra_callbacks` attached after every stage's own; returns the folder."""
     from spo_align.train.model import check_model_setup
 
     check_model_setup(plan)
     checkpoint = claim_output(plan, resume=resume, overwrite=overwrite, command=command)
-    return execute(plan, checkpoint)
+    return execute(plan, checkpoint, extra_callbacks)

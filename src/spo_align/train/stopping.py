@@ -318,7 +318,7 @@ def _last_step_seconds(output_dir: Path) -> float | None:
 
 def stop_notice(output_dir: Path, saving: bool, estimated_bytes: int | None, grace_s: float | None) -> str:
     """One line: what happens on this SIGTERM, and whether the checkpoint should be sealed before SIGKILL."""
-    from spo_align.train.checkpoints import checkpoint_cost, last_checkpoint
+    from spo_align.run_folder import checkpoint_cost, last_checkpoint
 
     last = last_checkpoint(Path(output_dir))
     fallback = (

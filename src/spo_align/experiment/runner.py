@@ -1,0 +1,262 @@
+"""`spo experiment`: one declarative file for the paper's whole experiment, resumable stage by stage.
+
+An experiment names an SFT recipe, the preference recipes that start from its output (each a single run
+or a small sweep of recipe keys, one run per point), the seeds, and how to evaluate. For each seed it
+trains SFT, then every preference run from that seed's SFT output, then generates every model's answers
+to the test prompts and judges every pair of models; finally it writes the win-rate matrix (averaged over
+seeds) and, where the prompts have reference answers, an accuracy table broken down by a field of the
+prompt file (the tiny task's `carry`).
+
+Layout under `output_dir`:
+
+    seed<S>/<stage>/          one training run per stage (the recipe's output.dir is overridden)
+    seed<S>/generations/      <model>.jsonl answers (eval.generate)
+    seed<S>/judgments.jsonl   pairwise judgments (eval.judge)
+    win_rates.{md,csv,png}    the matrix pooled over seeds; win_rates_seed<S>.md per seed
+    accuracy.{md,csv}         model x group accuracy, mean over seeds (reference answers only)
+    log_ratios.md             end-of-training chosen/rejected log pi/pi_ref per preference run
+    curves_seed<S>.{png,svg}  training curves of the seed's preference runs overlaid (`spo plot`)
+    sweep.md                  every point of each swept stage and the best per stage (when a stage sweeps)
+    runs.jsonl                one line per invocation: stages trained/skipped, wall and CPU seconds
+
+Nothing finished is redone: a stage whose folder holds the runner's completion marker is skipped,
+an unfinished one resumes from its last checkpoint, generation files that already answer these
+prompts with these settings are kept, and judgments already recorded are not asked for again.
+
+Python API:
+
+    experiment = load_experiment(Path("experiments/tiny.yaml"), overrides=["seeds=[0]"])
+    steps = plan_stages(experiment)           # validates every recipe; no torch
+    result = run_experiment(experiment)       # trains, generates, judges, tabulates
+
+The file's schema, loading and plan live in `experiment/spec.py` (torch-free), the tables in
+`experiment/report.py`, the command in `cli/experiment.py`; this module runs the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from spo_align.eval.redact import redact
+from spo_align.experiment.spec import JudgeSection, LoadedExperiment, StageStep, load_experiment, plan_stages
+from spo_align.run_folder import finished_at
+
+logger = logging.getLogger(__name__)
+
+RUNS_LOG = "runs.jsonl"
+
+
+class ExperimentError(ValueError):
+    """The experiment cannot go on (a stage failed, a file is inconsistent); the message says where."""
+
+
+# ---------------------------------------------------------------- the stages
+
+
+def _device() -> Literal["cpu", "cuda"]:
+    from spo_align.train.model import cuda_available
+
+    return "cuda" if cuda_available() else "cpu"
+
+
+def run_stage(step: StageStep, starts_from: Path | None = None) -> tuple[float, float]:
+    """Train one stage (resuming an unfinished folder); returns (wall, CPU) seconds, (0, 0) when skipped.
+
+    CPU seconds are this process's (an in-process run's, not a launcher's children): on a busy machine
+    they say what the stage would take alone, where wall time does not.
+
+    `starts_from` is the SFT folder a preference stage starts from: a finished preference run older than
+    that SFT run was trained from a model that no longer exists, and is refused rather than reused."""
+    done = finished_at(step.output_dir)
+    if done is not None:
+        base_done = finished_at(starts_from) if starts_from is not None else None
+        if base_done is not None and base_done > done:
+            raise ExperimentError(
+                f"seed {step.seed} {step.name}: the finished run in {step.output_dir} predates the SFT run it "
+                f"should start from ({starts_from}); delete {step.output_dir} to train it again"
+            )
+        logger.info("seed %d %s: finished run in %s, skipping", step.seed, step.name, step.output_dir)
+        return 0.0, 0.0
+    from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.resolve import resolve
+    from spo_align.train.launch import LaunchError, launch
+
+    plan = resolve(load_recipe(step.recipe_path, step.overrides), step.recipe_path, _device())
+    started, cpu_started = time.perf_counter(), time.process_time()
+    logger.info("seed %d %s: training (%s)", step.seed, step.name, step.command)
+    try:  # in-process for one process; DeepSpeed/torchrun recipes go through their launcher
+        # An unfinished stage of the same recipe is continued from its last complete checkpoint, as
+        # `spo train` run again would; one of another recipe is refused with the keys that differ.
+        launch(plan, step.recipe_path, step.overrides, resume=False, overwrite=False)
+    except LaunchError as exc:
+        raise ExperimentError(f"seed {step.seed} {step.name}: {exc}") from exc
+    if finished_at(step.output_dir) is None:
+        raise ExperimentError(f"seed {step.seed} {step.name}: the run ended without marking {step.output_dir} finished")
+    return time.perf_counter() - started, time.process_time() - cpu_started
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _judge(section: JudgeSection) -> Any:
+    from spo_align.eval.judge_factory import make_judge
+
+    return make_judge(section.type, section.model, base_url=section.base_url, api_key_env=section.api_key_env)
+
+
+def evaluate_seed(experiment: LoadedExperiment, seed: int, prompts: Sequence[Any], judge: Any) -> Path:
+    """Generate every model's answers for one seed and judge every pair; returns the judgments file."""
+    from spo_align.eval.generate import GenerationSettings, ModelSpec, generate
+    from spo_align.eval.judge import judge_all
+
+    spec = experiment.spec
+    g = spec.eval.generation
+    settings = GenerationSettings(
+        max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, temperature=g.temperature, top_p=g.top_p,
+        seed=seed, engine=g.engine, dtype=g.dtype,
+    )
+    seed_dir = experiment.seed_dir(seed)
+    models = [ModelSpec(str(seed_dir / name), name) for name in experiment.stage_names]
+    generate(models, prompts, settings, seed_dir / "generations")
+    out = seed_dir / "judgments.jsonl"
+    summary = judge_all(seed_dir / "generations", judge, out, models=experiment.stage_names,
+                        concurrency=spec.eval.judge.concurrency, retry_errors=True)
+    if summary.errors:
+        logger.warning("seed %d: %d judgments failed and are left out of the tables (a rerun retries them)",
+                       seed, summary.errors)
+    return out
+
+
+# ---------------------------------------------------------------- the whole experiment
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ExperimentResult:
+    output_dir: Path
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def _eval_inputs(experiment: LoadedExperiment) -> tuple[list[Any], Any]:
+    from spo_align.eval.generate import load_prompts
+
+    prompts = load_prompts(experiment.prompts_source(), experiment.spec.eval.n)
+    judge = _judge(experiment.spec.eval.judge)
+    if judge.needs_reference and any(p.reference is None for p in prompts):
+        raise ExperimentError(f"{experiment.path}: eval.judge 'reference' needs a reference answer for every prompt")
+    return prompts, judge
+
+
+def run_seed(experiment: LoadedExperiment, seed: int) -> SeedResult:
+    """One seed's chain: SFT, each preference run from it, then its answers and judgments."""
+    result = SeedResult(seed)
+    prompts, judge = _eval_inputs(experiment)
+    sft_dir = experiment.seed_dir(seed) / experiment.spec.sft.name
+    for step in (s for s in plan_stages(experiment) if s.seed == seed):
+        label = f"seed{seed}/{step.name}"
+        seconds, cpu_seconds = run_stage(step, starts_from=None if step.output_dir == sft_dir else sft_dir)
+        (result.trained if seconds else result.skipped).append(label)
+        result.stage_seconds[label] = round(seconds, 1)
+        result.stage_cpu_seconds[label] = round(cpu_seconds, 1)
+    evaluate_seed(experiment, seed, prompts, judge)
+    return result
+
+
+def _seed_worker(path: str, overrides: tuple[str, ...], seed: int, log_level: int) -> SeedResult:
+    """Entry point of a worker process (spawned): re-read the experiment, run one seed's chain."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s seed{seed} %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return run_seed(load_experiment(Path(path), overrides), seed)
+    except Exception as exc:  # noqa: BLE001 - the parent re-raises it; our error types do not all survive pickling
+        raise ExperimentError(f"seed {seed}: {type(exc).__name__}: {exc}") from None
+
+
+def _run_seeds(experiment: LoadedExperiment) -> list[SeedResult]:
+    seeds = experiment.spec.seeds
+    jobs = min(experiment.spec.jobs, len(seeds))
+    if jobs == 1:
+        return [run_seed(experiment, seed) for seed in seeds]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    logger.info("running %d seeds, %d at a time in worker processes", len(seeds), jobs)
+    context = multiprocessing.get_context("spawn")  # no forked torch/tokenizer state
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [pool.submit(_seed_worker, str(experiment.path), experiment.overrides, s, level) for s in seeds]
+        return [future.result() for future in futures]
+
+
+def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
+    """Train every stage, then generate, judge and tabulate; resumable at every step."""
+    started = time.perf_counter()
+    spec = experiment.spec
+    plan_stages(experiment)  # every recipe checked before the first step runs
+    _, judge = _eval_inputs(experiment)
+    groups = None
+    if spec.eval.accuracy_by is not None:
+        from spo_align.experiment.report import read_prompt_groups
+
+        groups = read_prompt_groups(Path(experiment.prompts_source()), spec.eval.accuracy_by)
+    experiment.output_dir.mkdir(parents=True, exist_ok=True)
+    result = ExperimentResult(experiment.output_dir)
+    for seed_result in _run_seeds(experiment):
+        result.trained += seed_result.trained
+        result.skipped += seed_result.skipped
+        result.stage_seconds.update(seed_result.stage_seconds)
+        result.stage_cpu_seconds.update(seed_result.stage_cpu_seconds)
+    from spo_align.experiment.report import (
+        accuracy_rows,
+        write_accuracy,
+        write_log_ratios,
+        write_sweep,
+        write_win_rates,
+    )
+    from spo_align.plots.compare import write_experiment_curves
+
+    win_rates, result.files = write_win_rates(experiment, judge)
+    result.files += write_experiment_curves(experiment.output_dir, spec.seeds)  # beside the win rates, per seed
+    rows = accuracy_rows(experiment, groups)
+    if rows:
+        result.files += write_accuracy(rows, experiment)
+    result.files += write_log_ratios(experiment)
+    result.files += write_sweep(experiment, rows, win_rates)
+    result.wall_seconds = time.perf_counter() - started
+    summary = {
+        "experiment": str(experiment.path),
+        "overrides": [redact(o) for o in experiment.overrides],  # a judge URL's password stays out
+        "seeds": spec.seeds,
+        "jobs": spec.jobs,
+        "trained": result.trained,
+        "skipped": result.skipped,
+        "stage_seconds": result.stage_seconds,
+        "stage_cpu_seconds": result.stage_cpu_seconds,
+        "wall_seconds": round(result.wall_seconds, 1),
+        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],  # other work slows wall time
+    }
+    with (experiment.output_dir / RUNS_LOG).open("a", encoding="utf-8") as fh:  # one line per invocation
+        fh.write(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}) + "\n")
+    logger.info("experiment done in %.0f s: %d stages trained, %d skipped; tables in %s",
+                result.wall_seconds, len(result.trained), len(result.skipped), experiment.output_dir)
+    return result

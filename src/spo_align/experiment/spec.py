@@ -1,0 +1,412 @@
+"""The experiment file of `spo experiment`: its schema, its loading (errors with file:line), and its plan.
+
+An experiment names an SFT recipe, the preference recipes that start from its output, the seeds, and
+how to evaluate. `load_experiment` reads the file like a recipe (duplicate keys, unknown keys with
+did-you-mean, `--set key=value`) and raises `RecipeErrors` with `file:line:col`; `plan_stages` turns it
+into the ordered training runs (`StageStep`), every recipe validated, without importing torch.
+Running them is `experiment/runner.py`; the tables are `experiment/report.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from spo_align.os_errors import file_in_the_way
+from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
+from spo_align.recipe.file_kinds import not_an_experiment
+from spo_align.recipe.locate import make_error
+from spo_align.recipe.paths import data_file_name, expand_path_keys
+from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
+
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+SweepValue = StrictBool | StrictInt | StrictFloat | StrictStr
+
+
+def _label(value: SweepValue) -> str:
+    """A sweep value as it appears in a run's name: 0.05, 50, 1e-05, true."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _yaml_value(value: SweepValue) -> str:
+    """A sweep value as a `--set` value that YAML reads back as the same value (1e-05 needs a dot: 1.0e-05)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        text = repr(value)
+        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
+    if isinstance(value, int):
+        return str(value)
+    return repr(value)  # quoted: a string stays a string
+
+
+@dataclass(frozen=True)
+class StagePoint:
+    """One run of a stage: the stage itself, or one point of its sweep."""
+
+    name: str
+    """The run's folder under seed<S>/ and its label in the tables (<stage>_<key><value> for a sweep point)."""
+    stage: str
+    """The stage (`StageSpec.name`) it belongs to."""
+    swept: tuple[tuple[str, SweepValue], ...] = ()
+    """(recipe key path, value) of each swept key; empty for a stage without a sweep."""
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return tuple(f"{key}={_yaml_value(value)}" for key, value in self.swept)
+
+
+# ---------------------------------------------------------------- schema
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+class StageSpec(_Section):
+    """One training run of the experiment."""
+
+    name: str = Field(description="Name of the run: its folder under seed<S>/ and its label in the tables.")
+    recipe: Path = Field(description="Recipe file, relative to the experiment file.")
+    set: list[str] = Field(
+        default_factory=list,
+        description="`key.path=value` overrides for this recipe, applied after `recipe_set` (like `spo train --set`).",
+    )
+    sweep: dict[str, list[SweepValue]] = Field(
+        default_factory=dict,
+        description="A small grid, recipe key path -> values, e.g. {loss.beta: [0.05, 0.1, 0.2]}: one run per value "
+        "(per combination with several keys), applied after `set`, named <name>_<last key part><value> "
+        "(dpo_beta0.05). Every point is tabulated, and the best point of each stage in sweep.md.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not STAGE_NAME.match(value):
+            raise ValueError("must start with a letter or digit and use only letters, digits, '.', '_', '+', '-'")
+        return value
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, value: dict[str, list[SweepValue]]) -> dict[str, list[SweepValue]]:
+        for key, values in value.items():
+            if not key or any(not part for part in key.split(".")):
+                raise ValueError(f"sweep key {key!r} must be a recipe key path such as loss.beta")
+            if not values:
+                raise ValueError(f"sweep '{key}' lists no values")
+            if len({_label(v) for v in values}) != len(values):
+                raise ValueError(f"sweep '{key}' repeats a value")
+        return value
+
+    @model_validator(mode="after")
+    def _point_names(self) -> StageSpec:
+        for point in self.points():
+            if not STAGE_NAME.match(point.name):
+                raise ValueError(
+                    f"a sweep value makes the run name {point.name!r}: use values of letters, digits, '.', '_', '+', '-'"
+                )
+        return self
+
+    def points(self) -> list[StagePoint]:
+        """The runs of this stage: itself, or one per point of its sweep (in the order the values are listed)."""
+        if not self.sweep:
+            return [StagePoint(self.name, self.name)]
+        keys = list(self.sweep)
+        points = []
+        for combination in itertools.product(*(self.sweep[key] for key in keys)):
+            swept = tuple(zip(keys, combination))
+            name = "_".join([self.name, *(f"{key.split('.')[-1]}{_label(v)}" for key, v in swept)])
+            points.append(StagePoint(name, self.name, swept))
+        return points
+
+
+class GenerationSection(_Section):
+    """How every model answers the test prompts (the seed is the experiment's seed)."""
+
+    max_new_tokens: int = Field(512, gt=0)
+    batch_size: int = Field(8, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    engine: Literal["transformers", "vllm"] = Field("transformers", description="vllm only when installed.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto")
+
+
+class JudgeSection(_Section):
+    """Who decides which of two answers is better."""
+
+    type: Literal["reference", "openai"] = Field(
+        description="reference: a right answer beats a wrong one, else a tie (needs reference answers; offline). "
+        "openai: any OpenAI-compatible chat API."
+    )
+    model: str | None = Field(None, description="openai: the judge model, e.g. gpt-4o.")
+    base_url: str | None = Field(None, description="openai: API base URL for a local or other compatible server.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    concurrency: int = Field(8, gt=0, description="openai: judge calls in flight at once.")
+
+    @model_validator(mode="after")
+    def _fields_match_type(self) -> JudgeSection:
+        if self.type == "openai" and not self.model:
+            raise ValueError("judge type 'openai' needs 'model' (e.g. gpt-4o)")
+        if self.type == "reference" and (self.model is not None or self.base_url is not None):
+            raise ValueError("judge type 'reference' takes no 'model' or 'base_url'")
+        return self
+
+
+class EvalSection(_Section):
+    prompts: str = Field(
+        description="Test prompts: a JSONL file (id, prompt, optional reference; relative to the experiment "
+        "file) or a hub dataset as name:split, e.g. HuggingFaceH4/ultrafeedback_binarized:test_prefs."
+    )
+    n: int | None = Field(200, gt=0, description="Use the first n prompts; null for all.")
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    judge: JudgeSection
+    accuracy_by: str | None = Field(
+        None,
+        description="Field of the JSONL prompt file to break reference accuracy down by (true/false fields "
+        "give columns '<field>' and 'no-<field>'). Needs reference answers.",
+    )
+    n_bootstrap: int = Field(1000, gt=0, description="Bootstrap resamples for the win-rate intervals.")
+
+
+class Experiment(_Section):
+    """A whole experiment file."""
+
+    description: str | None = Field(None, description="What this experiment is for.")
+    output_dir: Path = Field(description="Where everything goes (relative to the working directory).")
+    seeds: list[int] = Field(min_length=1, description="Each seed trains every stage once (training.seed).")
+    sft: StageSpec = Field(description="The SFT run every preference run starts from.")
+    preference: list[StageSpec] = Field(
+        min_length=1, description="Preference runs; each starts from the same seed's SFT output."
+    )
+    recipe_set: list[str] = Field(
+        default_factory=list,
+        description="`key.path=value` overrides applied to every recipe (e.g. fewer steps for a quick check).",
+    )
+    jobs: int = Field(
+        1,
+        gt=0,
+        description="Seeds trained and evaluated at once, each in its own process. On CPU, one per core with "
+        "training.cpu_threads 1; on GPU keep 1 unless each job has its own device.",
+    )
+    eval: EvalSection
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Experiment:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        if self.sft.sweep:
+            raise ValueError("the sft stage takes no sweep: every preference run starts from its one output")
+        names = [self.sft.name, *(point.name for p in self.preference for point in p.points())]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"stage names must be distinct; repeated: {', '.join(repeated)}")
+        if "generations" in names:
+            raise ValueError("'generations' is reserved for the answers folder; rename that stage")
+        return self
+
+
+@dataclass(frozen=True)
+class LoadedExperiment:
+    """A valid experiment and where it was read from (recipe and prompt paths are relative to it)."""
+
+    spec: Experiment
+    path: Path
+    overrides: tuple[str, ...] = ()
+    """The `--set` overrides it was read with (a worker process re-reads the file with them)."""
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.resolve().parent
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.spec.output_dir).expanduser().resolve()
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.output_dir / f"seed{seed}"
+
+    @property
+    def stage_names(self) -> list[str]:
+        """Every run's name: the SFT stage, then each preference stage's points."""
+        return [self.spec.sft.name, *(point.name for point in self.points)]
+
+    @property
+    def points(self) -> list[StagePoint]:
+        """Every preference run, sweep points expanded, in file order."""
+        return [point for stage in self.spec.preference for point in stage.points()]
+
+    def prompts_source(self) -> str:
+        """A local prompt file as an absolute path, else the dataset id as written."""
+        local = self.base_dir / self.spec.eval.prompts
+        return str(local) if local.is_file() else self.spec.eval.prompts
+
+
+# ---------------------------------------------------------------- loading (errors with file:line)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _model_at(path: KeyPath) -> type[BaseModel] | None:
+    model: type[BaseModel] = Experiment
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field_info = model.model_fields.get(part)
+        candidates = _models_in(field_info.annotation) if field_info else []
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def _errors_from(exc: ValidationError, positions: Positions, file: str) -> list[RecipeError]:
+    errors = []
+    for err in exc.errors(include_url=False):
+        path: KeyPath = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(path[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            where = f"in '{dotted(path[:-1])}'" if path[:-1] else "at the top level"
+            message = f"unknown key '{path[-1]}' {where}{did_you_mean(str(path[-1]), valid)}; valid keys: {', '.join(valid)}"
+        elif err["type"] == "missing":
+            message = f"required key '{path[-1]}' is missing"
+        elif err["type"] == "literal_error" and isinstance(err.get("input"), str):
+            choices = [c.strip(" '") for c in str(err.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")]
+            message += did_you_mean(err["input"], [c for c in choices if c])
+        errors.append(make_error(path, message, positions, file))
+    return errors
+
+
+def _path_keys(data: dict[str, Any]) -> list[KeyPath]:
+    """The keys of an experiment that hold paths; `$VAR`, `${VAR}` and `~` in them are expanded when read."""
+    keys: list[KeyPath] = [("output_dir",), ("sft", "recipe"), ("eval", "prompts")]
+    preference = data.get("preference")
+    if isinstance(preference, list):
+        keys += [("preference", index, "recipe") for index in range(len(preference))]
+    return keys
+
+
+def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperiment:
+    """Read and validate an experiment file; raise `RecipeErrors` with every problem and its line."""
+    from spo_align.recipe.load import apply_overrides
+
+    path = Path(path)
+    file = str(path)
+    data, positions, errors = read_yaml_file(path)
+    if errors:
+        raise RecipeErrors(errors)
+    if not isinstance(data, dict):
+        raise RecipeErrors([RecipeError(file, 1, 1, "", "an experiment must be a YAML mapping")])
+    recipe = not_an_experiment(data, file)
+    if recipe is not None:
+        raise RecipeErrors([RecipeError(file, 1, 1, "", recipe)])
+    errors = apply_overrides(data, positions, overrides, file)
+    errors += [make_error(key, message, positions, file) for key, message in expand_path_keys(data, _path_keys(data))]
+    if errors:
+        raise RecipeErrors(errors)
+    try:
+        spec = Experiment.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeErrors(_errors_from(exc, positions, file)) from None
+    loaded = LoadedExperiment(spec, path, tuple(overrides))
+    findings: list[tuple[KeyPath, str]] = []
+    out = loaded.output_dir
+    blocker = out if out.exists() and not out.is_dir() else file_in_the_way(out)
+    if blocker is not None:
+        findings.append((("output_dir",), f"output_dir cannot be created: {blocker} is a file, not a folder"))
+    for key, stage in [(("sft",), spec.sft), *((("preference", i), p) for i, p in enumerate(spec.preference))]:
+        if not (loaded.base_dir / stage.recipe).is_file():
+            findings.append((key + ("recipe",), f"recipe file not found: {loaded.base_dir / stage.recipe}"))
+    prompts = spec.eval.prompts
+    looks_local = data_file_name(prompts).kind in (".jsonl", ".json") or prompts.startswith((".", "/"))
+    if looks_local and not (loaded.base_dir / prompts).is_file():
+        findings.append((("eval", "prompts"), f"prompt file not found: {loaded.base_dir / prompts}"))
+    if spec.eval.accuracy_by is not None and not looks_local:
+        findings.append((("eval", "accuracy_by"), "accuracy_by reads a field of a local JSONL prompt file"))
+    if findings:
+        raise RecipeErrors([make_error(key, message, positions, file) for key, message in findings])
+    return loaded
+
+
+# ---------------------------------------------------------------- the stages
+
+
+@dataclass(frozen=True)
+class StageStep:
+    """One training run: which recipe, with which overrides, into which folder."""
+
+    seed: int
+    name: str
+    recipe_path: Path
+    overrides: tuple[str, ...]
+    output_dir: Path
+
+    @property
+    def command(self) -> str:
+        """The equivalent `spo train` command line (what a user would type to run this step alone)."""
+        sets = " ".join(f"--set '{o}'" for o in self.overrides)
+        return f"spo train {self.recipe_path} {sets}"  # continues an unfinished run of the same recipe
+
+
+def plan_stages(experiment: LoadedExperiment) -> list[StageStep]:
+    """Every training run in order (per seed: SFT, then each preference run, sweep points expanded), each
+    recipe validated.
+
+    Raises `RecipeErrors` for a recipe that does not load with its overrides, before anything runs."""
+    from spo_align.recipe.load import load_recipe
+
+    spec = experiment.spec
+    steps: list[StageStep] = []
+    errors: list[RecipeError] = []
+    runs = [(spec.sft, StagePoint(spec.sft.name, spec.sft.name))]
+    runs += [(stage, point) for stage in spec.preference for point in stage.points()]
+    for seed in spec.seeds:
+        sft_dir = experiment.seed_dir(seed) / spec.sft.name
+        for stage, point in runs:
+            out = experiment.seed_dir(seed) / point.name
+            overrides = [*spec.recipe_set, *stage.set, *point.overrides, f"training.seed={seed}", f"output.dir={out}"]
+            if stage is not spec.sft:
+                overrides.append(f"model.name_or_path={sft_dir}")
+            recipe_path = (experiment.base_dir / stage.recipe).resolve()
+            try:
+                recipe = load_recipe(recipe_path, overrides)
+            except RecipeErrors as exc:
+                errors.extend(exc.errors)
+                continue
+            if stage is spec.sft and recipe.stage != "sft":
+                errors.append(RecipeError(str(recipe_path), None, None, "stage", "the experiment's sft recipe must have stage: sft"))
+            if stage is not spec.sft and recipe.stage != "preference":
+                errors.append(RecipeError(str(recipe_path), None, None, "stage", f"preference run '{stage.name}' needs stage: preference"))
+            steps.append(StageStep(seed, point.name, recipe_path, tuple(overrides), out))
+    if errors:
+        raise RecipeErrors(list(dict.fromkeys(errors)))  # a recipe's error once, not once per seed and point
+    return steps
+
+
