@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from spo_align.data.pairs import load_pair_dataset
+from spo_align.data.pairs import load_canonical_pairs
 from spo_align.data.sources import DataSourceError, load_source
 from spo_align.recipe.schema import DatasetSource
 
@@ -60,7 +60,7 @@ def test_every_kind_is_read_compressed_or_not_with_its_text_kept(tmp_path: Path,
     ds = load_source(DatasetSource(path=str(path), format="pairs"))
     assert [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in ds] == ROWS
     assert all(str(path) in where for where in ds["_row"])
-    pairs = load_pair_dataset([DatasetSource(path=str(path), format="pairs")])
+    pairs = load_canonical_pairs(DatasetSource(path=str(path), format="pairs"))
     assert pairs["chosen"] == ["2", "42", "0.50"]  # text, as written: never 2, 42, 0.5
 
 
@@ -119,7 +119,7 @@ def test_other_spellings_of_the_same_kinds_are_read(tmp_path: Path, name: str):
     compression = next((c for c in (".gz", ".bz2", ".xz") if name.lower().endswith(c)), "")
     path = tmp_path / name
     path.write_bytes(COMPRESS[compression](KINDS[kind]()))
-    assert load_pair_dataset([DatasetSource(path=str(path), format="pairs")])["chosen"] == ["2", "42", "0.50"]
+    assert load_canonical_pairs(DatasetSource(path=str(path), format="pairs"))["chosen"] == ["2", "42", "0.50"]
 
 
 def test_compressed_prompt_files_are_read_by_spo_eval(tmp_path: Path):
