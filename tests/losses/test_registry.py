@@ -120,7 +120,7 @@ def test_reward_scale_undoes_the_rewards_into_summed_log_ratios(entry) -> None:
 def test_progress_bar_and_plot_show_every_catalogue_metric() -> None:
     pytest.importorskip("transformers")
     from spo_align.plots.compare import term_title
-    from spo_align.train.callbacks import PROGRESS_FIELDS
+    from spo_align.train.progress import PROGRESS_FIELDS
 
     names = [m.name for m in logged_metrics()]
     for entry in ENTRIES:

@@ -287,7 +287,7 @@ def test_metrics_jsonl_gets_every_logged_step_and_drops_steps_past_a_resumed_che
 
 
 def test_progress_line_shows_the_preference_values():
-    from spo_align.train.callbacks import format_values
+    from spo_align.train.progress import format_values
 
     line = format_values({"loss": 0.5, "learning_rate": 1e-4, "rewards/margins": 1.25, "grad_norm": 3.0})
     assert line == "loss 0.5  lr 0.0001  margin 1.25"

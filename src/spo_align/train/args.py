@@ -104,7 +104,7 @@ def training_kwargs(plan: RunPlan, output_dir: Path | str) -> dict[str, Any]:
         "eval_strategy": "steps" if (t.eval_steps and plan.recipe.data.eval) else "no",
         "eval_steps": t.eval_steps,
         "report_to": report_to(plan) or "none",
-        "disable_tqdm": True,  # one progress bar: callbacks.ProgressCallback
+        "disable_tqdm": True,  # one progress display: progress.ProgressCallback
         "use_cpu": not cuda,
         # bfloat16 autocast on CUDA, and on any device over float32 master weights (model.fp32_master_weights)
         "bf16": dtype == torch.bfloat16 and (cuda or fp32_master_weights(plan)),

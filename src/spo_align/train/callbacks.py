@@ -1,6 +1,6 @@
-"""Trainer callbacks every stage attaches: metrics.jsonl, checkpoint sealing and the progress bar.
+"""Trainer callbacks every stage attaches: metrics.jsonl, checkpoint sealing (the progress display is `progress`).
 
-The metrics file and the progress bar are the main process's; each rank flushes the checkpoint files it wrote,
+The metrics file is the main process's; each rank flushes the checkpoint files it wrote,
 then the main process seals (see `run_folder.checkpoints`). `metrics.jsonl` gets one JSON object per `Trainer.log`
 call
 (every logging step, plus the final summary), with `step`, `epoch` and wall time added. On resume, records
@@ -19,20 +19,9 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from spo_align.losses.registry import logged_metrics
 from spo_align.run_folder import METRICS, flush_own_files, keep_records_up_to, rotate, seal
 
 logger = logging.getLogger(__name__)
-
-# What the progress bar shows when a stage logs it, in this order, with a short label (the loss metrics
-# and their labels come from the loss catalogue).
-PROGRESS_FIELDS: tuple[tuple[str, str], ...] = (
-    ("loss", "loss"),
-    ("learning_rate", "lr"),
-    *((metric.name, metric.label) for metric in logged_metrics()),
-    ("mean_token_accuracy", "tok_acc"),
-)
-
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
@@ -119,79 +108,16 @@ class CheckpointSealCallback(TrainerCallback):
         _barrier()
 
 
-class ProgressBar:
-    """The project's one progress bar: steps done, ETA, and a short line of the latest values."""
+def default_callbacks(output_dir: Path, description: str, reward_scale: float | None = None) -> list[TrainerCallback]:
+    """metrics.jsonl, checkpoint sealing and the progress display (`train.progress`); `reward_scale` turns the
+    logged rewards back into log-ratios on the plain progress lines."""
+    from spo_align.train.progress import ProgressCallback
 
-    def __init__(self, total: int, description: str = "train"):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=20),
-            MofNCompleteColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[values]}"),
-            transient=False,
-        )
-        self._task = self._progress.add_task(description, total=total, values="")
-        self._progress.start()
-
-    def update(self, completed: int, values: dict[str, float] | None = None) -> None:
-        fields: dict[str, Any] = {"completed": completed}
-        line = format_values(values) if values is not None else ""
-        if line:  # the closing summary (train_runtime, ...) keeps the last step's values on the bar
-            fields["values"] = line
-        self._progress.update(self._task, **fields)
-
-    def close(self) -> None:
-        self._progress.stop()
-
-
-def format_values(values: dict[str, Any]) -> str:
-    parts = []
-    for key, label in PROGRESS_FIELDS:
-        value = values.get(key)
-        if isinstance(value, (int, float)):
-            parts.append(f"{label} {value:.3g}")
-    return "  ".join(parts)
-
-
-class ProgressCallback(TrainerCallback):
-    """Drive `ProgressBar` from the Trainer (main process only)."""
-
-    def __init__(self, description: str = "train"):
-        self.description = description
-        self._bar: ProgressBar | None = None
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if state.is_world_process_zero:
-            self._bar = ProgressBar(state.max_steps, self.description)
-            self._bar.update(state.global_step)
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if self._bar is not None:
-            self._bar.update(state.global_step)
-
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ):
-        if self._bar is not None and logs:
-            self._bar.update(state.global_step, logs)
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-def default_callbacks(output_dir: Path, description: str) -> list[TrainerCallback]:
-    return [MetricsJsonlCallback(Path(output_dir) / METRICS), CheckpointSealCallback(), ProgressCallback(description)]
+    return [
+        MetricsJsonlCallback(Path(output_dir) / METRICS),
+        CheckpointSealCallback(),
+        ProgressCallback(description, reward_scale=reward_scale),
+    ]
 
 
 def quiet_trainer(trainer: Any) -> Any:
@@ -205,9 +131,9 @@ def quiet_trainer(trainer: Any) -> Any:
 def restore_token_count(trainer: Any, checkpoint: str | None) -> None:
     """Continue TRL's cumulative `num_tokens` metric from the checkpoint instead of restarting it at 0.
 
-    TRL 1.16's SFT and KTO trainers keep the count in `_total_train_tokens` and do not save it; the last
-    logged value in the checkpoint's trainer state is the count at that step when logging_steps divides
-    save_steps (the resume test logs every step and fails if TRL renames the attribute).
+    TRL 1.16's SFT and KTO trainers (and `PreferenceTrainer`, alike) keep the count in `_total_train_tokens` and
+    do not save it; the last logged value in the checkpoint's trainer state is the count at that step when
+    logging_steps divides save_steps (the resume test logs every step and fails if TRL renames the attribute).
     """
     if checkpoint is None:
         return

@@ -107,6 +107,10 @@ class PreferenceTrainer(Trainer):
         """Reference forward passes run by this trainer (live or precompute); tests count them."""
         self.real_tokens = 0
         """Non-pad tokens of the policy's training forwards on this rank."""
+        self._total_train_tokens = 0
+        """Real tokens trained by all ranks since the run began, logged as `num_tokens` like TRL's trainers (a
+        continued run restores it: `callbacks.restore_token_count`)."""
+        self._tokens_at_log = 0
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tables: dict[str, torch.Tensor] = {}
         self._keys: dict[str, CacheKey] = {}
@@ -290,4 +294,9 @@ class PreferenceTrainer(Trainer):
             if values:
                 logs[prefix + name] = sum(values) / len(values)
         self._metrics[split].clear()
+        if split == "train":  # every rank calls log(), so the gather below is collective
+            new = torch.tensor([self.real_tokens - self._tokens_at_log], device=self.args.device)
+            self._tokens_at_log = self.real_tokens
+            self._total_train_tokens += int(self.accelerator.gather(new).sum().item())
+            logs["num_tokens"] = float(self._total_train_tokens)
         super().log(logs, start_time)

@@ -68,12 +68,14 @@ def claim_output(
 
 def build_context(plan: RunPlan, resume_from_checkpoint: str | None, extra_callbacks: Sequence[Any] = ()) -> RunContext:
     """The context of one run: every stage's callbacks (then `extra_callbacks`) and the final save."""
+    from spo_align.losses.registry import reward_scale
     from spo_align.train.callbacks import default_callbacks
     from spo_align.train.finish import RunContext, make_save_final
 
     output_dir = Path(plan.output_dir)
     ctx = RunContext(output_dir=output_dir, resume_from_checkpoint=resume_from_checkpoint)
-    ctx.callbacks = [*default_callbacks(output_dir, stage_name(plan)), *extra_callbacks]
+    scale = None if plan.recipe.loss is None else reward_scale(plan.recipe.loss)
+    ctx.callbacks = [*default_callbacks(output_dir, stage_name(plan), scale), *extra_callbacks]
     ctx.save_final = make_save_final(plan, ctx)
     return ctx
 

@@ -321,7 +321,8 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     )
     from spo_align.train.finish import train
 
-    result = train(trainer, ctx)  # None: continued from a checkpoint at the last step, nothing trained
+    # None: continued from a checkpoint at the last step, nothing trained
+    result = train(trainer, ctx, restore_tokens=True)
     tokens = torch.tensor([trainer.real_tokens], dtype=torch.long, device=args.device)
     tokens = trainer.accelerator.reduce(tokens, reduction="sum")
     runtime = float(result.metrics.get("train_runtime", 0.0)) if result is not None else 0.0
