@@ -1,7 +1,8 @@
 """`spo experiment EXPERIMENT.yaml`: the thin command over `spo_align.experiment`.
 
 Only typer and the standard library are imported here; `register` adds the command to the top-level app.
-Exit codes: 0 done, 1 invalid experiment/recipe or a failed step.
+Exit codes: 0 done, 1 invalid experiment/recipe or a failed step, 143 when stopped by SIGTERM after the stage in
+training saved a checkpoint (one line; the same command continues), as `spo train`.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _run(experiment: object) -> None:
     from spo_align.eval.judge import JudgeFatalError
     from spo_align.eval.records import EvalInputError
     from spo_align.experiment.report import PromptGroupError
-    from spo_align.experiment.runner import ExperimentError, run_experiment
+    from spo_align.experiment.runner import ExperimentError, ExperimentStopped, run_experiment
     from spo_align.recipe.errors import RecipeErrors
     from spo_align.run_folder import OutputFolderError
 
@@ -56,6 +57,9 @@ def _run(experiment: object) -> None:
     except RecipeErrors as exc:
         typer.echo(exc.format("text"), err=True)
         raise typer.Exit(1) from None
+    except ExperimentStopped as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        raise typer.Exit(128 + 15) from None  # 128 + SIGTERM, as `spo train`
     except (ExperimentError, PromptGroupError, EvalInputError, JudgeFatalError, OutputFolderError) as exc:
         from spo_align.eval.redact import redact
 

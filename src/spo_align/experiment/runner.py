@@ -57,6 +57,21 @@ class ExperimentError(ValueError):
     """The experiment cannot go on (a stage failed, a file is inconsistent); the message says where."""
 
 
+class ExperimentStopped(ExperimentError):
+    """A stage was stopped on request (SIGTERM) after saving a checkpoint; the same command continues it.
+    One message argument, so that it survives the trip back from a worker process."""
+
+
+def _stopped(step: StageStep, exc: Exception) -> ExperimentStopped:
+    checkpoint = getattr(exc, "checkpoint", None)
+    if checkpoint is None:  # stopped before this stop's checkpoint was sealed: the stopper's own words
+        return ExperimentStopped(f"seed {step.seed} {step.name}: {exc}; continue with the same spo experiment command")
+    return ExperimentStopped(
+        f"seed {step.seed} {step.name}: stopped on request (SIGTERM) after step {getattr(exc, 'step', '?')}: "
+        f"{checkpoint} is saved and the stage is not finished; run the same spo experiment command to continue"
+    )
+
+
 # ---------------------------------------------------------------- the stages
 
 
@@ -87,6 +102,7 @@ def run_stage(step: StageStep, starts_from: Path | None = None) -> tuple[float, 
     from spo_align.recipe.load import load_recipe
     from spo_align.recipe.resolve import resolve
     from spo_align.train.launch import LaunchError, launch
+    from spo_align.train.preemption import RunStopped
 
     plan = resolve(load_recipe(step.recipe_path, step.overrides), step.recipe_path, _device())
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -97,6 +113,8 @@ def run_stage(step: StageStep, starts_from: Path | None = None) -> tuple[float, 
         launch(plan, step.recipe_path, step.overrides, resume=False, overwrite=False)
     except LaunchError as exc:
         raise ExperimentError(f"seed {step.seed} {step.name}: {exc}") from exc
+    except RunStopped as exc:  # its checkpoint is saved: one line and 143, as `spo train` (cli/experiment.py)
+        raise _stopped(step, exc) from None
     if finished_at(step.output_dir) is None:
         raise ExperimentError(f"seed {step.seed} {step.name}: the run ended without marking {step.output_dir} finished")
     return time.perf_counter() - started, time.process_time() - cpu_started
@@ -188,6 +206,8 @@ def _seed_worker(path: str, overrides: tuple[str, ...], seed: int, log_level: in
                         datefmt="%H:%M:%S")
     try:
         return run_seed(load_experiment(Path(path), overrides), seed)
+    except ExperimentStopped:
+        raise
     except Exception as exc:  # noqa: BLE001 - the parent re-raises it; our error types do not all survive pickling
         raise ExperimentError(f"seed {seed}: {type(exc).__name__}: {exc}") from None
 
@@ -203,9 +223,57 @@ def _run_seeds(experiment: LoadedExperiment) -> list[SeedResult]:
     logger.info("running %d seeds, %d at a time in worker processes", len(seeds), jobs)
     context = multiprocessing.get_context("spawn")  # no forked torch/tokenizer state
     level = logging.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool, _StopWorkers(pool) as stop:
         futures = [pool.submit(_seed_worker, str(experiment.path), experiment.overrides, s, level) for s in seeds]
-        return [future.result() for future in futures]
+        results, failures = [], []
+        for future in futures:  # every worker is waited for: each stage stopped by a SIGTERM saves first
+            try:
+                results.append(future.result())
+            except Exception as exc:  # noqa: BLE001 - re-raised below, the first in seed order
+                failures.append(exc)
+    if failures:
+        stopped = [f for f in failures if isinstance(f, ExperimentStopped)]
+        if stop.told:
+            detail = "; ".join(str(f) for f in stopped) or f"a worker ended before it could save: {failures[0]}"
+            raise ExperimentStopped(detail)
+        raise failures[0]
+    return results
+
+
+class _StopWorkers:
+    """While the seed workers run, a SIGTERM to this process is passed on to each of them (each stage then saves
+    at the end of its step and stops, `train/preemption.py`); a second SIGTERM ends this process at once."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.told = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopWorkers:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.told = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        logger.warning("SIGTERM: passing it on to the seed workers; each saves its stage at the end of its step")
+        for process in list(getattr(self.pool, "_processes", {}).values()):
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
