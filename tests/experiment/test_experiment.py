@@ -261,7 +261,7 @@ def test_a_sweep_gives_one_named_run_per_value_its_override_last(tmp_path: Path)
     assert [s.name for s in steps if s.seed == 1] == experiment.stage_names
     point = next(s for s in steps if s.name == "spo_beta1e-05" and s.seed == 0)
     assert point.output_dir == experiment.output_dir / "seed0" / "spo_beta1e-05"
-    assert point.overrides.index("loss.beta=1.0e-05") > point.overrides.index("loss.beta=0.9")  # the sweep wins
+    assert point.overrides.index("loss.beta=1e-05") > point.overrides.index("loss.beta=0.9")  # the sweep wins
     from spo_align.recipe.load import load_recipe
 
     assert load_recipe(point.recipe_path, point.overrides).loss.beta == 1e-5  # read back as a number
@@ -276,7 +276,9 @@ def test_a_sweep_gives_one_named_run_per_value_its_override_last(tmp_path: Path)
         ("{loss.beta: [0.1, 0.1]}", "sweep 'loss.beta' repeats a value"),
         ("{loss..beta: [0.1]}", "must be a recipe key path"),
         ("{loss.beta: [a b]}", "a sweep value makes the run name 'spo_betaa b'"),
-        ("{loss.beta: [[1, 2]]}", "Input should be"),
+        ("{loss.beta: [{a: 1}]}", "Input should be"),
+        ("{output.dir: [a, b]}", "sweep key 'output.dir' cannot be swept: the experiment owns it"),
+        ("{model.name_or_path: [a, b]}", "sweep key 'model.name_or_path' cannot be swept: the experiment owns it"),
     ],
 )
 def test_bad_sweeps_are_refused_at_their_line(tmp_path: Path, sweep: str, message: str) -> None:
@@ -399,3 +401,63 @@ def test_a_damaged_prompt_file_is_a_located_error(tmp_path: Path, content: bytes
     path.write_bytes(content)
     with pytest.raises(EvalInputError, match=message):
         read_prompt_groups(path, "carry")
+
+
+def test_a_swept_key_the_experiment_owns_is_refused_listing_what_can_be_swept(tmp_path: Path) -> None:
+    text = GOOD.replace("tiny/spo.yaml}", "tiny/spo.yaml,\n      sweep: {output.dir: [a, b]}}")
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, text))
+    assert f"{tmp_path / 'exp.yaml'}:6:" in _messages(exc)
+    assert "a sweep can vary any other recipe key" in _messages(exc) and "training.seed" in _messages(exc)
+
+
+@pytest.mark.parametrize(
+    "where, entry, line",
+    [("preference", "output.dir=x", 5), ("preference", "model.name_or_path=x", 5), ("sft", "output.dir=x", 3),
+     ("recipe_set", "output.dir=x", 9)],
+)
+def test_a_set_of_a_key_the_experiment_owns_is_refused_at_its_line(tmp_path: Path, where: str, entry: str, line: int) -> None:
+    if where == "recipe_set":
+        text = GOOD + f"recipe_set: [{entry}]\n"
+    else:
+        name = "tiny/spo.yaml}" if where == "preference" else "tiny/sft.yaml}"
+        text = GOOD.replace(name, name[:-1] + f", set: [{entry}]}}")
+    with pytest.raises(RecipeErrors) as exc:
+        load_experiment(_write(tmp_path, text))
+    assert f"{tmp_path / 'exp.yaml'}:{line}:" in _messages(exc) and f"'{entry}' cannot be set" in _messages(exc)
+
+
+def test_an_sft_stage_may_set_its_own_starting_model(tmp_path: Path) -> None:
+    text = GOOD.replace("tiny/sft.yaml}", "tiny/sft.yaml, set: [model.name_or_path=tiny:arith]}")
+    assert load_experiment(_write(tmp_path, text)).spec.sft.set == ["model.name_or_path=tiny:arith"]
+
+
+def test_a_sweep_of_training_seed_trains_at_each_listed_seed(tmp_path: Path) -> None:
+    from spo_align.recipe.load import load_recipe
+
+    text = GOOD.replace("tiny/spo.yaml}", "tiny/spo.yaml, sweep: {training.seed: [1, 2]}}")
+    steps = plan_stages(load_experiment(_write(tmp_path, text)))
+    seeds = {(s.seed, s.name): load_recipe(s.recipe_path, s.overrides).training.seed for s in steps}
+    assert seeds == {(0, "sft"): 0, (0, "spo_seed1"): 1, (0, "spo_seed2"): 2,
+                     (1, "sft"): 1, (1, "spo_seed1"): 1, (1, "spo_seed2"): 2}
+
+
+def test_sweep_values_reach_the_recipe_as_the_same_value(tmp_path: Path) -> None:
+    """Floats (1e-05 too), booleans, text holding YAML's own characters, and lists: each read back unchanged."""
+    from spo_align.recipe.load import load_recipe
+
+    sweep = "{loss.beta: [1.0e-5, 0.25], training.gradient_checkpointing: [true, false]}"
+    text = GOOD.replace("tiny/spo.yaml}", f"tiny/spo.yaml, sweep: {sweep}}}")
+    steps = [s for s in plan_stages(load_experiment(_write(tmp_path, text))) if s.seed == 0 and s.name != "sft"]
+    got = [(r.loss.beta, r.training.gradient_checkpointing) for r in (load_recipe(s.recipe_path, s.overrides) for s in steps)]
+    assert got == [(1e-5, True), (1e-5, False), (0.25, True), (0.25, False)]
+    described = GOOD.replace("tiny/spo.yaml}", "tiny/spo.yaml, sweep: {description: ['run #2: x', '5']}}")
+    with pytest.raises(RecipeErrors, match="a sweep value makes the run name"):
+        load_experiment(_write(tmp_path, described))
+    from spo_align.experiment.spec import StagePoint
+
+    text = "run #2: it's \"x\" \\ y"
+    point = StagePoint("p", "s", (("description", text), ("output.report_to", ["none"]), ("x", "5")))
+    from spo_align.recipe.yaml_positions import parse_yaml_value
+
+    assert [parse_yaml_value(o.partition("=")[2]) for o in point.overrides] == [text, ["none"], "5"]

@@ -19,9 +19,13 @@ Layout under `output_dir`:
     sweep.md                  every point of each swept stage and the best per stage (when a stage sweeps)
     runs.jsonl                one line per invocation: stages trained/skipped, wall and CPU seconds
 
-Nothing finished is redone: a stage whose folder holds the runner's completion marker is skipped,
-an unfinished one resumes from its last checkpoint, generation files that already answer these
-prompts with these settings are kept, and judgments already recorded are not asked for again.
+Nothing finished is redone: a stage whose folder holds the runner's completion marker and whose recipe is the
+same (compared as `spo train` compares it: `run_folder.recipe_changes`) is skipped, an unfinished one resumes
+from its last checkpoint, generation files that already answer these prompts with these settings are kept, and
+judgments already recorded are not asked for again. A finished stage whose recipe changed, and a preference stage
+whose SFT run changed (stale), are refused before anything runs, naming each and the keys that changed, as `spo
+train` refuses a finished run; `--rerun-changed` (`rerun_changed=True`) trains them again from the start. A stage
+that trains (again) first loses its answers and every judgment involving it, so the tables never mix models.
 
 Python API:
 
@@ -57,6 +61,21 @@ class ExperimentError(ValueError):
     """The experiment cannot go on (a stage failed, a file is inconsistent); the message says where."""
 
 
+class ExperimentStopped(ExperimentError):
+    """A stage was stopped on request (SIGTERM) after saving a checkpoint; the same command continues it.
+    One message argument, so that it survives the trip back from a worker process."""
+
+
+def _stopped(step: StageStep, exc: Exception) -> ExperimentStopped:
+    checkpoint = getattr(exc, "checkpoint", None)
+    if checkpoint is None:  # stopped before this stop's checkpoint was sealed: the stopper's own words
+        return ExperimentStopped(f"seed {step.seed} {step.name}: {exc}; continue with the same spo experiment command")
+    return ExperimentStopped(
+        f"seed {step.seed} {step.name}: stopped on request (SIGTERM) after step {getattr(exc, 'step', '?')}: "
+        f"{checkpoint} is saved and the stage is not finished; run the same spo experiment command to continue"
+    )
+
+
 # ---------------------------------------------------------------- the stages
 
 
@@ -66,37 +85,136 @@ def _device() -> Literal["cpu", "cuda"]:
     return "cuda" if cuda_available() else "cpu"
 
 
-def run_stage(step: StageStep, starts_from: Path | None = None) -> tuple[float, float]:
+RERUN_FLAG = "--rerun-changed"
+
+StateName = Literal["done", "changed", "stale", "resume", "to run"]
+
+
+@dataclass(frozen=True)
+class StageState:
+    """Where a stage stands before the experiment runs it, and why (for `changed` and `stale`)."""
+
+    name: StateName
+    why: str = ""
+
+    @property
+    def trains(self) -> bool:
+        return self.name != "done"
+
+
+def stage_plan(step: StageStep) -> Any:
+    """The stage's resolved recipe (`RunPlan`), as `spo train` would resolve it on this machine."""
+    from spo_align.recipe.load import load_recipe
+    from spo_align.recipe.resolve import resolve
+
+    return resolve(load_recipe(step.recipe_path, step.overrides), step.recipe_path, _device())
+
+
+def stage_state(step: StageStep, starts_from: Path | None = None, upstream: StageState | None = None) -> StageState:
+    """`done` (finished, same recipe: skipped), `changed` (finished with another recipe: `why` names the keys,
+    old -> new, compared as `spo train` compares them), `stale` (finished, but from an SFT run that is newer or
+    will be trained again: `upstream` is that SFT stage's state), `resume` or `to run`."""
+    from spo_align.run_folder import recipe_changes
+
+    done = finished_at(step.output_dir)
+    if done is None:
+        started = step.output_dir.is_dir() and any(step.output_dir.iterdir())
+        return StageState("resume" if started else "to run")
+    changes = recipe_changes(step.output_dir, stage_plan(step))
+    if changes:
+        return StageState("changed", "; ".join(changes))
+    if starts_from is not None:
+        if upstream is not None and upstream.trains:
+            return StageState("stale", f"the SFT run it starts from ({starts_from}) is {upstream.name}")
+        base_done = finished_at(starts_from)
+        if base_done is not None and base_done > done:
+            return StageState("stale", f"it predates the SFT run it starts from ({starts_from})")
+    return StageState("done")
+
+
+def _refusal(step: StageStep, state: StageState) -> str:
+    if state.name == "changed":
+        return (f"seed {step.seed} {step.name}: the finished run in {step.output_dir} was trained with another recipe "
+                f"({state.why}); pass {RERUN_FLAG} to train it again (and the runs that start from it), or undo the "
+                "change")
+    return (f"seed {step.seed} {step.name}: the finished run in {step.output_dir} is stale: {state.why}; pass "
+            f"{RERUN_FLAG} to train it again")
+
+
+def stage_states(experiment: LoadedExperiment) -> list[tuple[StageStep, StageState]]:
+    """Every stage in order, with its state (a preference stage is stale when its seed's SFT stage will train)."""
+    states: dict[tuple[int, str], StageState] = {}
+    sft_name = experiment.spec.sft.name
+    out = []
+    for step in plan_stages(experiment):
+        if step.name == sft_name:
+            state = stage_state(step)
+        else:
+            state = stage_state(step, experiment.seed_dir(step.seed) / sft_name, states[(step.seed, sft_name)])
+        states[(step.seed, step.name)] = state
+        out.append((step, state))
+    return out
+
+
+def check_stages(experiment: LoadedExperiment, rerun_changed: bool = False) -> list[tuple[StageStep, StageState]]:
+    """`stage_states`, before anything runs; raises `ExperimentError` naming every finished stage whose recipe
+    changed or that is stale, unless `rerun_changed` (then they are trained again, as `spo train --overwrite`)."""
+    states = stage_states(experiment)
+    refused = [_refusal(step, state) for step, state in states if state.name in ("changed", "stale")]
+    if refused and not rerun_changed:
+        raise ExperimentError("\n".join(refused))
+    return states
+
+
+def forget_evaluation(experiment: LoadedExperiment, seed: int, name: str) -> None:
+    """Drop a model's answers and every judgment that involves it, before it is trained (again): the answers of
+    the old model must not stand for the new one's."""
+    from spo_align.eval.judge_store import read_judgments
+    from spo_align.run_folder import write_durably
+
+    seed_dir = experiment.seed_dir(seed)
+    (seed_dir / "generations" / f"{name}.jsonl").unlink(missing_ok=True)
+    judgments = seed_dir / "judgments.jsonl"
+    if judgments.is_file():
+        records = read_judgments(judgments)
+        kept = [r for r in records if name not in (r.model_a, r.model_b)]
+        if len(kept) != len(records):
+            write_durably(judgments, "".join(r.to_json() + "\n" for r in kept))
+
+
+def run_stage(step: StageStep, starts_from: Path | None = None, *, rerun_changed: bool = False) -> tuple[float, float]:
     """Train one stage (resuming an unfinished folder); returns (wall, CPU) seconds, (0, 0) when skipped.
 
     CPU seconds are this process's (an in-process run's, not a launcher's children): on a busy machine
     they say what the stage would take alone, where wall time does not.
 
-    `starts_from` is the SFT folder a preference stage starts from: a finished preference run older than
-    that SFT run was trained from a model that no longer exists, and is refused rather than reused."""
-    done = finished_at(step.output_dir)
-    if done is not None:
-        base_done = finished_at(starts_from) if starts_from is not None else None
-        if base_done is not None and base_done > done:
-            raise ExperimentError(
-                f"seed {step.seed} {step.name}: the finished run in {step.output_dir} predates the SFT run it "
-                f"should start from ({starts_from}); delete {step.output_dir} to train it again"
-            )
+    A finished stage is skipped when its recipe is the same; one whose recipe changed, or that is older than the
+    SFT run `starts_from` it should start from, is refused (`ExperimentError`), or trained again from the start
+    with `rerun_changed` (its old run deleted, as `spo train --overwrite`)."""
+    state = stage_state(step, starts_from)
+    if state.name == "done":
         logger.info("seed %d %s: finished run in %s, skipping", step.seed, step.name, step.output_dir)
         return 0.0, 0.0
-    from spo_align.recipe.load import load_recipe
-    from spo_align.recipe.resolve import resolve
+    if state.name in ("changed", "stale"):
+        if not rerun_changed:
+            raise ExperimentError(_refusal(step, state))
+        logger.warning("seed %d %s: the finished run is %s (%s): training it again", step.seed, step.name,
+                       state.name, state.why)
     from spo_align.train.launch import LaunchError, launch
+    from spo_align.train.preemption import RunStopped
 
-    plan = resolve(load_recipe(step.recipe_path, step.overrides), step.recipe_path, _device())
+    plan = stage_plan(step)
     started, cpu_started = time.perf_counter(), time.process_time()
     logger.info("seed %d %s: training (%s)", step.seed, step.name, step.command)
     try:  # in-process for one process; DeepSpeed/torchrun recipes go through their launcher
         # An unfinished stage of the same recipe is continued from its last complete checkpoint, as
-        # `spo train` run again would; one of another recipe is refused with the keys that differ.
-        launch(plan, step.recipe_path, step.overrides, resume=False, overwrite=False)
+        # `spo train` run again would; one of another recipe is refused with the keys that differ. A finished
+        # one that changed or is stale is replaced (`rerun_changed`).
+        launch(plan, step.recipe_path, step.overrides, resume=False, overwrite=state.name in ("changed", "stale"))
     except LaunchError as exc:
         raise ExperimentError(f"seed {step.seed} {step.name}: {exc}") from exc
+    except RunStopped as exc:  # its checkpoint is saved: one line and 143, as `spo train` (cli/experiment.py)
+        raise _stopped(step, exc) from None
     if finished_at(step.output_dir) is None:
         raise ExperimentError(f"seed {step.seed} {step.name}: the run ended without marking {step.output_dir} finished")
     return time.perf_counter() - started, time.process_time() - cpu_started
@@ -167,14 +285,18 @@ def _eval_inputs(experiment: LoadedExperiment) -> tuple[list[Any], Any]:
     return prompts, judge
 
 
-def run_seed(experiment: LoadedExperiment, seed: int) -> SeedResult:
+def run_seed(experiment: LoadedExperiment, seed: int, rerun_changed: bool = False) -> SeedResult:
     """One seed's chain: SFT, each preference run from it, then its answers and judgments."""
     result = SeedResult(seed)
     prompts, judge = _eval_inputs(experiment)
     sft_dir = experiment.seed_dir(seed) / experiment.spec.sft.name
     for step in (s for s in plan_stages(experiment) if s.seed == seed):
         label = f"seed{seed}/{step.name}"
-        seconds, cpu_seconds = run_stage(step, starts_from=None if step.output_dir == sft_dir else sft_dir)
+        starts_from = None if step.output_dir == sft_dir else sft_dir
+        state = stage_state(step, starts_from)
+        if state.name in ("resume", "to run") or (state.trains and rerun_changed):
+            forget_evaluation(experiment, seed, step.name)  # before training: a crash leaves no stale answers
+        seconds, cpu_seconds = run_stage(step, starts_from, rerun_changed=rerun_changed)
         (result.trained if seconds else result.skipped).append(label)
         result.stage_seconds[label] = round(seconds, 1)
         result.stage_cpu_seconds[label] = round(cpu_seconds, 1)
@@ -182,37 +304,90 @@ def run_seed(experiment: LoadedExperiment, seed: int) -> SeedResult:
     return result
 
 
-def _seed_worker(path: str, overrides: tuple[str, ...], seed: int, log_level: int) -> SeedResult:
+def _seed_worker(path: str, overrides: tuple[str, ...], seed: int, log_level: int, rerun_changed: bool) -> SeedResult:
     """Entry point of a worker process (spawned): re-read the experiment, run one seed's chain."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s seed{seed} %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        return run_seed(load_experiment(Path(path), overrides), seed)
+        return run_seed(load_experiment(Path(path), overrides), seed, rerun_changed)
+    except ExperimentStopped:
+        raise
     except Exception as exc:  # noqa: BLE001 - the parent re-raises it; our error types do not all survive pickling
         raise ExperimentError(f"seed {seed}: {type(exc).__name__}: {exc}") from None
 
 
-def _run_seeds(experiment: LoadedExperiment) -> list[SeedResult]:
+def _run_seeds(experiment: LoadedExperiment, rerun_changed: bool) -> list[SeedResult]:
     seeds = experiment.spec.seeds
     jobs = min(experiment.spec.jobs, len(seeds))
     if jobs == 1:
-        return [run_seed(experiment, seed) for seed in seeds]
+        return [run_seed(experiment, seed, rerun_changed) for seed in seeds]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     logger.info("running %d seeds, %d at a time in worker processes", len(seeds), jobs)
     context = multiprocessing.get_context("spawn")  # no forked torch/tokenizer state
     level = logging.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = [pool.submit(_seed_worker, str(experiment.path), experiment.overrides, s, level) for s in seeds]
-        return [future.result() for future in futures]
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool, _StopWorkers(pool) as stop:
+        futures = [pool.submit(_seed_worker, str(experiment.path), experiment.overrides, s, level, rerun_changed) for s in seeds]
+        results, failures = [], []
+        for future in futures:  # every worker is waited for: each stage stopped by a SIGTERM saves first
+            try:
+                results.append(future.result())
+            except Exception as exc:  # noqa: BLE001 - re-raised below, the first in seed order
+                failures.append(exc)
+    if failures:
+        stopped = [f for f in failures if isinstance(f, ExperimentStopped)]
+        if stop.told:
+            detail = "; ".join(str(f) for f in stopped) or f"a worker ended before it could save: {failures[0]}"
+            raise ExperimentStopped(detail)
+        raise failures[0]
+    return results
 
 
-def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
-    """Train every stage, then generate, judge and tabulate; resumable at every step."""
+class _StopWorkers:
+    """While the seed workers run, a SIGTERM to this process is passed on to each of them (each stage then saves
+    at the end of its step and stops, `train/preemption.py`); a second SIGTERM ends this process at once."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.told = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopWorkers:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.told = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        logger.warning("SIGTERM: passing it on to the seed workers; each saves its stage at the end of its step")
+        for process in list(getattr(self.pool, "_processes", {}).values()):
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def run_experiment(experiment: LoadedExperiment, *, rerun_changed: bool = False) -> ExperimentResult:
+    """Train every stage, then generate, judge and tabulate; resumable at every step.
+
+    A finished stage whose recipe changed, or that starts from an SFT run that changed, is refused before anything
+    runs (`ExperimentError` naming each one and the keys), or trained again with `rerun_changed`."""
     started = time.perf_counter()
     spec = experiment.spec
-    plan_stages(experiment)  # every recipe checked before the first step runs
+    check_stages(experiment, rerun_changed)  # every recipe checked, and every changed stage named, before any step
     _, judge = _eval_inputs(experiment)
     groups = None
     if spec.eval.accuracy_by is not None:
@@ -221,7 +396,7 @@ def run_experiment(experiment: LoadedExperiment) -> ExperimentResult:
         groups = read_prompt_groups(Path(experiment.prompts_source()), spec.eval.accuracy_by)
     experiment.output_dir.mkdir(parents=True, exist_ok=True)
     result = ExperimentResult(experiment.output_dir)
-    for seed_result in _run_seeds(experiment):
+    for seed_result in _run_seeds(experiment, rerun_changed):
         result.trained += seed_result.trained
         result.skipped += seed_result.skipped
         result.stage_seconds.update(seed_result.stage_seconds)

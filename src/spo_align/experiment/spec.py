@@ -10,6 +10,7 @@ Running them is `experiment/runner.py`; the tables are `experiment/report.py`.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import typing
 from collections.abc import Sequence
@@ -38,11 +39,27 @@ from spo_align.recipe.paths import data_file_name, expand_path_keys
 from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-SweepValue = StrictBool | StrictInt | StrictFloat | StrictStr
+SweepScalar = StrictBool | StrictInt | StrictFloat | StrictStr
+SweepValue = SweepScalar | list[SweepScalar]
+
+OWNED_KEYS: dict[str, str] = {
+    "output.dir": "the experiment puts every run in <output_dir>/seed<S>/<run name>",
+    "model.name_or_path": "every preference run starts from its seed's SFT output",
+}
+"""Recipe keys the experiment sets itself for every preference run, after the stage's `set` and `sweep`: a
+`set` or `sweep` of them would be overridden, so it is refused. (`training.seed` is the experiment's seed, but a
+stage's `set` or `sweep` of it wins: a sweep of seeds trains at each listed seed.)"""
+
+SWEEPABLE = (
+    "a sweep can vary any other recipe key: loss.* (loss.beta, loss.alpha, ...), training.* (training.seed, "
+    "training.learning_rate, ...), data.*, model.* but model.name_or_path, reference.*, adapter.*"
+)
 
 
 def _label(value: SweepValue) -> str:
-    """A sweep value as it appears in a run's name: 0.05, 50, 1e-05, true."""
+    """A sweep value as it appears in a run's name: 0.05, 50, 1e-05, true; a list's items joined by '-'."""
+    if isinstance(value, list):
+        return "-".join(_label(item) for item in value)
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
@@ -51,15 +68,15 @@ def _label(value: SweepValue) -> str:
 
 
 def _yaml_value(value: SweepValue) -> str:
-    """A sweep value as a `--set` value that YAML reads back as the same value (1e-05 needs a dot: 1.0e-05)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        text = repr(value)
-        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
-    if isinstance(value, int):
-        return str(value)
-    return repr(value)  # quoted: a string stays a string
+    """A sweep value as a `--set` value that reads back as the same value: JSON, which a `--set` value reads as
+    YAML (a number stays that number, 1e-05 included; a string stays a string, quoted, whatever it holds; a
+    list stays a list)."""
+    return json.dumps(value)
+
+
+def _owned(key: str) -> str | None:
+    """Why the experiment owns recipe key `key` (None when it does not)."""
+    return next((why for owned, why in OWNED_KEYS.items() if key == owned or key.startswith(owned + ".")), None)
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,9 @@ class StageSpec(_Section):
         for key, values in value.items():
             if not key or any(not part for part in key.split(".")):
                 raise ValueError(f"sweep key {key!r} must be a recipe key path such as loss.beta")
+            why = _owned(key)
+            if why is not None:
+                raise ValueError(f"sweep key '{key}' cannot be swept: the experiment owns it ({why}); {SWEEPABLE}")
             if not values:
                 raise ValueError(f"sweep '{key}' lists no values")
             if len({_label(v) for v in values}) != len(values):
@@ -313,6 +333,20 @@ def _path_keys(data: dict[str, Any]) -> list[KeyPath]:
     return keys
 
 
+def _owned_keys_set(spec: Experiment) -> list[tuple[KeyPath, str]]:
+    """A `set` (or `recipe_set`) of a key the experiment sets itself after it, which would be overridden."""
+    lists: list[tuple[KeyPath, list[str], bool]] = [(("recipe_set",), spec.recipe_set, False), (("sft", "set"), spec.sft.set, False)]
+    lists += [(("preference", i, "set"), stage.set, True) for i, stage in enumerate(spec.preference)]
+    findings: list[tuple[KeyPath, str]] = []
+    for where, entries, preference in lists:
+        for index, entry in enumerate(entries):
+            key = entry.partition("=")[0].strip()
+            why = _owned(key)
+            if why is not None and (preference or key.split(".")[0] == "output"):
+                findings.append((where + (index,), f"'{entry}' cannot be set: the experiment sets {key} itself ({why})"))
+    return findings
+
+
 def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperiment:
     """Read and validate an experiment file; raise `RecipeErrors` with every problem and its line."""
     from spo_align.recipe.load import apply_overrides
@@ -348,6 +382,7 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperime
     looks_local = data_file_name(prompts).kind in (".jsonl", ".json") or prompts.startswith((".", "/"))
     if looks_local and not (loaded.base_dir / prompts).is_file():
         findings.append((("eval", "prompts"), f"prompt file not found: {loaded.base_dir / prompts}"))
+    findings += _owned_keys_set(spec)
     if spec.eval.accuracy_by is not None and not looks_local:
         findings.append((("eval", "accuracy_by"), "accuracy_by reads a field of a local JSONL prompt file"))
     if findings:
@@ -391,7 +426,9 @@ def plan_stages(experiment: LoadedExperiment) -> list[StageStep]:
         sft_dir = experiment.seed_dir(seed) / spec.sft.name
         for stage, point in runs:
             out = experiment.seed_dir(seed) / point.name
-            overrides = [*spec.recipe_set, *stage.set, *point.overrides, f"training.seed={seed}", f"output.dir={out}"]
+            # The experiment's seed, then the stage's own keys (a `set` or `sweep` of training.seed wins), then
+            # the keys the experiment owns (refused in `set` and `sweep` when the file is read).
+            overrides = [*spec.recipe_set, f"training.seed={seed}", *stage.set, *point.overrides, f"output.dir={out}"]
             if stage is not spec.sft:
                 overrides.append(f"model.name_or_path={sft_dir}")
             recipe_path = (experiment.base_dir / stage.recipe).resolve()

@@ -36,7 +36,13 @@ from spo_align.run_folder.layout import (
     RUN_INFO,
     finished_at,
 )
-from spo_align.run_folder.lifecycle import OutputFolderError, claim, complete, unfinished_run_problem
+from spo_align.run_folder.lifecycle import (
+    OutputFolderError,
+    claim,
+    complete,
+    recipe_changes,
+    unfinished_run_problem,
+)
 from spo_align.run_folder.metrics_file import (
     keep_records_up_to,
     metric_lines,
@@ -73,6 +79,7 @@ __all__ = [
     "parse_step",
     "read_metrics",
     "read_run_info",
+    "recipe_changes",
     "record_step",
     "rotate",
     "seal",

@@ -92,10 +92,11 @@ def checkpoint_step(folder: Path) -> tuple[int, int | None]:
 
 
 # The files one rank writes carry its number: the Trainer's `rng_state_{process_index}.pth` and DeepSpeed's
-# `[bf16_]zero_pp_rank_{dp_rank}_mp_rank_XX_{model,optim}_states.pt` (data parallel only: dp rank = global rank).
+# `[bf16_]zero_pp_rank_{dp_rank}_mp_rank_XX_{model,optim}_states.pt` (data parallel only: dp rank = global rank),
+# and spo-align's `logging_window_{process_index}.json` (train/log_window.py).
 # Every other file of a checkpoint (weights, trainer state, scheduler, tokenizer, DeepSpeed's `latest` and
 # `mp_rank_00_model_states.pt`) is written by the main process alone.
-RANK_FILE = re.compile(r"(?:^|_)(?:rng_state|zero_pp_rank)_(\d+)[._]")
+RANK_FILE = re.compile(r"(?:^|_)(?:rng_state|zero_pp_rank|logging_window)_(\d+)[._]")
 
 
 def file_writer(name: str, world_size: int) -> int:

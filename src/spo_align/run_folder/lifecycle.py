@@ -156,6 +156,17 @@ def _other_recipe(output_dir: Path, settings: RecipeSettings) -> str | None:
     return "; ".join(changed[:_SHOWN_KEYS]) + more
 
 
+def recipe_changes(output_dir: Path, plan: RunPlan) -> list[str]:
+    """`key: old -> new` for every setting that decides a run (`recipe_hash`) that `plan` changes from the run in
+    `output_dir` (empty when the same: `spo train` would continue it, `spo experiment` skip it when finished).
+    Raises `OutputFolderError` when the folder's recorded settings cannot be read."""
+    try:
+        recorded = RecipeSettings.read(Path(output_dir), Path(output_dir) / RESOLVED_RECIPE)
+    except RecipeHashError as exc:
+        raise OutputFolderError(str(exc)) from None
+    return differences(recorded, RecipeSettings.from_plan(plan))
+
+
 def claim_folder(
     output_dir: Path, settings: RecipeSettings, *, resume: bool, overwrite: bool, primary: bool = True
 ) -> Claim:

@@ -134,6 +134,8 @@ def restore_token_count(trainer: Any, checkpoint: str | None) -> None:
     TRL 1.16's SFT and KTO trainers (and `PreferenceTrainer`, alike) keep the count in `_total_train_tokens` and
     do not save it; the last logged value in the checkpoint's trainer state is the count at that step when
     logging_steps divides save_steps (the resume test logs every step and fails if TRL renames the attribute).
+    A checkpoint that carries its logging window (`train/log_window.py`) restores the exact count at its step
+    over this one, when training begins; this is the fallback for a checkpoint written before it did.
     """
     if checkpoint is None:
         return

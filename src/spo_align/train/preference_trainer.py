@@ -108,9 +108,8 @@ class PreferenceTrainer(Trainer):
         self.real_tokens = 0
         """Non-pad tokens of the policy's training forwards on this rank."""
         self._total_train_tokens = 0
-        """Real tokens trained by all ranks since the run began, logged as `num_tokens` like TRL's trainers (a
-        continued run restores it: `callbacks.restore_token_count`)."""
-        self._tokens_at_log = 0
+        """Real tokens trained by all ranks since the run began, counted at every micro-batch and logged as
+        `num_tokens` like TRL's trainers (a continued run restores it: `log_window`, `callbacks.restore_token_count`)."""
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tables: dict[str, torch.Tensor] = {}
         self._keys: dict[str, CacheKey] = {}
@@ -255,6 +254,8 @@ class PreferenceTrainer(Trainer):
         loss = out.losses.mean()
         if split == "train":
             self.real_tokens += int(inputs["num_real_tokens"])
+            count = torch.tensor([int(inputs["num_real_tokens"])], device=policy.device)
+            self._total_train_tokens += int(self.accelerator.gather(count).sum().item())
         self._record(split, pairs, out)
         return (loss, {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards}) if return_outputs else loss
 
@@ -294,9 +295,6 @@ class PreferenceTrainer(Trainer):
             if values:
                 logs[prefix + name] = sum(values) / len(values)
         self._metrics[split].clear()
-        if split == "train":  # every rank calls log(), so the gather below is collective
-            new = torch.tensor([self.real_tokens - self._tokens_at_log], device=self.args.device)
-            self._tokens_at_log = self.real_tokens
-            self._total_train_tokens += int(self.accelerator.gather(new).sum().item())
+        if split == "train":
             logs["num_tokens"] = float(self._total_train_tokens)
         super().log(logs, start_time)
