@@ -2,10 +2,11 @@
 
 Other packages import from here, never from the modules below: what a run starts and ends with (`claim`,
 `complete`), the test of a finished run (`finished_at`), the file names, sealed checkpoints, the metrics file's
-reader, run.json, and the one-line message for a failed write. torch-free: `spo plot` and `spo experiment`
+reader, run.json, the folder's lock (`hold`), and the one-line message for a failed write. torch-free: `spo plot` and `spo experiment`
 read folders without it.
 
 - `layout`: the file names, which files are spo-align's own, `finished_at`;
+- `lock`: one live run per folder (`hold`), across processes and the nodes of a shared filesystem;
 - `lifecycle`: claim a folder (continue, start over or refuse), record the run in it, mark it complete;
 - `checkpoints`: sealing, finding and rotating `checkpoint-N/` folders, durable writes;
 - `recipe_hash`: the settings that decide a run, and their hash (the test of "the same run");
@@ -37,6 +38,7 @@ from spo_align.run_folder.layout import (
     finished_at,
 )
 from spo_align.run_folder.lifecycle import OutputFolderError, claim, complete, unfinished_run_problem
+from spo_align.run_folder.lock import FolderInUse, hold
 from spo_align.run_folder.metrics_file import (
     keep_records_up_to,
     metric_lines,
@@ -55,12 +57,14 @@ __all__ = [
     "REFERENCE_CACHE",
     "RESOLVED_RECIPE",
     "RUN_INFO",
+    "FolderInUse",
     "OutputFolderError",
     "checkpoint_cost",
     "checkpoint_folders",
     "checkpoint_step",
     "file_writer",
     "flush_own_files",
+    "hold",
     "is_sealed",
     "claim",
     "complete",

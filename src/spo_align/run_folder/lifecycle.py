@@ -33,6 +33,7 @@ from spo_align.run_folder.checkpoints import (
 )
 from spo_align.run_folder.layout import (
     COMPLETE_MARKER,
+    LOCK,
     METRICS,
     MODEL_CARD,
     REFERENCE_CACHE,
@@ -91,8 +92,13 @@ def _has_recipe(output_dir: Path) -> bool:
     return (output_dir / RESOLVED_RECIPE).is_file() or (output_dir / HASH_FILE).is_file()
 
 
+def _contents(output_dir: Path) -> list[Path]:
+    """What the folder holds, less the live run's lock (`lock.py`)."""
+    return [child for child in output_dir.iterdir() if child.name != LOCK]
+
+
 def _only_tool_files(output_dir: Path) -> bool:
-    return all(is_tool_file(child) or child.name == REFERENCE_CACHE for child in output_dir.iterdir())
+    return all(is_tool_file(child) or child.name == REFERENCE_CACHE for child in _contents(output_dir))
 
 
 def clear_run(output_dir: Path) -> list[str]:
@@ -104,7 +110,7 @@ def clear_run(output_dir: Path) -> list[str]:
         marker.unlink()
         fsync_dir(output_dir)
     kept = []
-    for child in sorted(output_dir.iterdir()):
+    for child in sorted(_contents(output_dir)):
         if not is_tool_file(child):
             kept.append(child.name)
         elif CHECKPOINT.match(child.name) and child.is_dir() and not child.is_symlink():
@@ -174,7 +180,7 @@ def claim_folder(
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputFolderError(f"output.dir {output_dir} exists and is not a folder")
-    occupied = output_dir.is_dir() and any(output_dir.iterdir())
+    occupied = output_dir.is_dir() and bool(_contents(output_dir))
     if finished_at(output_dir) is not None:
         if not overwrite:
             raise OutputFolderError(
@@ -303,8 +309,8 @@ def complete(
 
 def _flush_outputs(output_dir: Path) -> None:
     """Flush the folder's own files and merged/ (checkpoints were flushed when they were sealed)."""
-    for child in Path(output_dir).iterdir():
-        if child.is_file():
+    for child in _contents(Path(output_dir)):
+        if child.is_file() and not child.name.startswith(LOCK):
             with child.open("rb") as handle:
                 os.fsync(handle.fileno())
     merged = Path(output_dir) / "merged"

@@ -91,10 +91,14 @@ def execute(plan: RunPlan, resume_from_checkpoint: str | None, extra_callbacks: 
 def run(
     plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None, extra_callbacks: Sequence[Any] = ()
 ) -> Path:
-    """Run the plan in this process: check its model set-up (before the folder is touched), claim the output
-    folder, then execute its stage with `extra_callbacks` attached after every stage's own; returns the folder."""
+    """Run the plan in this process: check its model set-up (before the folder is touched), take the folder's lock
+    (`run_folder.hold`: another live run in it is refused) and claim the output folder, then execute its stage
+    with `extra_callbacks` attached after every stage's own; returns the folder."""
+    from spo_align import run_folder
     from spo_align.train.model import check_model_setup
 
     check_model_setup(plan)
-    checkpoint = claim_output(plan, resume=resume, overwrite=overwrite, command=command)
-    return execute(plan, checkpoint, extra_callbacks)
+    command = command or train_command(plan.recipe_path, [])
+    with run_folder.hold(Path(plan.output_dir), command=command):  # one live run per folder, until this one ends
+        checkpoint = claim_output(plan, resume=resume, overwrite=overwrite, command=command)
+        return execute(plan, checkpoint, extra_callbacks)
