@@ -23,10 +23,11 @@ from spo_align.os_errors import reason
 from spo_align.run_folder.checkpoints import (
     CHECKPOINT,
     checkpoint_folders,
+    damage,
     fsync_dir,
     fsync_tree,
+    has_seal,
     is_sealed,
-    last_checkpoint,
     remove_checkpoint,
     rotate,
     write_durably,
@@ -205,7 +206,8 @@ def claim_folder(
             logger.warning("--overwrite: removing the unfinished run in %s", output_dir)
             clear_run(output_dir)
     elif occupied:
-        checkpoint = last_checkpoint(output_dir)
+        sealed = [folder for _, folder in reversed(checkpoint_folders(output_dir)) if has_seal(folder)]
+        checkpoint = sealed[0] if sealed else None
         try:
             other = _other_recipe(output_dir, settings)
         except RecipeHashError as exc:
@@ -218,7 +220,8 @@ def claim_folder(
                 "to continue it, pass --overwrite to start over, or set another output.dir"
             )
         if checkpoint is not None:
-            if primary:
+            if primary:  # every file read back against its seal; the other nodes find the same checkpoint
+                checkpoint = _intact(output_dir, sealed)
                 _drop_unsealed(output_dir, checkpoint)
             logger.info("continuing the unfinished run in %s from %s", output_dir, checkpoint.name)
             return Claim(checkpoint, continued=True)
@@ -238,6 +241,35 @@ def claim_folder(
     if primary:
         _ensure_folder(output_dir)
     return Claim(None, continued=False)
+
+
+def _intact(output_dir: Path, sealed: list[Path]) -> Path:
+    """The newest of the sealed checkpoints `sealed` (newest first) if its files match their seal; otherwise
+    `OutputFolderError` naming what is damaged, keeping it, and saying how to go on (start over, or move it
+    away to continue from the newest intact one)."""
+    import time
+
+    damaged: list[str] = []
+    intact = None
+    for folder in sealed:
+        started = time.monotonic()
+        problem = damage(folder)
+        if problem is None:
+            intact = folder
+            logger.info("%s matches its seal (checked in %.1f s)", folder.name, time.monotonic() - started)
+            break
+        damaged.append(f"{folder.name}: {problem}")
+    if not damaged and intact is not None:
+        return intact
+    newest = sealed[0].name
+    older = (
+        f", or move {newest} out of the folder to continue from {intact.name}, the newest intact checkpoint"
+        if intact is not None and len(damaged) == 1 else ""
+    )
+    raise OutputFolderError(
+        f"output.dir {output_dir} holds a damaged checkpoint ({'; '.join(damaged)}); nothing was deleted. Pass "
+        f"--overwrite to start the run over{older}"
+    )
 
 
 def _drop_unsealed(output_dir: Path, checkpoint: Path) -> None:
