@@ -48,3 +48,14 @@ def file_checksum(path: Path, algorithm: str | None = None) -> str:
             else:
                 crc = zlib.crc32(view[:size], crc)
     return digest.hexdigest() if digest is not None else f"{crc:08x}"  # type: ignore[attr-defined]
+
+
+def bytes_checksum(data: bytes, algorithm: str | None = None) -> str:
+    """The checksum of `data` as hex (the same hashes as `file_checksum`)."""
+    algorithm = algorithm or default_algorithm()
+    make = _xxh3()
+    if algorithm == "xxh3_64" and make is not None:
+        return make(data).hexdigest()  # type: ignore[call-arg,attr-defined]
+    if algorithm == "crc32":
+        return f"{zlib.crc32(data):08x}"
+    raise ValueError(f"checksum {algorithm!r} is not available here")

@@ -134,6 +134,8 @@ class Claim:
     """The sealed checkpoint to continue from, or None to train from the start."""
     continued: bool
     """True when an unfinished run of the same recipe is continued from `checkpoint`."""
+    data_changed: tuple[str, ...] = ()
+    """The data sources that changed since the run started, continued on with `accept_data_change`."""
 
 
 def _ensure_folder(output_dir: Path) -> None:
@@ -164,7 +166,14 @@ def _other_recipe(output_dir: Path, settings: RecipeSettings) -> str | None:
 
 
 def claim_folder(
-    output_dir: Path, settings: RecipeSettings, *, resume: bool, overwrite: bool, primary: bool = True
+    output_dir: Path,
+    settings: RecipeSettings,
+    *,
+    resume: bool,
+    overwrite: bool,
+    primary: bool = True,
+    sources: dict[str, dict[str, Any]] | None = None,
+    accept_data_change: bool = False,
 ) -> Claim:
     """Make `output_dir` ready for a run of `settings`; say where it starts.
 
@@ -175,6 +184,9 @@ def claim_folder(
     - unfinished run without a sealed checkpoint (it failed or was stopped before its first one): started
       over, its files deleted, whatever its settings; `resume` refuses it;
     - a folder of other files only: refused, never emptied; missing or empty: created (`resume` refuses).
+
+    A run continued is refused when its newest sealed checkpoint is damaged (`_intact`), and when `sources` (the
+    data as it is now, `data_sources.fingerprint`) differ from what run.json recorded, unless `accept_data_change`.
 
     `primary` False (a second node of a multi-node launch) decides the same way and changes nothing.
     """
@@ -220,11 +232,13 @@ def claim_folder(
                 "to continue it, pass --overwrite to start over, or set another output.dir"
             )
         if checkpoint is not None:
+            data_changed: list[str] = []
             if primary:  # every file read back against its seal; the other nodes find the same checkpoint
                 checkpoint = _intact(output_dir, sealed)
+                data_changed = _data_changes(output_dir, sources, accept_data_change)
                 _drop_unsealed(output_dir, checkpoint)
             logger.info("continuing the unfinished run in %s from %s", output_dir, checkpoint.name)
-            return Claim(checkpoint, continued=True)
+            return Claim(checkpoint, continued=True, data_changed=tuple(data_changed))
         if resume:
             raise OutputFolderError(
                 f"output.dir {output_dir} holds no complete checkpoint to resume from; run without --resume "
@@ -272,6 +286,25 @@ def _intact(output_dir: Path, sealed: list[Path]) -> Path:
     )
 
 
+def _data_changes(output_dir: Path, sources: dict[str, dict[str, Any]] | None, accept: bool) -> list[str]:
+    """The data sources that changed since the run in `output_dir` started; refused unless `accept`."""
+    from spo_align.run_folder.data_sources import changes
+    from spo_align.run_folder.run_info import read_run_info
+
+    if sources is None:
+        return []
+    changed = changes(read_run_info(output_dir).get("data_sources"), sources)
+    if changed and not accept:
+        raise OutputFolderError(
+            f"output.dir {output_dir}: the data changed since this run started ({'; '.join(changed)}); the rest "
+            "of the run would train on other data. Put the data back, pass --accept-data-change to continue on "
+            "it, or --overwrite to start over"
+        )
+    if changed:
+        logger.warning("--accept-data-change: continuing on changed data: %s", "; ".join(changed))
+    return changed
+
+
 def _drop_unsealed(output_dir: Path, checkpoint: Path) -> None:
     """Remove checkpoint folders an interrupted save left (unsealed, or newer than the one continued from)."""
     step = int(CHECKPOINT.match(checkpoint.name).group(1))  # type: ignore[union-attr]
@@ -285,16 +318,25 @@ def _drop_unsealed(output_dir: Path, checkpoint: Path) -> None:
 # ---------------------------------------------------------------- a run's start and end
 
 
-def claim(plan: RunPlan, *, resume: bool, overwrite: bool, command: str, primary: bool = True) -> str | None:
+def claim(
+    plan: RunPlan, *, resume: bool, overwrite: bool, command: str, primary: bool = True,
+    accept_data_change: bool = False,
+) -> str | None:
     """Claim `plan.output_dir` for the plan (see `claim_folder`) and record the run in it: the resolved recipe,
-    its hash and run.json (`command` is the `spo train` line that runs it again). Returns the checkpoint to
-    continue from, or None. `primary` False (another node of the same launch) records nothing."""
+    its hash, and run.json with what each data source held (`data_sources`; `command` is the `spo train` line
+    that runs it again). Returns the checkpoint to continue from, or None. `primary` False (another node of the
+    same launch) reads and records nothing."""
     from spo_align.recipe.load import save_resolved
+    from spo_align.run_folder.data_sources import fingerprint
     from spo_align.run_folder.run_info import write_claim_info
 
     output_dir = Path(plan.output_dir)
     settings = RecipeSettings.from_plan(plan)
-    claimed = claim_folder(output_dir, settings, resume=resume, overwrite=overwrite, primary=primary)
+    sources = fingerprint(plan) if primary else None  # an unreadable source stops here, before the folder changes
+    claimed = claim_folder(
+        output_dir, settings, resume=resume, overwrite=overwrite, primary=primary, sources=sources,
+        accept_data_change=accept_data_change,
+    )
     if primary:
         changed = _changed_since(output_dir / RESOLVED_RECIPE, plan) if claimed.continued else []
         if changed:
@@ -304,6 +346,7 @@ def claim(plan: RunPlan, *, resume: bool, overwrite: bool, command: str, primary
         write_claim_info(
             output_dir, plan, command=command, recipe_hash=settings.hash,
             resumed_from=claimed.checkpoint, continued=claimed.continued, changed=changed,
+            data_sources=sources, data_changed=list(claimed.data_changed),
         )
     return str(claimed.checkpoint) if claimed.checkpoint is not None else None
 

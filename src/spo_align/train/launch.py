@@ -153,9 +153,11 @@ CONTRADICTORY_FLAGS = (
 
 
 def launch(
-    plan: RunPlan, recipe_path: Path, overrides: Sequence[str], *, resume: bool, overwrite: bool
+    plan: RunPlan, recipe_path: Path, overrides: Sequence[str], *, resume: bool, overwrite: bool,
+    accept_data_change: bool = False,
 ) -> Path:
-    """Run the plan to completion, in-process or under its launcher; returns the output folder.
+    """Run the plan to completion, in-process or under its launcher; returns the output folder. A continued run
+    whose data changed since it started is refused unless `accept_data_change` (`run_folder.data_sources`).
 
     Raises `OutputFolderError` for `resume` and `overwrite` together (continue the run, and delete it)."""
     from spo_align import run_folder
@@ -167,7 +169,7 @@ def launch(
         raise OutputFolderError(CONTRADICTORY_FLAGS)
     command = train_command(recipe_path, overrides)
     if plan.launcher == "inprocess":
-        return run(plan, resume=resume, overwrite=overwrite, command=command)
+        return run(plan, resume=resume, overwrite=overwrite, command=command, accept_data_change=accept_data_change)
     check_model_setup(plan)
     # A second node of a torchrun/accelerate launch runs this same command: it finds the same checkpoint
     # and leaves the folder to the first node.
@@ -175,7 +177,10 @@ def launch(
     # The primary launcher holds the folder's lock until its ranks end; the ranks and other nodes never take it.
     held = run_folder.hold(Path(plan.output_dir), command=command) if primary else contextlib.nullcontext()
     with held:
-        resume_from = claim_output(plan, resume=resume, overwrite=overwrite, command=command, primary=primary)
+        resume_from = claim_output(
+            plan, resume=resume, overwrite=overwrite, command=command, primary=primary,
+            accept_data_change=accept_data_change,
+        )
         _materialise_models(plan)
         spec = launch_command(plan, recipe_path, overrides, resume_from)
         assert spec.command is not None
