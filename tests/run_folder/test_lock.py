@@ -17,7 +17,7 @@ import pytest
 from spo_align.run_folder import FolderInUse, OutputFolderError, hold
 from spo_align.run_folder.layout import LOCK
 from spo_align.run_folder.lifecycle import claim_folder
-from spo_align.run_folder.lock import _boot_id, _process_start
+from spo_align.run_folder.lock import _boot_id, _pid_namespace, _process_start
 from spo_align.run_folder.recipe_hash import RecipeSettings
 
 
@@ -66,7 +66,7 @@ def test_the_lock_is_released_when_the_run_fails_and_a_folder_it_created_is_remo
 
 def test_a_dead_holder_on_this_host_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     out = tmp_path / "run"
-    _write_lock(out, host=socket.gethostname(), pid=_dead_pid(), boot_id=_boot_id())
+    _write_lock(out, host=socket.gethostname(), pid=_dead_pid(), boot_id=_boot_id(), pid_ns=_pid_namespace())
     caplog.set_level("WARNING", logger="spo_align.run_folder.lock")
     with hold(out) as lock:
         assert json.loads(lock.path.read_text())["token"] == lock.token
@@ -77,7 +77,7 @@ def test_a_dead_holder_on_this_host_is_taken_over(tmp_path: Path, caplog: pytest
 def test_a_reused_pid_on_this_host_is_not_the_holder(tmp_path: Path):
     out = tmp_path / "run"
     # our own pid, but with another start time: the holder had this pid once and is gone
-    _write_lock(out, host=socket.gethostname(), pid=os.getpid(), boot_id=_boot_id(),
+    _write_lock(out, host=socket.gethostname(), pid=os.getpid(), boot_id=_boot_id(), pid_ns=_pid_namespace(),
                 pid_start=_process_start(os.getpid()) - 1)
     with hold(out):
         pass
@@ -94,6 +94,15 @@ def test_a_holder_on_another_host_is_refused_until_its_heartbeat_is_stale(tmp_pa
     os.utime(path, (old, old))  # its node was lost 61 s ago: no heartbeat since
     with hold(out) as lock:
         assert json.loads(lock.path.read_text())["token"] == lock.token
+
+
+def test_a_pid_of_another_container_on_this_host_is_not_judged_by_this_ones_processes(tmp_path: Path):
+    """Same hostname and boot, another pid namespace: its pid means nothing here; only its heartbeat counts."""
+    out = tmp_path / "run"
+    _write_lock(out, host=socket.gethostname(), pid=_dead_pid(), boot_id=_boot_id(), pid_ns="pid:[1]")
+    with pytest.raises(FolderInUse):
+        with hold(out):
+            pass
 
 
 def test_the_heartbeat_refreshes_the_lock(tmp_path: Path):
@@ -136,7 +145,7 @@ except FolderInUse:
 
 def test_of_launchers_racing_for_a_dead_holders_folder_exactly_one_wins(tmp_path: Path):
     out = tmp_path / "run"
-    _write_lock(out, host=socket.gethostname(), pid=_dead_pid(), boot_id=_boot_id())
+    _write_lock(out, host=socket.gethostname(), pid=_dead_pid(), boot_id=_boot_id(), pid_ns=_pid_namespace())
     start = time.time() + 4  # every racer imported and waiting
     procs = [
         subprocess.Popen([sys.executable, "-c", RACER, str(out), str(start)], stdout=subprocess.PIPE, text=True)

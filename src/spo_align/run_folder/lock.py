@@ -9,7 +9,8 @@ random token. While the run lives a thread refreshes the file's mtime every `HEA
 heartbeat); the lock is deleted when the run ends in any way Python sees (finished, refused, failed, stopped).
 
 A second launch is refused with one line naming the holder, unless the holder is provably gone:
-- on the same host (same boot), its pid no longer runs, or runs another program started later (pid reused);
+- on the same host (same boot and pid namespace), its pid no longer runs, or runs another program started later
+  (pid reused);
 - on any host, its heartbeat is older than `stale_seconds()` (`SPO_LOCK_STALE_S`, default 300 s): a node lost
   with its process, whose pid cannot be asked about.
 A lock taken over is renamed aside first and checked to still be the one judged dead, so two launchers that both
@@ -63,6 +64,14 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (two containers on one host, even with one hostname, differ here)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _process_start(pid: int) -> int | None:
     """The start time of process `pid` in clock ticks since boot (Linux), or None where it cannot be read."""
     try:
@@ -99,7 +108,7 @@ class Holder:
     def dead_because(self, stale_s: float) -> str | None:
         """Why the holder is certainly gone, or None when it may still be running."""
         body = self.body
-        same_host = body.get("host") == socket.gethostname()
+        same_host = body.get("host") == socket.gethostname() and body.get("pid_ns") == _pid_namespace()
         pid = body.get("pid")
         if same_host and isinstance(pid, int) and body.get("boot_id") == _boot_id() and _boot_id() is not None:
             if not _pid_runs(pid):
@@ -147,7 +156,7 @@ class FolderLock:
 
         return {
             "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-            "boot_id": _boot_id(), "started": now(), "command": self.command, "token": self.token,
+            "boot_id": _boot_id(), "pid_ns": _pid_namespace(), "started": now(), "command": self.command, "token": self.token,
             "heartbeat_s": self.heartbeat_s,
         }
 
