@@ -8,7 +8,9 @@ read folders without it.
 - `layout`: the file names, which files are spo-align's own, `finished_at`;
 - `lock`: one live run per folder (`hold`), across processes and the nodes of a shared filesystem;
 - `lifecycle`: claim a folder (continue, start over or refuse), record the run in it, mark it complete;
-- `checkpoints`: sealing, finding and rotating `checkpoint-N/` folders, durable writes;
+- `checkpoints`: sealing, finding, verifying and rotating `checkpoint-N/` folders, durable writes;
+- `checksums`: the fast file checksum seals carry (xxh3_64, crc32 without xxhash);
+- `data_sources`: what each data source held when the run read it, and how it changed since;
 - `recipe_hash`: the settings that decide a run, and their hash (the test of "the same run");
 - `run_info`: run.json; `card`: the model card (README.md); `metrics_file`: metrics.jsonl;
 - `disk`: telling a failed write (full disk, quota, read-only folder) from other failures.
