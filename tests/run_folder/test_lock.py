@@ -54,7 +54,7 @@ def test_a_live_holder_refuses_a_second_launch_with_one_line(tmp_path: Path):
 
 def test_the_lock_is_released_when_the_run_fails_and_a_folder_it_created_is_removed_if_empty(tmp_path: Path):
     out = tmp_path / "new"
-    with pytest.raises(RuntimeError), hold(out):
+    with pytest.raises(RuntimeError), hold(out / "deeper" / "run"):
         raise RuntimeError("refused")
     assert not out.exists()
     out.mkdir()

@@ -149,7 +149,7 @@ class FolderLock:
         self.token = secrets.token_hex(8)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.created_folder = False
+        self.created: list[Path] = []
 
     def _body(self) -> dict[str, Any]:
         from spo_align.run_folder.run_info import now
@@ -197,9 +197,10 @@ class FolderLock:
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise OutputFolderError(f"output.dir {self.output_dir} exists and is not a folder")
         if not self.output_dir.exists():
+            missing = [self.output_dir, *(p for p in self.output_dir.parents if not p.exists())]
             try:
                 self.output_dir.mkdir(parents=True)
-                self.created_folder = True
+                self.created = missing  # leaf first: removed again, if still empty, when the run is refused
             except FileExistsError:
                 pass
             except OSError as exc:
@@ -253,12 +254,13 @@ class FolderLock:
             self.path.unlink(missing_ok=True)
 
     def remove_created_folder(self) -> None:
-        """Remove the output folder again if this lock created it and nothing else was written there."""
-        if self.created_folder:
+        """Remove the output folder (and the parents created for it) again if this lock created them and nothing
+        else was written there."""
+        for folder in self.created:
             try:
-                self.output_dir.rmdir()
+                folder.rmdir()
             except OSError:
-                pass
+                return
 
 
 @contextmanager
