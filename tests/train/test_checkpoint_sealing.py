@@ -56,3 +56,14 @@ def test_each_rank_flushes_its_own_files_and_rank_0_seals_after_both(tmp_path: P
         assert files <= flushed, (rank, files - flushed)  # every file it wrote, by itself
         other = {str(folder / name) for name in runs[1 - rank]["wrote"]}
         assert not flushed & other, (rank, flushed & other)  # none of the other rank's
+    # each rank took the checksums of its own files (its sums file), and rank 0 put them all into the seal
+    for rank, run in enumerate(runs):
+        assert any(f".spo-sums-{rank}.json" in path for path in run["fsynced"]), rank
+        assert not any(f".spo-sums-{1 - rank}.json" in path for path in run["fsynced"]), rank
+    from spo_align.run_folder.checkpoints import SEAL, damage
+    from spo_align.run_folder.checksums import file_checksum
+
+    body = json.loads((folder / SEAL).read_text())
+    assert body["checksums"].keys() == body["files"].keys() and len(body["files"]) == 11
+    assert all(body["checksums"][name] == file_checksum(folder / name) for name in body["files"])
+    assert not list(folder.glob(".spo-sums-*")) and damage(folder) is None

@@ -104,12 +104,56 @@ def test_resume_and_second_run_read_the_cache(tok, ds, tmp_path):
     assert torch.equal(second._tables["train"], first._tables["train"])
 
 
-def test_resume_without_cache_refuses_for_full_finetuning(tok, ds, tmp_path):
+def test_resume_without_cache_and_without_the_starting_weights_refuses_for_full_finetuning(tok, ds, tmp_path):
     _trainer(tok, ds, tmp_path / "run", h.model(tok), _precomputed(tmp_path / "cache", False),
              save_strategy="steps", save_steps=1, max_steps=1).train()
     resumed = _trainer(tok, ds, tmp_path / "run", h.model(tok), _precomputed(tmp_path / "other", False), max_steps=2)
-    with pytest.raises(ReferenceCacheError, match="cannot be recomputed"):
+    with pytest.raises(ReferenceCacheError, match=r"are not in .*other \(the folder is gone\), and this run has no way"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+
+
+def _with_start(cache_dir, load) -> ReferenceSpec:
+    spec = _precomputed(cache_dir, False)
+    spec.starting_model, spec.starting_path = load, "/models/start"
+    return spec
+
+
+def test_a_deleted_cache_is_computed_again_from_the_starting_weights_when_continued(tok, ds, tmp_path, caplog):
+    import shutil
+
+    cache = tmp_path / "cache"
+    first = _trainer(tok, ds, tmp_path / "run", h.model(tok), _precomputed(cache, False),
+                     save_strategy="steps", save_steps=1, max_steps=1)
+    first.train()
+    shutil.rmtree(cache)  # reference_logps/ deleted by hand
+    caplog.set_level("WARNING", logger="spo_align.train.preference_trainer")
+    resumed = _trainer(tok, ds, tmp_path / "run", h.model(tok), _with_start(cache, lambda: h.model(tok)), max_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    assert resumed.reference_forwards == 3 and resumed.state.global_step == 2
+    assert torch.equal(resumed._tables["train"], first._tables["train"])  # the same starting weights, the same table
+    said = [r.getMessage() for r in caplog.records]
+    assert any("are not in" in m and "(the folder is gone)" in m and "computing them again from the starting "
+               "weights /models/start" in m for m in said), said
+    assert not any("starting weights are gone" in m for m in said)
+    assert len(list(cache.glob("*.pt"))) == 1  # and cached again
+
+
+@pytest.mark.parametrize(
+    ("load", "said"),
+    [
+        (lambda tok: h.model(tok, seed=3), "are not those this run started from"),
+        (lambda tok: (_ for _ in ()).throw(OSError("no such folder")), "cannot be loaded to compute them again"),
+    ],
+    ids=["changed-since", "missing"],
+)
+def test_starting_weights_that_changed_or_are_missing_are_named(tok, ds, tmp_path, load, said):
+    _trainer(tok, ds, tmp_path / "run", h.model(tok), _precomputed(tmp_path / "cache", False),
+             save_strategy="steps", save_steps=1, max_steps=1).train()
+    resumed = _trainer(tok, ds, tmp_path / "run", h.model(tok), _with_start(tmp_path / "other", lambda: load(tok)),
+                       max_steps=2)
+    with pytest.raises(ReferenceCacheError, match=said) as exc:
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    assert "/models/start" in str(exc.value) and "--overwrite" in str(exc.value)
 
 
 def test_changed_data_or_max_length_invalidates(tok, ds, tmp_path):

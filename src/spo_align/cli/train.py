@@ -41,6 +41,11 @@ def train(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start over: delete the finished or unfinished run in output.dir (only files spo-align wrote)."
     ),
+    accept_data_change: bool = typer.Option(
+        False, "--accept-data-change",
+        help="Continue an unfinished run although a data source changed since it started (rows, size or content; "
+        "otherwise refused, naming the source). The change is recorded in run.json.",
+    ),
 ) -> None:
     """Train: SFT, preference (SPO/DPO/IPO) or KTO, as the recipe says; in-process or under its launcher."""
     import torch
@@ -75,7 +80,9 @@ def train(
             typer.echo(f"launch: {report.pop('command')}")
             typer.echo(json.dumps(report, indent=2, default=str))
             return
-        output_dir = launch(plan, recipe, overrides, resume=resume, overwrite=overwrite)
+        output_dir = launch(
+            plan, recipe, overrides, resume=resume, overwrite=overwrite, accept_data_change=accept_data_change
+        )
     except bad_input as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None

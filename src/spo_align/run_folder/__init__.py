@@ -2,12 +2,15 @@
 
 Other packages import from here, never from the modules below: what a run starts and ends with (`claim`,
 `complete`), the test of a finished run (`finished_at`), the file names, sealed checkpoints, the metrics file's
-reader, run.json, and the one-line message for a failed write. torch-free: `spo plot` and `spo experiment`
+reader, run.json, the folder's lock (`hold`), and the one-line message for a failed write. torch-free: `spo plot` and `spo experiment`
 read folders without it.
 
 - `layout`: the file names, which files are spo-align's own, `finished_at`;
+- `lock`: one live run per folder (`hold`), across processes and the nodes of a shared filesystem;
 - `lifecycle`: claim a folder (continue, start over or refuse), record the run in it, mark it complete;
-- `checkpoints`: sealing, finding and rotating `checkpoint-N/` folders, durable writes;
+- `checkpoints`: sealing, finding, verifying and rotating `checkpoint-N/` folders, durable writes;
+- `checksums`: the fast file checksum seals carry (xxh3_64, crc32 without xxhash);
+- `data_sources`: what each data source held when the run read it, and how it changed since;
 - `recipe_hash`: the settings that decide a run, and their hash (the test of "the same run");
 - `run_info`: run.json; `card`: the model card (README.md); `metrics_file`: metrics.jsonl;
 - `disk`: telling a failed write (full disk, quota, read-only folder) from other failures.
@@ -43,6 +46,7 @@ from spo_align.run_folder.lifecycle import (
     recipe_changes,
     unfinished_run_problem,
 )
+from spo_align.run_folder.lock import FolderInUse, hold
 from spo_align.run_folder.metrics_file import (
     keep_records_up_to,
     metric_lines,
@@ -61,12 +65,14 @@ __all__ = [
     "REFERENCE_CACHE",
     "RESOLVED_RECIPE",
     "RUN_INFO",
+    "FolderInUse",
     "OutputFolderError",
     "checkpoint_cost",
     "checkpoint_folders",
     "checkpoint_step",
     "file_writer",
     "flush_own_files",
+    "hold",
     "is_sealed",
     "claim",
     "complete",

@@ -4,10 +4,11 @@ The Hugging Face Trainer writes `checkpoint-N/` in place (weights, optimizer, sc
 `trainer_state.json`) and deletes old checkpoints before it returns; nothing marks the folder as whole, and
 nothing is flushed to disk. A run killed or a machine lost during a save can leave a folder with a torn or
 missing file. So every checkpoint is sealed after the Trainer wrote it: each rank flushes the files it wrote
-itself (in parallel; a file's writer is told by its name, below), all ranks wait for each other, and rank 0
-flushes the folders and writes `spo_checkpoint.json` (each file's size, and how long writing and sealing took)
-atomically. Only a sealed checkpoint whose files still have their recorded sizes is
-resumed from. Old checkpoints are deleted after the new one is sealed (the Trainer's own rotation is
+itself and takes its checksum (in parallel; a file's writer is told by its name, below; `checksums.py`), all
+ranks wait for each other, and rank 0 flushes the folders and writes `spo_checkpoint.json` (each file's size and
+checksum, and how long writing and sealing took) atomically. `is_sealed` (cheap: sizes only) tells a whole
+checkpoint from an interrupted save; `damage` (every file read back) is checked before a run continues from one,
+so a file deleted, cut or overwritten after the seal is named and never resumed from. Old checkpoints are deleted after the new one is sealed (the Trainer's own rotation is
 switched off, since it deletes before), each losing its seal first. The callback that does both is
 `train/callbacks.CheckpointSealCallback`; this module imports neither torch nor transformers.
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SEAL = "spo_checkpoint.json"
+SUMS = ".spo-sums-{rank}.json"
+"""The checksums one rank took of the files it wrote, read into the seal by rank 0 and then deleted."""
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -45,7 +48,7 @@ def _files(folder: Path) -> dict[str, int]:
     return {
         str(path.relative_to(folder)): path.stat().st_size
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != SEAL
+        if path.is_file() and path.name != SEAL and ".spo-sums-" not in path.name  # the sums, or their tmp file
     }
 
 
@@ -107,10 +110,18 @@ def file_writer(name: str, world_size: int) -> int:
 
 
 def flush_own_files(folder: Path, rank: int, world_size: int) -> None:
-    """Flush to disk the files of checkpoint `folder` that rank `rank` wrote (the other ranks do theirs)."""
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.name != SEAL and file_writer(path.name, world_size) == rank:
-            fsync_file(path)
+    """Flush to disk the files of checkpoint `folder` that rank `rank` wrote (the other ranks do theirs), and
+    write their checksums to `SUMS` for the seal."""
+    from spo_align.run_folder.checksums import default_algorithm, file_checksum
+
+    folder = Path(folder)
+    algorithm = default_algorithm()
+    sums = {}
+    for name in _files(folder):
+        if file_writer(Path(name).name, world_size) == rank:
+            sums[name] = file_checksum(folder / name, algorithm)
+            fsync_file(folder / name)
+    write_durably(folder / SUMS.format(rank=rank), json.dumps({"algorithm": algorithm, "checksums": sums}) + "\n")
 
 
 def fsync_file(path: Path) -> None:
@@ -169,11 +180,78 @@ def seal(
     if not match:
         raise ValueError(f"{folder} is not a checkpoint-N folder")
     fsync_tree(folder, files=not files_flushed)
-    body: dict[str, object] = {"step": int(match.group(1)), "files": _files(folder)}
+    files = _files(folder)
+    algorithm, sums = _gather_sums(folder)
+    from spo_align.run_folder.checksums import file_checksum
+
+    for name in files:
+        if name not in sums:  # not summed by a rank (a seal without the callback): summed here
+            sums[name] = file_checksum(folder / name, algorithm)
+    body: dict[str, object] = {
+        "step": int(match.group(1)), "files": files, "checksum": algorithm,
+        "checksums": {name: sums[name] for name in files},
+    }
     if write_s is not None and started is not None:
         body["write_s"] = round(write_s, 3)
         body["seal_s"] = round(time.monotonic() - started, 3)
     write_durably(folder / SEAL, json.dumps(body, indent=1) + "\n")
+    for path in folder.glob(".spo-sums-*.json"):
+        path.unlink(missing_ok=True)
+
+
+def _gather_sums(folder: Path) -> tuple[str, dict[str, str]]:
+    """The checksums the ranks wrote for `folder` (`SUMS`), and their algorithm."""
+    from spo_align.run_folder.checksums import available, default_algorithm
+
+    algorithm, sums = default_algorithm(), {}
+    for path in sorted(folder.glob(".spo-sums-*.json")):
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # summed again below
+        if isinstance(body, dict) and available(str(body.get("algorithm"))) and isinstance(body.get("checksums"), dict):
+            algorithm = str(body["algorithm"])
+            sums.update(body["checksums"])
+    return algorithm, sums
+
+
+def has_seal(folder: Path) -> bool:
+    """True when `folder` carries a readable seal for its own step: it was written whole once (an interrupted
+    save has none), whatever happened to its files since."""
+    match = CHECKPOINT.match(Path(folder).name)
+    try:
+        body = json.loads((Path(folder) / SEAL).read_text(encoding="utf-8"))
+        return bool(match) and body.get("step") == int(match.group(1)) and bool(body["files"])  # type: ignore[union-attr]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with sealed checkpoint `folder`, in one phrase naming the file (`optimizer.pt missing`,
+    `model.safetensors checksum mismatch`), or None when every file has its sealed size and checksum. Every file
+    is read (about 10 GB/s with xxh3 from the page cache, the disk's speed otherwise); a seal older than
+    checksums is checked by size only."""
+    from spo_align.run_folder.checksums import available, file_checksum
+
+    folder = Path(folder)
+    try:
+        body = json.loads((folder / SEAL).read_text(encoding="utf-8"))
+        files, sums = dict(body["files"]), dict(body.get("checksums") or {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its seal {SEAL} is missing or unreadable"
+    algorithm = str(body.get("checksum", ""))
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, sealed with {size}"
+    if sums and not available(algorithm):
+        return f"its checksums are {algorithm}, which this installation cannot compute (pip install xxhash)"
+    for name in files:
+        if name in sums and file_checksum(folder / name, algorithm) != sums[name]:
+            return f"{name} checksum mismatch"
+    return None
 
 
 def remove_checkpoint(folder: Path) -> None:
@@ -185,9 +263,10 @@ def remove_checkpoint(folder: Path) -> None:
 
 def rotate(output_dir: Path, keep: int | None) -> None:
     """Keep the newest `keep` sealed checkpoints (all when None); unsealed ones older than the newest are
-    leftovers of an interrupted save and go too."""
+    leftovers of an interrupted save and go too. A sealed checkpoint damaged since is no leftover: it counts
+    as sealed, and is deleted only as one of the oldest."""
     folders = checkpoint_folders(output_dir)
-    sealed = [(step, folder) for step, folder in folders if is_sealed(folder)]
+    sealed = [(step, folder) for step, folder in folders if has_seal(folder)]
     if not sealed:
         return
     newest = sealed[-1][0]

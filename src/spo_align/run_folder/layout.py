@@ -4,7 +4,7 @@ one test of "is this run finished".
 Layout: model or adapter + tokenizer (`from_pretrained`-loadable), `resolved_recipe.yaml`, `recipe_hash.json`,
 `metrics.jsonl`, `metrics.png`, `run.json`, `README.md` (model card), sealed `checkpoint-N/` folders,
 `runs/` (TensorBoard), `merged/` (LoRA merged into the base, if asked), `reference_logps/` (a cache that
-outlives runs: its files are checked before use), `COMPLETE`.
+outlives runs: its files are checked before use), `.spo-lock` while a run is live (`lock`), `COMPLETE`.
 
 A folder holds a finished run exactly when its completion marker exists (`finished_at`): the marker is
 written last, flushed to disk, after the model, tokenizer, run.json and model card (`lifecycle.complete`).
@@ -25,6 +25,8 @@ RESOLVED_RECIPE = "resolved_recipe.yaml"
 MODEL_CARD = "README.md"
 CURVES = "metrics.png"
 REFERENCE_CACHE = "reference_logps"
+LOCK = ".spo-lock"
+"""The lock of the live run (`run_folder.lock`): never deleted by a run starting over, never counted as content."""
 CARD_MARK = "<!-- model card written by spo-align -->"
 """The line that tells a README.md spo-align wrote from one a person put in the folder."""
 
@@ -43,6 +45,7 @@ _TOOL_PATTERNS = (
     re.compile(r"^pytorch_model-\d+-of-\d+\.bin$"),
     re.compile(r"^\..+\.tmp-\d+$"),  # checkpoints.write_durably
     re.compile(r"^.+\.tmp$"),  # recipe.load.save_resolved
+    re.compile(r"^\.spo-lock(\.dead-.+)?$"),  # run_folder.lock
 )
 
 

@@ -23,16 +23,18 @@ from spo_align.os_errors import reason
 from spo_align.run_folder.checkpoints import (
     CHECKPOINT,
     checkpoint_folders,
+    damage,
     fsync_dir,
     fsync_tree,
+    has_seal,
     is_sealed,
-    last_checkpoint,
     remove_checkpoint,
     rotate,
     write_durably,
 )
 from spo_align.run_folder.layout import (
     COMPLETE_MARKER,
+    LOCK,
     METRICS,
     MODEL_CARD,
     REFERENCE_CACHE,
@@ -91,8 +93,13 @@ def _has_recipe(output_dir: Path) -> bool:
     return (output_dir / RESOLVED_RECIPE).is_file() or (output_dir / HASH_FILE).is_file()
 
 
+def _contents(output_dir: Path) -> list[Path]:
+    """What the folder holds, less the live run's lock (`lock.py`)."""
+    return [child for child in output_dir.iterdir() if child.name != LOCK]
+
+
 def _only_tool_files(output_dir: Path) -> bool:
-    return all(is_tool_file(child) or child.name == REFERENCE_CACHE for child in output_dir.iterdir())
+    return all(is_tool_file(child) or child.name == REFERENCE_CACHE for child in _contents(output_dir))
 
 
 def clear_run(output_dir: Path) -> list[str]:
@@ -104,7 +111,7 @@ def clear_run(output_dir: Path) -> list[str]:
         marker.unlink()
         fsync_dir(output_dir)
     kept = []
-    for child in sorted(output_dir.iterdir()):
+    for child in sorted(_contents(output_dir)):
         if not is_tool_file(child):
             kept.append(child.name)
         elif CHECKPOINT.match(child.name) and child.is_dir() and not child.is_symlink():
@@ -127,6 +134,8 @@ class Claim:
     """The sealed checkpoint to continue from, or None to train from the start."""
     continued: bool
     """True when an unfinished run of the same recipe is continued from `checkpoint`."""
+    data_changed: tuple[str, ...] = ()
+    """The data sources that changed since the run started, continued on with `accept_data_change`."""
 
 
 def _ensure_folder(output_dir: Path) -> None:
@@ -168,7 +177,14 @@ def recipe_changes(output_dir: Path, plan: RunPlan) -> list[str]:
 
 
 def claim_folder(
-    output_dir: Path, settings: RecipeSettings, *, resume: bool, overwrite: bool, primary: bool = True
+    output_dir: Path,
+    settings: RecipeSettings,
+    *,
+    resume: bool,
+    overwrite: bool,
+    primary: bool = True,
+    sources: dict[str, dict[str, Any]] | None = None,
+    accept_data_change: bool = False,
 ) -> Claim:
     """Make `output_dir` ready for a run of `settings`; say where it starts.
 
@@ -180,12 +196,15 @@ def claim_folder(
       over, its files deleted, whatever its settings; `resume` refuses it;
     - a folder of other files only: refused, never emptied; missing or empty: created (`resume` refuses).
 
+    A run continued is refused when its newest sealed checkpoint is damaged (`_intact`), and when `sources` (the
+    data as it is now, `data_sources.fingerprint`) differ from what run.json recorded, unless `accept_data_change`.
+
     `primary` False (a second node of a multi-node launch) decides the same way and changes nothing.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputFolderError(f"output.dir {output_dir} exists and is not a folder")
-    occupied = output_dir.is_dir() and any(output_dir.iterdir())
+    occupied = output_dir.is_dir() and bool(_contents(output_dir))
     if finished_at(output_dir) is not None:
         if not overwrite:
             raise OutputFolderError(
@@ -210,7 +229,8 @@ def claim_folder(
             logger.warning("--overwrite: removing the unfinished run in %s", output_dir)
             clear_run(output_dir)
     elif occupied:
-        checkpoint = last_checkpoint(output_dir)
+        sealed = [folder for _, folder in reversed(checkpoint_folders(output_dir)) if has_seal(folder)]
+        checkpoint = sealed[0] if sealed else None
         try:
             other = _other_recipe(output_dir, settings)
         except RecipeHashError as exc:
@@ -223,10 +243,13 @@ def claim_folder(
                 "to continue it, pass --overwrite to start over, or set another output.dir"
             )
         if checkpoint is not None:
-            if primary:
+            data_changed: list[str] = []
+            if primary:  # every file read back against its seal; the other nodes find the same checkpoint
+                checkpoint = _intact(output_dir, sealed)
+                data_changed = _data_changes(output_dir, sources, accept_data_change)
                 _drop_unsealed(output_dir, checkpoint)
             logger.info("continuing the unfinished run in %s from %s", output_dir, checkpoint.name)
-            return Claim(checkpoint, continued=True)
+            return Claim(checkpoint, continued=True, data_changed=tuple(data_changed))
         if resume:
             raise OutputFolderError(
                 f"output.dir {output_dir} holds no complete checkpoint to resume from; run without --resume "
@@ -245,6 +268,54 @@ def claim_folder(
     return Claim(None, continued=False)
 
 
+def _intact(output_dir: Path, sealed: list[Path]) -> Path:
+    """The newest of the sealed checkpoints `sealed` (newest first) if its files match their seal; otherwise
+    `OutputFolderError` naming what is damaged, keeping it, and saying how to go on (start over, or move it
+    away to continue from the newest intact one)."""
+    import time
+
+    damaged: list[str] = []
+    intact = None
+    for folder in sealed:
+        started = time.monotonic()
+        problem = damage(folder)
+        if problem is None:
+            intact = folder
+            logger.info("%s matches its seal (checked in %.1f s)", folder.name, time.monotonic() - started)
+            break
+        damaged.append(f"{folder.name}: {problem}")
+    if not damaged and intact is not None:
+        return intact
+    newest = sealed[0].name
+    older = (
+        f", or move {newest} out of the folder to continue from {intact.name}, the newest intact checkpoint"
+        if intact is not None and len(damaged) == 1 else ""
+    )
+    raise OutputFolderError(
+        f"output.dir {output_dir} holds a damaged checkpoint ({'; '.join(damaged)}); nothing was deleted. Pass "
+        f"--overwrite to start the run over{older}"
+    )
+
+
+def _data_changes(output_dir: Path, sources: dict[str, dict[str, Any]] | None, accept: bool) -> list[str]:
+    """The data sources that changed since the run in `output_dir` started; refused unless `accept`."""
+    from spo_align.run_folder.data_sources import changes
+    from spo_align.run_folder.run_info import read_run_info
+
+    if sources is None:
+        return []
+    changed = changes(read_run_info(output_dir).get("data_sources"), sources)
+    if changed and not accept:
+        raise OutputFolderError(
+            f"output.dir {output_dir}: the data changed since this run started ({'; '.join(changed)}); the rest "
+            "of the run would train on other data. Put the data back, pass --accept-data-change to continue on "
+            "it, or --overwrite to start over"
+        )
+    if changed:
+        logger.warning("--accept-data-change: continuing on changed data: %s", "; ".join(changed))
+    return changed
+
+
 def _drop_unsealed(output_dir: Path, checkpoint: Path) -> None:
     """Remove checkpoint folders an interrupted save left (unsealed, or newer than the one continued from)."""
     step = int(CHECKPOINT.match(checkpoint.name).group(1))  # type: ignore[union-attr]
@@ -258,16 +329,25 @@ def _drop_unsealed(output_dir: Path, checkpoint: Path) -> None:
 # ---------------------------------------------------------------- a run's start and end
 
 
-def claim(plan: RunPlan, *, resume: bool, overwrite: bool, command: str, primary: bool = True) -> str | None:
+def claim(
+    plan: RunPlan, *, resume: bool, overwrite: bool, command: str, primary: bool = True,
+    accept_data_change: bool = False,
+) -> str | None:
     """Claim `plan.output_dir` for the plan (see `claim_folder`) and record the run in it: the resolved recipe,
-    its hash and run.json (`command` is the `spo train` line that runs it again). Returns the checkpoint to
-    continue from, or None. `primary` False (another node of the same launch) records nothing."""
+    its hash, and run.json with what each data source held (`data_sources`; `command` is the `spo train` line
+    that runs it again). Returns the checkpoint to continue from, or None. `primary` False (another node of the
+    same launch) reads and records nothing."""
     from spo_align.recipe.load import save_resolved
+    from spo_align.run_folder.data_sources import fingerprint
     from spo_align.run_folder.run_info import write_claim_info
 
     output_dir = Path(plan.output_dir)
     settings = RecipeSettings.from_plan(plan)
-    claimed = claim_folder(output_dir, settings, resume=resume, overwrite=overwrite, primary=primary)
+    sources = fingerprint(plan) if primary else None  # an unreadable source stops here, before the folder changes
+    claimed = claim_folder(
+        output_dir, settings, resume=resume, overwrite=overwrite, primary=primary, sources=sources,
+        accept_data_change=accept_data_change,
+    )
     if primary:
         changed = _changed_since(output_dir / RESOLVED_RECIPE, plan) if claimed.continued else []
         if changed:
@@ -277,6 +357,7 @@ def claim(plan: RunPlan, *, resume: bool, overwrite: bool, command: str, primary
         write_claim_info(
             output_dir, plan, command=command, recipe_hash=settings.hash,
             resumed_from=claimed.checkpoint, continued=claimed.continued, changed=changed,
+            data_sources=sources, data_changed=list(claimed.data_changed),
         )
     return str(claimed.checkpoint) if claimed.checkpoint is not None else None
 
@@ -314,8 +395,8 @@ def complete(
 
 def _flush_outputs(output_dir: Path) -> None:
     """Flush the folder's own files and merged/ (checkpoints were flushed when they were sealed)."""
-    for child in Path(output_dir).iterdir():
-        if child.is_file():
+    for child in _contents(Path(output_dir)):
+        if child.is_file() and not child.name.startswith(LOCK):
             with child.open("rb") as handle:
                 os.fsync(handle.fileno())
     merged = Path(output_dir) / "merged"

@@ -7,6 +7,10 @@ the DeepSpeed config's content under `deepspeed_config.` (the recipe only names 
 is written to `recipe_hash.json` when a run claims its folder; a later run in that folder continues it only
 when its own hash is equal, and is otherwise refused with the keys that differ (old -> new).
 
+A key the recorded settings lack (the run started on a version of spo-align without it) whose value now is its
+schema default is no change: a default that did not exist when the run started changes nothing the run did
+(`schema_defaults`). A default that changed between versions is a change, named like any other.
+
 Not covered: the contents of data files and of hub datasets (a path or dataset name is compared, not
 what it holds), and the model's files behind its name or path.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,11 +68,33 @@ def _deciding(flat: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def schema_defaults(model: Any, prefix: str = "") -> dict[str, Any]:
+    """Every key of a recipe model (a pydantic model, sections nested) that has a default, flattened like the
+    settings, with that default as JSON would hold it."""
+    from pydantic import BaseModel
+    from pydantic_core import to_jsonable_python
+
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        value = getattr(model, name, None)
+        if isinstance(value, BaseModel):
+            out.update(schema_defaults(value, key))
+        elif isinstance(value, list | tuple) and value and all(isinstance(item, BaseModel) for item in value):
+            for index, item in enumerate(value):
+                out.update(schema_defaults(item, f"{key}.{index}"))
+        elif not info.is_required():
+            _flatten(to_jsonable_python(info.get_default(call_default_factory=True)), key, out)
+    return out
+
+
 @dataclass(frozen=True)
 class RecipeSettings:
-    """The settings that decide a run, flattened, and their hash."""
+    """The settings that decide a run, flattened, and their hash; `defaults`: the schema's default of every key
+    that has one (`schema_defaults`), not part of the hash."""
 
     values: dict[str, Any]
+    defaults: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def hash(self) -> str:
@@ -84,7 +110,8 @@ class RecipeSettings:
 
     @classmethod
     def from_plan(cls, plan: RunPlan) -> RecipeSettings:
-        return cls.from_recipe_dict(plan.recipe_dict(), plan.deepspeed_config)
+        values = cls.from_recipe_dict(plan.recipe_dict(), plan.deepspeed_config).values
+        return cls(values, schema_defaults(plan.recipe))
 
     def write(self, folder: Path) -> None:
         from spo_align.run_folder.checkpoints import write_durably
@@ -133,10 +160,13 @@ def _show(value: Any) -> str:
 
 
 def differences(old: RecipeSettings, new: RecipeSettings) -> list[str]:
-    """`key: old -> new` for every deciding key that differs (`(unset)` where one side lacks it)."""
+    """`key: old -> new` for every deciding key that differs (`(unset)` where one side lacks it); a key `old`
+    lacks whose new value is its schema default (`new.defaults`) is no difference: a newer version's key."""
     lines = []
     for key in sorted(set(old.values) | set(new.values)):
         before, after = old.values.get(key, _UNSET), new.values.get(key, _UNSET)
+        if before is _UNSET and key in new.defaults and new.defaults[key] == after:
+            continue
         if before != after:
             lines.append(f"{key}: {_describe(before)} -> {_describe(after)}")
     return lines

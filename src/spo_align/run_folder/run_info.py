@@ -98,8 +98,12 @@ def write_claim_info(
     resumed_from: Path | None,
     continued: bool,
     changed: list[str] | None = None,
+    data_sources: dict[str, Any] | None = None,
+    data_changed: list[str] | None = None,
 ) -> None:
-    """run.json as a run (or a continuation of one) starts: `finished` is null until it ends."""
+    """run.json as a run (or a continuation of one) starts: `finished` is null until it ends; `data_sources`:
+    what each source held now (`data_sources.fingerprint`), `data_changed`: how it differs from the record a
+    continued run was accepted with (`--accept-data-change`)."""
     previous = read_run_info(output_dir) if continued else {}
     started = now()
     session: dict[str, Any] = {
@@ -107,6 +111,8 @@ def write_claim_info(
     }
     if changed:
         session["changed"] = changed  # keys that cannot change the weights, changed for this session
+    if data_changed:
+        session["data_changed"] = data_changed  # accepted with --accept-data-change
     info = {
         "stage": plan.recipe.stage,
         "loss": plan.recipe.loss.type if plan.recipe.loss is not None else None,
@@ -118,6 +124,8 @@ def write_claim_info(
         "resumed_from": session["resumed_from"],
         "sessions": [*previous.get("sessions", []), session],
     }
+    if data_sources is not None:
+        info["data_sources"] = data_sources
     _write(output_dir, info)
 
 

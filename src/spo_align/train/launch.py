@@ -1,7 +1,8 @@
 """Start a run: in this process, or re-launched under torchrun / accelerate launch / deepspeed.
 
-A plan with one process and no DeepSpeed config runs in-process (`run.run`). Otherwise this process
-claims the output folder once (so ranks never race on it), materialises a `tiny:` model once, and then
+A plan with one process and no DeepSpeed config runs in-process (`run.run`). Otherwise this process takes
+the folder's lock (`run_folder.hold`; held until the launcher returns, never by a rank) and claims the output
+folder once (so ranks never race on it), materialises a `tiny:` model once, and then
 starts the launcher, which runs `python -m spo_align.train.launch RECIPE --set ... [--resume-from CKPT]`
 on every rank; each rank re-reads the same recipe with the same overrides and calls `run.execute`.
 Multi-node: see docs/launch.md (torchrun reads SPO_NODE_RANK/MASTER_ADDR/MASTER_PORT; deepspeed a hostfile;
@@ -11,6 +12,7 @@ accelerate its own config plus the same variables).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -151,11 +153,14 @@ CONTRADICTORY_FLAGS = (
 
 
 def launch(
-    plan: RunPlan, recipe_path: Path, overrides: Sequence[str], *, resume: bool, overwrite: bool
+    plan: RunPlan, recipe_path: Path, overrides: Sequence[str], *, resume: bool, overwrite: bool,
+    accept_data_change: bool = False,
 ) -> Path:
-    """Run the plan to completion, in-process or under its launcher; returns the output folder.
+    """Run the plan to completion, in-process or under its launcher; returns the output folder. A continued run
+    whose data changed since it started is refused unless `accept_data_change` (`run_folder.data_sources`).
 
     Raises `OutputFolderError` for `resume` and `overwrite` together (continue the run, and delete it)."""
+    from spo_align import run_folder
     from spo_align.run_folder import OutputFolderError
     from spo_align.train.model import check_model_setup
     from spo_align.train.run import claim_output, run, train_command
@@ -164,17 +169,23 @@ def launch(
         raise OutputFolderError(CONTRADICTORY_FLAGS)
     command = train_command(recipe_path, overrides)
     if plan.launcher == "inprocess":
-        return run(plan, resume=resume, overwrite=overwrite, command=command)
+        return run(plan, resume=resume, overwrite=overwrite, command=command, accept_data_change=accept_data_change)
     check_model_setup(plan)
     # A second node of a torchrun/accelerate launch runs this same command: it finds the same checkpoint
     # and leaves the folder to the first node.
     primary = plan.launcher == "deepspeed" or _node_env()[0] == "0"
-    resume_from = claim_output(plan, resume=resume, overwrite=overwrite, command=command, primary=primary)
-    _materialise_models(plan)
-    spec = launch_command(plan, recipe_path, overrides, resume_from)
-    assert spec.command is not None
-    logger.info("launching: %s", spec.describe())
-    outcome = _run_launcher(spec.command, plan)
+    # The primary launcher holds the folder's lock until its ranks end; the ranks and other nodes never take it.
+    held = run_folder.hold(Path(plan.output_dir), command=command) if primary else contextlib.nullcontext()
+    with held:
+        resume_from = claim_output(
+            plan, resume=resume, overwrite=overwrite, command=command, primary=primary,
+            accept_data_change=accept_data_change,
+        )
+        _materialise_models(plan)
+        spec = launch_command(plan, recipe_path, overrides, resume_from)
+        assert spec.command is not None
+        logger.info("launching: %s", spec.describe())
+        outcome = _run_launcher(spec.command, plan)
     if outcome.returncode != 0 and not outcome.told_to_stop:
         raise LaunchError(f"{spec.launcher} exited with code {outcome.returncode}", outcome.returncode)
     _check_finished(Path(plan.output_dir), outcome.stopped_at, told_to_stop=outcome.told_to_stop)

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,7 @@ from spo_align.train.reference import (
     ReferenceCacheError,
     compute_reference_table,
     make_key,
+    model_fingerprint,
 )
 from spo_align.train.sequence_logps import DEFAULT_CHUNK_SIZE
 
@@ -56,6 +58,11 @@ class ReferenceSpec:
     """Precomputed from the policy with its adapter disabled (LoRA) rather than as it starts (full FT)."""
     settings: dict[str, Any] | None = None
     """Layout settings that enter the cache key (max_length, layout, pack_length)."""
+    starting_model: Callable[[], nn.Module] | None = None
+    """Loads the policy's starting weights again (full fine-tuning, kind ``precomputed``): a continued run whose
+    tables are gone (its `reference_logps/` deleted) recomputes them from it."""
+    starting_path: str | None = None
+    """Where `starting_model` loads from, for messages."""
 
 
 class _PrecomputeAtTrainBegin(TrainerCallback):
@@ -160,16 +167,16 @@ class PreferenceTrainer(Trainer):
         if not missing:
             self._release_reference_model()
             return
-        if resumed and not self.reference.adapter and self.reference.model is None:
-            raise ReferenceCacheError(
-                f"resuming a full fine-tuning run whose reference log-probs ({', '.join(missing)}) are not in "
-                f"{self.reference.cache_dir}: the starting weights are gone, so they cannot be recomputed; "
-                "pass --overwrite to start the run over"
-            )
         assert self.reference.cache_dir is not None
         cache = ReferenceCache(Path(self.reference.cache_dir))
-        separate = self.reference.model is not None
-        if separate:
+        starting = None
+        if resumed and not self.reference.adapter and self.reference.model is None:
+            # the policy holds the checkpoint's weights now: the starting weights are loaded again from their folder
+            starting = self._starting_model_again(missing)
+        separate = self.reference.model is not None or starting is not None
+        if starting is not None:
+            model = starting
+        elif separate:
             model = self.reference.model
         else:
             model = self.model_wrapped if self.model_wrapped is not None else self.model
@@ -194,6 +201,36 @@ class PreferenceTrainer(Trainer):
             self._tables[split] = table
         self.accelerator.wait_for_everyone()
         self._release_reference_model()
+
+    def _starting_model_again(self, missing: list[str]) -> nn.Module:
+        """The starting weights, loaded again and checked to be those the run started from (their fingerprint is
+        the cache key's), prepared like a frozen reference; `ReferenceCacheError` when they cannot be."""
+        cache_dir = Path(self.reference.cache_dir)  # type: ignore[arg-type]
+        gone = (
+            f"the reference log-probs of this continued run ({', '.join(missing)}) are not in {cache_dir}"
+            f"{'' if cache_dir.is_dir() else ' (the folder is gone)'}"
+        )
+        path = self.reference.starting_path or "the starting model"
+        if self.reference.starting_model is None:
+            raise ReferenceCacheError(f"{gone}, and this run has no way to load its starting weights again; pass "
+                                      "--overwrite to start the run over")
+        logger.warning("%s (deleted or moved?): computing them again from the starting weights %s", gone, path)
+        try:
+            model = self.reference.starting_model()
+        except Exception as exc:  # noqa: BLE001 - any failure to load is one line: what, where, what to do
+            raise ReferenceCacheError(
+                f"{gone}, and the starting weights {path} cannot be loaded to compute them again ({type(exc).__name__}: "
+                f"{exc}); put them back, or pass --overwrite to start the run over"
+            ) from None
+        fingerprint = model_fingerprint(model)
+        if any(self._keys[split].model != fingerprint for split in missing):
+            raise ReferenceCacheError(
+                f"{gone}, and the starting weights {path} are not those this run started from (they changed since); "
+                "put those back, or pass --overwrite to start the run over"
+            )
+        if self.is_deepspeed_enabled:
+            return _prepare_deepspeed_reference(model, self.accelerator)
+        return model.to(self.args.device).eval().requires_grad_(False)
 
     def _release_reference_model(self) -> None:
         if self.reference.kind == "precomputed" and self.reference.model is not None:

@@ -57,13 +57,17 @@ def train_command(recipe_path: Path, overrides: Sequence[str]) -> str:
 
 
 def claim_output(
-    plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None, primary: bool = True
+    plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None, primary: bool = True,
+    accept_data_change: bool = False,
 ) -> str | None:
     """Claim the output folder for the plan (`run_folder.claim`); returns the checkpoint to continue from, or None."""
     from spo_align import run_folder
 
     command = command or train_command(plan.recipe_path, [])
-    return run_folder.claim(plan, resume=resume, overwrite=overwrite, command=command, primary=primary)
+    return run_folder.claim(
+        plan, resume=resume, overwrite=overwrite, command=command, primary=primary,
+        accept_data_change=accept_data_change,
+    )
 
 
 def build_context(plan: RunPlan, resume_from_checkpoint: str | None, extra_callbacks: Sequence[Any] = ()) -> RunContext:
@@ -91,12 +95,19 @@ def execute(plan: RunPlan, resume_from_checkpoint: str | None, extra_callbacks: 
 
 
 def run(
-    plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None, extra_callbacks: Sequence[Any] = ()
+    plan: RunPlan, *, resume: bool, overwrite: bool, command: str | None = None, extra_callbacks: Sequence[Any] = (),
+    accept_data_change: bool = False,
 ) -> Path:
-    """Run the plan in this process: check its model set-up (before the folder is touched), claim the output
-    folder, then execute its stage with `extra_callbacks` attached after every stage's own; returns the folder."""
+    """Run the plan in this process: check its model set-up (before the folder is touched), take the folder's lock
+    (`run_folder.hold`: another live run in it is refused) and claim the output folder, then execute its stage
+    with `extra_callbacks` attached after every stage's own; returns the folder."""
+    from spo_align import run_folder
     from spo_align.train.model import check_model_setup
 
     check_model_setup(plan)
-    checkpoint = claim_output(plan, resume=resume, overwrite=overwrite, command=command)
-    return execute(plan, checkpoint, extra_callbacks)
+    command = command or train_command(plan.recipe_path, [])
+    with run_folder.hold(Path(plan.output_dir), command=command):  # one live run per folder, until this one ends
+        checkpoint = claim_output(
+            plan, resume=resume, overwrite=overwrite, command=command, accept_data_change=accept_data_change
+        )
+        return execute(plan, checkpoint, extra_callbacks)

@@ -225,6 +225,15 @@ def _ensure_deepspeed_comm(plan: RunPlan, args: Any) -> None:
     deepspeed.init_distributed(dist_backend=args.ddp_backend or "nccl")
 
 
+def _starting_model(plan: RunPlan) -> Any:
+    """The policy as it starts, loaded again: what the precomputed reference of a full fine-tune is computed from."""
+    from spo_align.train.model import apply_dropout_setting, load_model
+
+    model = load_model(plan)
+    apply_dropout_setting(model, plan)
+    return model
+
+
 def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     """Train the recipe's preference stage; save through `ctx.save_final`."""
     import torch
@@ -301,6 +310,8 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
             cache_dir=ctx.output_dir / REFERENCE_CACHE,
             adapter=adapter,
             settings={"max_length": data.max_length, "layout": layout, "pack_length": pack_length},
+            starting_model=None if adapter or plan.separate_reference else lambda: _starting_model(plan),
+            starting_path=plan.model_path,
         )
     elif adapter and not plan.separate_reference:
         reference = ReferenceSpec(kind="adapter")
