@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from spo_align.train.sequence_logps import sequence_logps
@@ -96,3 +97,22 @@ def test_bf16_logits_cast_afterwards_break_the_bound():
     reference, bound = _fp64_reference_and_bound(h, w, labels)
     error = (_bf16_logits_then_cast(h, w, labels).double() - reference).abs()
     assert (error > 3 * bound).all(), (error.tolist(), bound.tolist())
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_head_uses_the_fp32_output_kernel_within_the_same_bound():
+    """On a card the bf16 operands stay bf16 and `torch.mm(..., out_dtype=torch.float32)` accumulates and writes
+    fp32 (the speed the head is for); its summation order differs from the CPU's, the bound does not."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from spo_align.train.sequence_logps import HeadMatmul
+
+    assert HeadMatmul(torch.bfloat16, torch.device("cuda")).native
+    h, w, labels = _case()
+    reference, bound = _fp64_reference_and_bound(h, w, labels)
+    hc, wc = h.cuda().requires_grad_(True), w.cuda().requires_grad_(True)
+    got = sequence_logps(hc, wc, labels.cuda(), chunk_size=100)
+    error = (got.double().cpu() - reference).abs()
+    assert (error <= bound).all(), (error.tolist(), bound.tolist())
+    grad_h, grad_w = torch.autograd.grad(got.sum(), [hc, wc])
+    assert grad_h.dtype == grad_w.dtype == torch.bfloat16 and torch.isfinite(grad_w.float()).all()
