@@ -18,7 +18,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from spo_align.data.collate import IGNORE_INDEX
-from spo_align.losses.pair import compute_dtype
 
 DEFAULT_CHUNK_SIZE = 512
 """Tokens per LM-head chunk in :func:`sequence_logps`. Transient memory is about two fp32 [chunk, vocab]
@@ -66,14 +65,12 @@ class HeadMatmul:
         self.dtype = dtype
         self.native = dtype in _HALF and _has_fp32_output_mm(device, dtype)
         self.operand_dtype = torch.float32 if dtype in _HALF and not self.native else dtype
+        self.out_dtype = torch.promote_types(self.operand_dtype, torch.float32)
+        """The products' dtype: fp32, or fp64 for fp64 operands."""
 
     def operand(self, t: torch.Tensor) -> torch.Tensor:
         """`t` rounded to the compute dtype, in the dtype the products read."""
         return t.to(self.dtype).to(self.operand_dtype)
-
-    @property
-    def out_dtype(self) -> torch.dtype:
-        return compute_dtype(torch.empty(0, dtype=self.operand_dtype))
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``a @ b`` of two operands, in `out_dtype`."""
