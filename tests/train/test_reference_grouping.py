@@ -49,8 +49,7 @@ def test_precomputed_bf16_reference_gives_exactly_zero_step0_log_ratios(tmp_path
     rejected = torch.cat([(p.policy_rejected - p.ref_rejected).detach() for p in seen])
     assert chosen.numel() == rejected.numel() == 12
     assert chosen.tolist() == [0.0] * 12 and rejected.tolist() == [0.0] * 12, (chosen.tolist(), rejected.tolist())
-    # bf16 really is in play: the policy's log-probs are not what an fp32 forward gives.
-    assert trainer.args.bf16
+    assert trainer.args.bf16  # the forwards ran under bf16 autocast (fp32 master weights)
 
 
 def test_the_cache_key_follows_the_grouping_and_the_precision(tmp_path):
