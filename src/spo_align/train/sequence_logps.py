@@ -21,7 +21,8 @@ from spo_align.data.collate import IGNORE_INDEX
 
 DEFAULT_CHUNK_SIZE = 512
 """Tokens per LM-head chunk in :func:`sequence_logps`. Transient memory is about two fp32 [chunk, vocab]
-buffers: 125 MiB at vocab 32k (measured peak 129 MiB on CPU), 586 MiB at 150k. On CPU 512 also ran faster
+buffers: 125 MiB at vocab 32k (measured peak 129 MiB on CPU, fp32), 586 MiB at 150k; in bf16 the backward
+adds the chunk's logit gradient rounded to bf16 (and, on CPU, held in fp32: `recipe.memory.pair_head_bytes`). On CPU 512 also ran faster
 than 1024 (4.0 s vs 5.4 s forward+backward for 8192 tokens x 32k vocab, hidden 32, one thread)."""
 
 _HALF = (torch.bfloat16, torch.float16)
