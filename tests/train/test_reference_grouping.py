@@ -3,7 +3,7 @@
 In bf16 a sequence's log-prob depends on its batch companions (the padded width, the packed row, the matmul
 shapes), so the table must be computed in the very micro-batches training uses. Step 0 covers every pair
 here: 12 pairs, micro-batches of 4, 3 accumulation steps, one optimizer step, so every forward runs with the
-starting weights, which are the reference."""
+starting weights, which are the reference; the eval split's table is checked the same way."""
 
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ def test_precomputed_bf16_reference_gives_exactly_zero_step0_log_ratios(tmp_path
 
     trainer = PreferenceTrainer(
         model=h.model(tok, spread=0.2),
-        args=h.training_args(tmp_path / "run", bf16=True, max_steps=1, gradient_accumulation_steps=3),
+        # learning rate 0: the weights stay the reference's, so evaluation after the step is exact too
+        args=h.training_args(tmp_path / "run", bf16=True, max_steps=1, gradient_accumulation_steps=3,
+                             learning_rate=0.0, per_device_eval_batch_size=3),
         train_dataset=ds,
+        eval_dataset=h.tokenized_dataset(tok, 7, seed=9),
         data_collator=PairCollator(tok.pad_token_id, layout, pack_length=128),
         processing_class=tok,
         pair_loss=recording_loss,
@@ -50,6 +53,10 @@ def test_precomputed_bf16_reference_gives_exactly_zero_step0_log_ratios(tmp_path
     assert chosen.numel() == rejected.numel() == 12
     assert chosen.tolist() == [0.0] * 12 and rejected.tolist() == [0.0] * 12, (chosen.tolist(), rejected.tolist())
     assert trainer.args.bf16  # the forwards ran under bf16 autocast (fp32 master weights)
+    seen.clear()
+    trainer.evaluate()  # 7 eval pairs in micro-batches of 3, 3, 1
+    ratios = torch.cat([torch.cat([p.policy_chosen - p.ref_chosen, p.policy_rejected - p.ref_rejected]) for p in seen])
+    assert ratios.numel() == 14 and ratios.tolist() == [0.0] * 14, ratios.tolist()
 
 
 def test_the_cache_key_follows_the_grouping_and_the_precision(tmp_path):
