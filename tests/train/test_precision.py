@@ -41,15 +41,20 @@ def test_bf16_full_fine_tuning_loads_fp32_weights_and_autocasts(plan_for, tmp_pa
     assert {p.dtype for p in load_model(zero2).parameters()} == {torch.bfloat16}  # DeepSpeed keeps the masters
 
 
-@pytest.mark.parametrize("recipe", ["spo", "kto"])
+@pytest.mark.parametrize(
+    "recipe,extra",
+    [("spo", []), ("kto", []), ("spo", ["reference.precompute=true", "data.packing=true", "data.train.0.max_samples=16",
+                                         "training.per_device_batch_size=4", "training.gradient_accumulation_steps=4"])],
+    ids=["spo", "kto", "spo-precomputed-packed"],
+)
 def test_bf16_full_fine_tuning_starts_at_log_ratio_zero_and_records_its_precision(
-    recipe: str, small_model: Path, tmp_path: Path
+    recipe: str, extra: list[str], small_model: Path, tmp_path: Path
 ):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [
         "train", str(RECIPES / f"{recipe}.yaml"), "--set", f"model.name_or_path={small_model}",
         "--set", f"output.dir={out}", "--set", "model.dtype=bfloat16", "--set", "training.max_steps=1",
-        "--set", "data.train.0.max_samples=8",
+        "--set", "data.train.0.max_samples=8", *(arg for o in extra for arg in ("--set", o)),
     ])
     assert result.exit_code == 0, result.output
     first = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line)

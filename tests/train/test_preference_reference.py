@@ -169,7 +169,9 @@ def test_changed_data_or_max_length_invalidates(tok, ds, tmp_path):
     assert make_key(changed, tok, ds, SETTINGS).model != key.model
 
     cache = tmp_path / "cache"
-    _trainer(tok, ds, tmp_path / "a", h.model(tok), _precomputed(cache, False), max_steps=1).train()
+    first = _trainer(tok, ds, tmp_path / "a", h.model(tok), _precomputed(cache, False), max_steps=1)
+    first.train()
+    key = first._keys["train"]  # the settings plus the run's grouping (test_reference_grouping.py)
     again = _trainer(tok, other_data, tmp_path / "b", h.model(tok), _precomputed(cache, False), max_steps=1)
     again.train()
     assert again.reference_forwards == 3  # recomputed for the new data

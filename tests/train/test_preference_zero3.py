@@ -77,7 +77,8 @@ def test_packed_spo_under_zero3_trains_reloads_and_gathers_reference(tmp_path, m
     from spo_align.recipe.load import load_recipe
     from spo_align.recipe.resolve import resolve
     from spo_align.train.model import load_tokenizer
-    from spo_align.train.reference import compute_reference_table
+    from spo_align.train.preference_trainer import FixedOrderSampler
+    from spo_align.train.reference import compute_reference_table, consecutive_batches
 
     torch.set_num_threads(1)
     out = tmp_path / "out"
@@ -111,18 +112,16 @@ def test_packed_spo_under_zero3_trains_reloads_and_gathers_reference(tmp_path, m
     tokenizer = load_tokenizer(plan)
     data = plan.recipe.data
     prepared = prepare_pairs(list(data.train), data, tokenizer, base_dir=plan.base_dir, seed=0, shuffle=data.shuffle)
-    # Rank 0 computes batches 0, 2, 4, ... and rank 1 batches 1, 3, 5, ...: their row counts differ, so
-    # without the filler forwards ZeRO-3's weight gathering would deadlock.
+    # Training (and the reference pass) cut the trainer's fixed order into micro-batches of 4; rank 0 runs
+    # batches 0, 2, 4, ... and rank 1 batches 1, 3, 5, ...: their row counts differ, so without the filler
+    # forwards ZeRO-3's weight gathering would deadlock.
     collate = PairCollator(tokenizer.pad_token_id, "packed_rows", plan.pack_length)
-    rows = [len(collate([prepared.dataset[i] for i in range(s, s + 4)])["row_lengths"]) for s in range(0, 48, 4)]
+    ordered = prepared.dataset.select(list(FixedOrderSampler(48, plan.recipe.training.seed)))
+    rows = [len(collate([ordered[i] for i in range(s, s + 4)])["row_lengths"]) for s in range(0, 48, 4)]
     assert rows[0::2] != rows[1::2]
+    # The same micro-batches in one process give the same table (fp32: to float32 rounding of the gather).
     expected = compute_reference_table(
-        start.eval(),
-        prepared.dataset,
-        collate,
-        4,
-        device=torch.device("cpu"),
-        disable_adapter=False,
+        start.eval(), consecutive_batches(ordered, collate, 4), 48, device=torch.device("cpu"), disable_adapter=False
     )
     (cached,) = list((out / "reference_logps").glob("train-*.pt"))
     table = torch.load(cached, weights_only=True)["logps"]

@@ -267,6 +267,28 @@ def layer_activation_bytes(shape: ModelShape, s: Setting) -> int:
     return 2 * norm + attention + 4 * shape.intermediate_size * c + lora
 
 
+def pair_head_bytes(
+    vocab: int, hidden: int, tokens: int, chunk: int, compute: int, stream: int, device: Device, trains: bool
+) -> tuple[int, int]:
+    """(backward peak, weight operand) bytes of this project's LM head (`train/sequence_logps`) over `tokens`
+    scored tokens in `chunk`-token chunks. The head reads hidden states and weight rounded to the compute dtype
+    (`compute` bytes), accumulates and outputs fp32 (`HeadMatmul`); its weight has `stream` bytes per value
+    (like the residual stream: fp32 over fp32 masters or a QLoRA base) and is rounded once per pass, a copy
+    unless it already has the compute dtype. On CUDA a half-precision kernel writes fp32; on CPU the rounded
+    operands are held in fp32. Backward: one chunk's fp32 logits, turned into their gradient in place, and that
+    gradient rounded; the saved hidden rows; the weight operand; when the head trains, the fp32 weight-gradient
+    accumulator, one chunk's fp32 product (only where the product cannot be added in place: CUDA, half
+    precision) and the final cast to the weight's dtype."""
+    cpu_half = device == "cpu" and compute != 4
+    operand = vocab * hidden * (4 if cpu_half else (compute if compute != stream else 0))
+    gradient_operand = 4 + compute if cpu_half else (compute if compute != 4 else 0)  # CPU: rounded, then upcast
+    backward = chunk * vocab * (4 + gradient_operand) + tokens * hidden * stream + operand
+    if trains:
+        product = 4 if compute != 4 and not cpu_half else 0
+        backward += vocab * hidden * (4 + product + (stream if stream != 4 else 0))
+    return backward, operand
+
+
 def step_terms(plan: RunPlan, shape: ModelShape, s: Setting) -> list[Term]:
     recipe = plan.recipe
     h, v, c, r = shape.hidden_size, shape.vocab_size, s.compute_bytes, s.stream_bytes
@@ -284,10 +306,10 @@ def step_terms(plan: RunPlan, shape: ModelShape, s: Setting) -> list[Term]:
         terms.append(Term("attention_mask", "attention masks", mask + layers * per_layer, "step",
                           "boolean mask and its additive copy per layer (none under flash attention)"))
     head_trains = recipe.adapter is None
+    head_operand = 0
     if s.stage == "pair":
         chunk = min(PAIR_HEAD_CHUNK, tokens)
-        head = chunk * v * (4 + (r if r != 4 else 0)) + tokens * h * r  # fp32 logits reused for their gradient
-        head += v * h * (4 + r + (4 if r != 4 else 0)) if head_trains else 0
+        head, head_operand = pair_head_bytes(v, h, tokens, chunk, c, r, s.device, head_trains)
         head_note = f"{chunk}-token chunks of fp32 logits" + (", fp32 weight-gradient buffers" if head_trains else "")
     else:
         # its tile buffer is TRL_HEAD_VOCAB wide whatever the vocabulary; without Triton (CPU) its torch fallback
@@ -305,7 +327,7 @@ def step_terms(plan: RunPlan, shape: ModelShape, s: Setting) -> list[Term]:
         layer_backward += tokens * layer
     # A forward's unsaved intermediates (the reference's no-grad pass runs while the policy's activations are
     # held): SiLU, up and their product in the MLP, the residual and its norm; or a chunk of head logits.
-    head_forward = min(PAIR_HEAD_CHUNK, tokens) * v * 8 if s.stage == "pair" else 0
+    head_forward = min(PAIR_HEAD_CHUNK, tokens) * v * 8 + head_operand if s.stage == "pair" else 0
     forward = max(tokens * (3 * shape.intermediate_size * c + 2 * h * r), head_forward)
     transients = [
         (head, "LM head backward", head_note),

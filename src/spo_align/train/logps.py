@@ -4,7 +4,8 @@ The model is unwrapped down to the causal-LM module (DeepSpeed engine / DDP `.mo
 `get_base_model()`: LoRA layers are injected in place, so the base model's decoder carries them and
 `disable_adapter()` still applies). Its decoder runs with ``use_cache=False`` (transformers derives the
 packed per-sequence mask only without a cache) and returns the final hidden states; then
-`train/sequence_logps.py` applies the head at labelled positions, chunked, in fp32.
+`train/sequence_logps.py` applies the head at labelled positions, chunked: inputs rounded to the compute
+dtype, fp32 accumulation and fp32 logits, log-softmax in fp32.
 
 ZeRO-3 partitions every weight outside its module's forward, so ``lm_head.weight`` cannot be read
 directly. The head is therefore always entered through the lm_head module's own ``__call__`` (whose

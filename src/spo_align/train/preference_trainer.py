@@ -9,8 +9,9 @@ token counts always, reference sums only when the loss needs them. Reference log
 (`ReferenceKind`):
 - ``adapter``: the policy itself with its LoRA adapter disabled, under no_grad (no second copy);
 - ``model``: a frozen copy (under ZeRO-3 wrapped as a DeepSpeed inference engine, so it is sharded too);
-- ``precomputed``: a table computed once at train begin (same layout as training), cached under the
-  output folder and read back on resume or by a second run with the same key; no reference in memory;
+- ``precomputed``: a table computed once at train begin over the very micro-batches training runs (the
+  trainer's own dataloader; `FixedOrderSampler` keeps them the same every epoch), cached under the output
+  folder and read back on resume or by a second run with the same key; no reference in memory;
 - ``none``: a reference-free loss (SimPO): no reference model, table or forward at all.
 """
 
@@ -20,7 +21,7 @@ import contextlib
 import copy
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,24 @@ class ReferenceSpec:
     tables are gone (its `reference_logps/` deleted) recomputes them from it."""
     starting_path: str | None = None
     """Where `starting_model` loads from, for messages."""
+
+
+class FixedOrderSampler(torch.utils.data.Sampler[int]):
+    """The training pairs in one seeded random order, the same in every epoch, so that every micro-batch holds
+    the same pairs in every epoch (the dataloader cuts the order into consecutive micro-batches; accelerate
+    deals them out to the ranks). A precomputed reference table, computed over these very micro-batches,
+    then matches training exactly in every epoch; with a fresh order per epoch it could match only one."""
+
+    def __init__(self, num_pairs: int, seed: int) -> None:
+        self.num_pairs = num_pairs
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        return iter(torch.randperm(self.num_pairs, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_pairs
 
 
 class _PrecomputeAtTrainBegin(TrainerCallback):
@@ -134,6 +153,15 @@ class PreferenceTrainer(Trainer):
                 raise ValueError("reference kind 'precomputed' needs cache_dir")
             self.add_callback(_PrecomputeAtTrainBegin(self))
 
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """With a precomputed reference: one seeded order of the pairs, the same every epoch (`FixedOrderSampler`),
+        so the table matches the micro-batches trained on. Otherwise the Trainer's own (reshuffled every epoch)."""
+        if self.reference.kind != "precomputed":
+            return super()._get_train_sampler(train_dataset)
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return FixedOrderSampler(len(ds), seed)
+
     # ------------------------------------------------------------------ reference
 
     def _splits(self) -> dict[str, Any]:
@@ -156,10 +184,20 @@ class PreferenceTrainer(Trainer):
             if split in self._tables:
                 continue
             source = self.reference.model if self.reference.model is not None else self.model
-            self._keys[split] = make_key(source, self.processing_class, ds, self.reference.settings or {})
+            settings = {**(self.reference.settings or {}), **self._grouping(split)}
+            self._keys[split] = make_key(source, self.processing_class, ds, settings)
             table = cache.load(self._keys[split], split)
             if table is not None:
                 self._tables[split] = table
+
+    def _grouping(self, split: str) -> dict[str, Any]:
+        """What decides the micro-batches and precision of `split`, and so the bits of its table: the batch
+        size, the order's seed (train) and the mixed precision. Part of the cache key."""
+        args = self.args
+        batch = args.per_device_train_batch_size if split == "train" else args.per_device_eval_batch_size
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return {"batch_size": batch, "order_seed": seed if split == "train" else None,
+                "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "none"}
 
     def ensure_reference_tables(self, *, resumed: bool) -> None:
         """Compute (and cache) every missing table. Called at train begin, on every rank."""
@@ -182,17 +220,17 @@ class PreferenceTrainer(Trainer):
             model = self.model_wrapped if self.model_wrapped is not None else self.model
         for split in missing:
             ds = self._splits()[split]
-            batch_size = self.args.per_device_train_batch_size if split == "train" else self.args.per_device_eval_batch_size
+            # The micro-batches training (evaluation) will run, built by the same dataloader code: in bf16 a
+            # sequence's log-prob depends on its companions, so step-0 log-ratios are exactly 0 only this way.
+            batches = self.get_train_dataloader() if split == "train" else self.get_eval_dataloader(ds)
             logger.info("precomputing reference log-probs for %d %s pairs", len(ds), split)
             with self.accelerator.autocast():  # the precision of training (see compute_loss_context_manager)
                 table = compute_reference_table(
                     model,
-                    ds,
-                    self.data_collator,
-                    batch_size,
+                    batches,
+                    len(ds),
                     device=self.args.device,
                     disable_adapter=self.reference.adapter and not separate,
-                    rank=self.args.process_index,
                     world_size=self.args.world_size,
                     on_forward=self._count_reference_forward,
                 )

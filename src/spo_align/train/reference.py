@@ -6,9 +6,11 @@ The cache file is keyed by four hashes, all of which must match for a file to be
   base with the adapter disabled);
 - tokenizer: its serialised vocabulary/pipeline and chat template;
 - data: the token ids of every pair, in training order;
-- settings: max_length, the pack layout and pack_length.
-Under DeepSpeed each rank computes the micro-batches ``rank, rank + world, ...`` and the tables are
-gathered; the micro-batches are the same as in a single-process pass, so the values are too.
+- settings: max_length, the pack layout and pack_length, plus the batch size, order seed and mixed precision
+  that decide the micro-batches and their bits (`PreferenceTrainer._grouping`).
+The pass runs the micro-batches training runs (the trainer's own dataloader, on each rank its own share), since
+in half precision a sequence's log-prob depends on its batch companions; under DeepSpeed the ranks' values are
+gathered.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import logging
 import os
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -223,28 +225,35 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
     raise TypeError("the model has no peft adapter to disable")
 
 
+def consecutive_batches(
+    ds: datasets.Dataset, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], batch_size: int
+) -> Iterator[dict[str, Any]]:
+    """Collated micro-batches of `batch_size` consecutive pairs (a single process reading `ds` in order)."""
+    for start in range(0, len(ds), batch_size):
+        yield collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+
+
 def compute_reference_table(
     model: nn.Module,
-    ds: datasets.Dataset,
-    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
-    batch_size: int,
+    batches: Iterable[dict[str, Any]],
+    num_pairs: int,
     *,
     device: torch.device,
     disable_adapter: bool,
-    rank: int = 0,
     world_size: int = 1,
     on_forward: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """[N, 2] float32 table of reference (chosen, rejected) log-probs, row i = pair_index i.
 
-    Micro-batches are consecutive runs of `batch_size` pairs, laid out by `collate` as in training; rank r
-    takes batches r, r + world, ... Every rank runs the same number of forwards (the last ones repeat a
-    batch and discard it), which ZeRO-3's collective weight gathering needs.
+    `batches` are this rank's collated micro-batches, the very ones its training (or evaluation) will run:
+    in half precision a sequence's log-prob depends on its batch companions (padded width, packed row,
+    matmul shapes), so only the same grouping gives the same values (PreferenceTrainer passes its own
+    dataloader, whose order is the same every epoch). Under DeepSpeed every rank runs as many forwards as
+    its dataloader yields, the same count on every rank (accelerate's even batches), which ZeRO-3's
+    collective weight gathering needs; the ranks' values are then gathered. A pair met twice (accelerate
+    completes an uneven last batch with pairs from the start) keeps the value of its first batch, in rank
+    order.
     """
-    n = len(ds)
-    starts = list(range(0, n, batch_size))
-    per_rank = -(-len(starts) // world_size)
-    mine = [starts[i] if i < len(starts) else None for i in range(rank, per_rank * world_size, world_size)]
     indices: list[int] = []
     values: list[torch.Tensor] = []
     was_training = model.training
@@ -252,18 +261,14 @@ def compute_reference_table(
     context = adapter_disabled(model) if disable_adapter else contextlib.nullcontext()
     try:
         with torch.no_grad(), context:
-            for start in mine:
-                real = start is not None
-                s = start if real else starts[-1]
-                rows = [ds[i] for i in range(s, min(s + batch_size, n))]
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(rows).items()}
+            for collated in batches:
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
                 logps = batch_logps(model, batch).float().cpu()
                 if on_forward is not None:
                     on_forward()
-                if real:
-                    b = len(rows)
-                    indices.extend(int(r["pair_index"]) for r in rows)
-                    values.append(torch.stack([logps[:b], logps[b:]], dim=1))
+                b = int(batch["pair_index"].shape[0])
+                indices.extend(int(i) for i in batch["pair_index"].tolist())
+                values.append(torch.stack([logps[:b], logps[b:]], dim=1))
     finally:
         model.train(was_training)
     local = (indices, torch.cat(values) if values else torch.zeros(0, 2))
@@ -273,10 +278,13 @@ def compute_reference_table(
 
         parts = [None] * world_size  # type: ignore[list-item]
         dist.all_gather_object(parts, local)
-    table = torch.full((n, 2), float("nan"), dtype=torch.float32)
+    table = torch.full((num_pairs, 2), float("nan"), dtype=torch.float32)
     for idx, vals in parts:  # type: ignore[misc]
-        if idx:
-            table[torch.tensor(idx)] = vals
+        for row, pair in enumerate(idx):
+            if not 0 <= pair < num_pairs:
+                raise ReferenceCacheError(f"reference pass met pair_index {pair}, outside 0..{num_pairs - 1}")
+            if torch.isnan(table[pair, 0]):
+                table[pair] = vals[row]
     if torch.isnan(table).any():
         raise ReferenceCacheError("reference pass left pairs without log-probs (pair_index not 0..N-1?)")
     return table

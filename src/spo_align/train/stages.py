@@ -248,7 +248,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
         load_tokenizer,
         resolve_attention,
     )
-    from spo_align.train.preference_trainer import PreferenceTrainer, ReferenceSpec
+    from spo_align.train.preference_trainer import FixedOrderSampler, PreferenceTrainer, ReferenceSpec
 
     recipe = plan.recipe
     pair_loss = build_pair_loss(recipe.loss)  # its entry's function, the NLL term added when nll_weight > 0
@@ -284,7 +284,9 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     layout = choose_layout(data.packing, attention, device_type)
     pack_length = plan.pack_length or data.max_length
-    stats = dataset_layout_stats(train.dataset, t.per_device_batch_size, pack_length, layout)
+    # as the trainer will batch it: its fixed order (the trainer's data_seed is training.seed), cut into micro-batches
+    in_order = train.dataset.select(list(FixedOrderSampler(len(train.dataset), t.seed)))
+    stats = dataset_layout_stats(in_order, t.per_device_batch_size, pack_length, layout)
     logger.info(
         "batch layout %s: padding share %.1f%% padded vs %.1f%% packed (%d real tokens; micro-batches of %d pairs%s)",
         layout,
