@@ -83,7 +83,8 @@ def _run(experiment: object, rerun_changed: bool = False) -> None:
     except (ExperimentError, PromptGroupError, EvalInputError, JudgeFatalError, OutputFolderError) as exc:
         from spo_align.eval.redact import redact
 
-        typer.echo(f"error: {redact(str(exc))}", err=True)
+        for line in redact(str(exc)).splitlines():  # one line per stage refused
+            typer.echo(f"error: {line}", err=True)
         raise typer.Exit(1) from None
     for name in ("accuracy.md", "sweep.md", "win_rates.md"):
         table = result.output_dir / name
