@@ -46,7 +46,7 @@ def experiment_command(
 
 
 def _dry_run(experiment: object, rerun_changed: bool) -> None:
-    from spo_align.experiment.runner import RERUN_FLAG, ExperimentError, stage_states
+    from spo_align.experiment.state import RERUN_FLAG, ExperimentError, stage_states
     from spo_align.run_folder import OutputFolderError
 
     try:
