@@ -67,6 +67,11 @@ def test_a_finished_stage_whose_recipe_changed_is_named_refused_and_rerun_with_t
     answers = (out / "seed0" / "generations" / "spo.jsonl").read_text()
     with pytest.raises(ExperimentError, match=r"seed 0 spo: .*another recipe \(loss\.alpha: 1\.0 -> 3\.0\); pass --rerun-changed"):
         run_experiment(load_experiment(TINY, changed))
+    refused = CliRunner().invoke(app, ["experiment", str(TINY), *(a for o in changed for a in ("--set", o))])
+    assert refused.exit_code == 1
+    errors = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "seed 0 spo" in errors[0] and "--rerun-changed" in errors[0], refused.output
+    assert "Traceback" not in refused.output
     assert finished_at(spo) == marker  # refused before anything ran: nothing deleted
 
     again = run_experiment(load_experiment(TINY, changed), rerun_changed=True)

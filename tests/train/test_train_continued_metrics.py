@@ -63,3 +63,35 @@ def test_a_run_stopped_between_logging_steps_and_continued_logs_what_an_uninterr
     got = _records(out)
     for want, have in zip(expected, got, strict=True):
         assert have == want, {k: (want.get(k), have.get(k)) for k in {*want, *have} if want.get(k) != have.get(k)}
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_between_logging_steps_and_continued_log_what_an_uninterrupted_launch_logs(
+    small_model: Path, tmp_path: Path
+):
+    """Under torchrun (2 CPU ranks over gloo) each rank carries its own share of the summed loss
+    (`logging_window_<rank>.json`): the continued launch's records equal the uninterrupted launch's."""
+    from spo_align.run_folder.checkpoints import is_sealed
+
+    two = ["--set", "distributed.num_processes=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    done = subprocess.run([sys.executable, "-m", "spo_align.cli", *_args("spo", small_model, straight), *two],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "out"
+    signalled = {**env, "RANK_SIGNAL_AT": "13", "PYTHONPATH": f"{HERE / 'rank_signal'}{os.pathsep}{env.get('PYTHONPATH', '')}"}
+    stopped = subprocess.run([sys.executable, "-m", "spo_align.cli", *_args("spo", small_model, out), *two],
+                             env=signalled, capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert is_sealed(out / "checkpoint-13")
+    assert {p.name for p in (out / "checkpoint-13").glob("logging_window_*")} == {"logging_window_0.json", "logging_window_1.json"}
+
+    again = subprocess.run([sys.executable, "-m", "spo_align.cli", *_args("spo", small_model, out), *two],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    expected, got = _records(straight), _records(out)
+    assert [r["step"] for r in expected] == [10, 20, 20]
+    for want, have in zip(expected, got, strict=True):
+        assert have == want, {k: (want.get(k), have.get(k)) for k in {*want, *have} if want.get(k) != have.get(k)}

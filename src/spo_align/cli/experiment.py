@@ -46,7 +46,7 @@ def experiment_command(
 
 
 def _dry_run(experiment: object, rerun_changed: bool) -> None:
-    from spo_align.experiment.runner import RERUN_FLAG, ExperimentError, stage_states
+    from spo_align.experiment.state import RERUN_FLAG, ExperimentError, stage_states
     from spo_align.run_folder import OutputFolderError
 
     try:
@@ -83,7 +83,8 @@ def _run(experiment: object, rerun_changed: bool = False) -> None:
     except (ExperimentError, PromptGroupError, EvalInputError, JudgeFatalError, OutputFolderError) as exc:
         from spo_align.eval.redact import redact
 
-        typer.echo(f"error: {redact(str(exc))}", err=True)
+        for line in redact(str(exc)).splitlines():  # one line per stage refused
+            typer.echo(f"error: {line}", err=True)
         raise typer.Exit(1) from None
     for name in ("accuracy.md", "sweep.md", "win_rates.md"):
         table = result.output_dir / name

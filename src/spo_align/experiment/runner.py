@@ -34,7 +34,8 @@ Python API:
     result = run_experiment(experiment)       # trains, generates, judges, tabulates
 
 The file's schema, loading and plan live in `experiment/spec.py` (torch-free), the tables in
-`experiment/report.py`, the command in `cli/experiment.py`; this module runs the plan.
+`experiment/report.py`, each stage's state (done, changed, stale) in `experiment/state.py`, the command in
+`cli/experiment.py`; this module runs the plan.
 """
 
 from __future__ import annotations
@@ -46,19 +47,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from spo_align.eval.redact import redact
 from spo_align.experiment.spec import JudgeSection, LoadedExperiment, StageStep, load_experiment, plan_stages
+from spo_align.experiment.state import (
+    ExperimentError,
+    check_stages,
+    forget_evaluation,
+    refusal,
+    stage_plan,
+    stage_state,
+)
 from spo_align.run_folder import finished_at
 
 logger = logging.getLogger(__name__)
 
 RUNS_LOG = "runs.jsonl"
-
-
-class ExperimentError(ValueError):
-    """The experiment cannot go on (a stage failed, a file is inconsistent); the message says where."""
 
 
 class ExperimentStopped(ExperimentError):
@@ -79,109 +84,6 @@ def _stopped(step: StageStep, exc: Exception) -> ExperimentStopped:
 # ---------------------------------------------------------------- the stages
 
 
-def _device() -> Literal["cpu", "cuda"]:
-    from spo_align.train.model import cuda_available
-
-    return "cuda" if cuda_available() else "cpu"
-
-
-RERUN_FLAG = "--rerun-changed"
-
-StateName = Literal["done", "changed", "stale", "resume", "to run"]
-
-
-@dataclass(frozen=True)
-class StageState:
-    """Where a stage stands before the experiment runs it, and why (for `changed` and `stale`)."""
-
-    name: StateName
-    why: str = ""
-
-    @property
-    def trains(self) -> bool:
-        return self.name != "done"
-
-
-def stage_plan(step: StageStep) -> Any:
-    """The stage's resolved recipe (`RunPlan`), as `spo train` would resolve it on this machine."""
-    from spo_align.recipe.load import load_recipe
-    from spo_align.recipe.resolve import resolve
-
-    return resolve(load_recipe(step.recipe_path, step.overrides), step.recipe_path, _device())
-
-
-def stage_state(step: StageStep, starts_from: Path | None = None, upstream: StageState | None = None) -> StageState:
-    """`done` (finished, same recipe: skipped), `changed` (finished with another recipe: `why` names the keys,
-    old -> new, compared as `spo train` compares them), `stale` (finished, but from an SFT run that is newer or
-    will be trained again: `upstream` is that SFT stage's state), `resume` or `to run`."""
-    from spo_align.run_folder import recipe_changes
-
-    done = finished_at(step.output_dir)
-    if done is None:
-        started = step.output_dir.is_dir() and any(step.output_dir.iterdir())
-        return StageState("resume" if started else "to run")
-    changes = recipe_changes(step.output_dir, stage_plan(step))
-    if changes:
-        return StageState("changed", "; ".join(changes))
-    if starts_from is not None:
-        if upstream is not None and upstream.trains:
-            return StageState("stale", f"the SFT run it starts from ({starts_from}) is {upstream.name}")
-        base_done = finished_at(starts_from)
-        if base_done is not None and base_done > done:
-            return StageState("stale", f"it predates the SFT run it starts from ({starts_from})")
-    return StageState("done")
-
-
-def _refusal(step: StageStep, state: StageState) -> str:
-    if state.name == "changed":
-        return (f"seed {step.seed} {step.name}: the finished run in {step.output_dir} was trained with another recipe "
-                f"({state.why}); pass {RERUN_FLAG} to train it again (and the runs that start from it), or undo the "
-                "change")
-    return (f"seed {step.seed} {step.name}: the finished run in {step.output_dir} is stale: {state.why}; pass "
-            f"{RERUN_FLAG} to train it again")
-
-
-def stage_states(experiment: LoadedExperiment) -> list[tuple[StageStep, StageState]]:
-    """Every stage in order, with its state (a preference stage is stale when its seed's SFT stage will train)."""
-    states: dict[tuple[int, str], StageState] = {}
-    sft_name = experiment.spec.sft.name
-    out = []
-    for step in plan_stages(experiment):
-        if step.name == sft_name:
-            state = stage_state(step)
-        else:
-            state = stage_state(step, experiment.seed_dir(step.seed) / sft_name, states[(step.seed, sft_name)])
-        states[(step.seed, step.name)] = state
-        out.append((step, state))
-    return out
-
-
-def check_stages(experiment: LoadedExperiment, rerun_changed: bool = False) -> list[tuple[StageStep, StageState]]:
-    """`stage_states`, before anything runs; raises `ExperimentError` naming every finished stage whose recipe
-    changed or that is stale, unless `rerun_changed` (then they are trained again, as `spo train --overwrite`)."""
-    states = stage_states(experiment)
-    refused = [_refusal(step, state) for step, state in states if state.name in ("changed", "stale")]
-    if refused and not rerun_changed:
-        raise ExperimentError("\n".join(refused))
-    return states
-
-
-def forget_evaluation(experiment: LoadedExperiment, seed: int, name: str) -> None:
-    """Drop a model's answers and every judgment that involves it, before it is trained (again): the answers of
-    the old model must not stand for the new one's."""
-    from spo_align.eval.judge_store import read_judgments
-    from spo_align.run_folder import write_durably
-
-    seed_dir = experiment.seed_dir(seed)
-    (seed_dir / "generations" / f"{name}.jsonl").unlink(missing_ok=True)
-    judgments = seed_dir / "judgments.jsonl"
-    if judgments.is_file():
-        records = read_judgments(judgments)
-        kept = [r for r in records if name not in (r.model_a, r.model_b)]
-        if len(kept) != len(records):
-            write_durably(judgments, "".join(r.to_json() + "\n" for r in kept))
-
-
 def run_stage(step: StageStep, starts_from: Path | None = None, *, rerun_changed: bool = False) -> tuple[float, float]:
     """Train one stage (resuming an unfinished folder); returns (wall, CPU) seconds, (0, 0) when skipped.
 
@@ -197,7 +99,7 @@ def run_stage(step: StageStep, starts_from: Path | None = None, *, rerun_changed
         return 0.0, 0.0
     if state.name in ("changed", "stale"):
         if not rerun_changed:
-            raise ExperimentError(_refusal(step, state))
+            raise ExperimentError(refusal(step, state))
         logger.warning("seed %d %s: the finished run is %s (%s): training it again", step.seed, step.name,
                        state.name, state.why)
     from spo_align.train.launch import LaunchError, launch

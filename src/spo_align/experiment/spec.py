@@ -4,13 +4,13 @@ An experiment names an SFT recipe, the preference recipes that start from its ou
 how to evaluate. `load_experiment` reads the file like a recipe (duplicate keys, unknown keys with
 did-you-mean, `--set key=value`) and raises `RecipeErrors` with `file:line:col`; `plan_stages` turns it
 into the ordered training runs (`StageStep`), every recipe validated, without importing torch.
-Running them is `experiment/runner.py`; the tables are `experiment/report.py`.
+Running them is `experiment/runner.py`; the tables are `experiment/report.py`; a sweep's values and the keys
+the experiment owns are `experiment/sweep.py`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import typing
 from collections.abc import Sequence
@@ -22,15 +22,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from spo_align.experiment.sweep import SWEEPABLE, StagePoint, SweepValue, owned_by_experiment, run_label
 from spo_align.os_errors import file_in_the_way
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
 from spo_align.recipe.file_kinds import not_an_experiment
@@ -39,60 +36,6 @@ from spo_align.recipe.paths import data_file_name, expand_path_keys
 from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-SweepScalar = StrictBool | StrictInt | StrictFloat | StrictStr
-SweepValue = SweepScalar | list[SweepScalar]
-
-OWNED_KEYS: dict[str, str] = {
-    "output.dir": "the experiment puts every run in <output_dir>/seed<S>/<run name>",
-    "model.name_or_path": "every preference run starts from its seed's SFT output",
-}
-"""Recipe keys the experiment sets itself for every preference run, after the stage's `set` and `sweep`: a
-`set` or `sweep` of them would be overridden, so it is refused. (`training.seed` is the experiment's seed, but a
-stage's `set` or `sweep` of it wins: a sweep of seeds trains at each listed seed.)"""
-
-SWEEPABLE = (
-    "a sweep can vary any other recipe key: loss.* (loss.beta, loss.alpha, ...), training.* (training.seed, "
-    "training.learning_rate, ...), data.*, model.* but model.name_or_path, reference.*, adapter.*"
-)
-
-
-def _label(value: SweepValue) -> str:
-    """A sweep value as it appears in a run's name: 0.05, 50, 1e-05, true; a list's items joined by '-'."""
-    if isinstance(value, list):
-        return "-".join(_label(item) for item in value)
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def _yaml_value(value: SweepValue) -> str:
-    """A sweep value as a `--set` value that reads back as the same value: JSON, which a `--set` value reads as
-    YAML (a number stays that number, 1e-05 included; a string stays a string, quoted, whatever it holds; a
-    list stays a list)."""
-    return json.dumps(value)
-
-
-def _owned(key: str) -> str | None:
-    """Why the experiment owns recipe key `key` (None when it does not)."""
-    return next((why for owned, why in OWNED_KEYS.items() if key == owned or key.startswith(owned + ".")), None)
-
-
-@dataclass(frozen=True)
-class StagePoint:
-    """One run of a stage: the stage itself, or one point of its sweep."""
-
-    name: str
-    """The run's folder under seed<S>/ and its label in the tables (<stage>_<key><value> for a sweep point)."""
-    stage: str
-    """The stage (`StageSpec.name`) it belongs to."""
-    swept: tuple[tuple[str, SweepValue], ...] = ()
-    """(recipe key path, value) of each swept key; empty for a stage without a sweep."""
-
-    @property
-    def overrides(self) -> tuple[str, ...]:
-        return tuple(f"{key}={_yaml_value(value)}" for key, value in self.swept)
 
 
 # ---------------------------------------------------------------- schema
@@ -131,12 +74,12 @@ class StageSpec(_Section):
         for key, values in value.items():
             if not key or any(not part for part in key.split(".")):
                 raise ValueError(f"sweep key {key!r} must be a recipe key path such as loss.beta")
-            why = _owned(key)
+            why = owned_by_experiment(key)
             if why is not None:
                 raise ValueError(f"sweep key '{key}' cannot be swept: the experiment owns it ({why}); {SWEEPABLE}")
             if not values:
                 raise ValueError(f"sweep '{key}' lists no values")
-            if len({_label(v) for v in values}) != len(values):
+            if len({run_label(v) for v in values}) != len(values):
                 raise ValueError(f"sweep '{key}' repeats a value")
         return value
 
@@ -157,7 +100,7 @@ class StageSpec(_Section):
         points = []
         for combination in itertools.product(*(self.sweep[key] for key in keys)):
             swept = tuple(zip(keys, combination))
-            name = "_".join([self.name, *(f"{key.split('.')[-1]}{_label(v)}" for key, v in swept)])
+            name = "_".join([self.name, *(f"{key.split('.')[-1]}{run_label(v)}" for key, v in swept)])
             points.append(StagePoint(name, self.name, swept))
         return points
 
@@ -341,7 +284,7 @@ def _owned_keys_set(spec: Experiment) -> list[tuple[KeyPath, str]]:
     for where, entries, preference in lists:
         for index, entry in enumerate(entries):
             key = entry.partition("=")[0].strip()
-            why = _owned(key)
+            why = owned_by_experiment(key)
             if why is not None and (preference or key.split(".")[0] == "output"):
                 findings.append((where + (index,), f"'{entry}' cannot be set: the experiment sets {key} itself ({why})"))
     return findings
