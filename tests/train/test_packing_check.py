@@ -1,0 +1,144 @@
+"""The per-sequence packing check: every shipped layout passes it on every backend that runs here, and the
+leaking control (positions reset, boundaries withheld) fails it; a control that cannot fail fails the check."""
+
+from __future__ import annotations
+
+import preference_helpers as h
+import pytest
+import torch
+
+from spo_align.train.packing_check import (
+    TOKEN_ERROR_EPS,
+    check_packing,
+    compare_sequences,
+    per_token_tolerance,
+    sequence_bound,
+)
+
+torch.set_num_threads(1)
+LAYOUTS = ("packed_rows", "packed_batch", "packed_single_row")
+
+PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris, a city on the Seine.", "France's capital is Lyon."),
+    (
+        "Give me a tip for sleeping better.",
+        "Keep a regular schedule: go to bed and get up at the same time every day, even at weekends.",
+        "Drink coffee before bed.",
+    ),
+    ("Translate 'good morning' into Spanish.", "Buenos días.", "Buenas noches, which is what you say in the evening."),
+    (
+        "Why is the sky blue?",
+        "Air molecules scatter short (blue) wavelengths of sunlight far more than long (red) ones.",
+        "Because it reflects the ocean.",
+    ),
+]
+
+
+def test_bound_is_the_token_count_times_the_dtype_tolerance_and_the_worst_is_relative_to_it():
+    assert per_token_tolerance(torch.float32) == TOKEN_ERROR_EPS * torch.finfo(torch.float32).eps
+    assert per_token_tolerance(torch.bfloat16) == TOKEN_ERROR_EPS * 2**-7
+    assert sequence_bound(10, torch.bfloat16) == 10 * per_token_tolerance(torch.bfloat16)
+    tol = per_token_tolerance(torch.float32)
+    # sequence 0: largest difference but a long sequence; sequence 1: smaller difference, over its bound
+    cmp = compare_sequences([-10.0 + 50 * tol, -5.0 + 2 * tol], [-10.0, -5.0], [100, 1], torch.float32)
+    summary = cmp.summary(["a", "b"])
+    assert cmp.worst == 1 and summary["worst"]["sequence"] == "b" and not cmp.passed
+    assert summary["sequences_over_bound"] == 1 and summary["worst"]["tokens"] == 1
+    assert not compare_sequences([float("nan")], [-1.0], [3], torch.float32).passed
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = h.tokenizer()
+    ds = h.tokenized_dataset(tok, 8, seed=3, max_length=160, max_answer=120)
+    return tok, [ds[i] for i in range(8)]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_every_layout_passes_and_the_leaking_control_fails_on_the_tiny_model(tiny, attention):
+    tok, features = tiny
+    model = h.model(tok, spread=0.3)
+    model.set_attn_implementation(attention)
+    for layout in LAYOUTS:
+        result = check_packing(model, features, pad_token_id=tok.pad_token_id, layout=layout, pack_length=200)
+        assert result["passed"], (layout, result["problems"])
+        assert result["packed_vs_padded"]["sequences_over_bound"] == 0
+        assert result["control_failed"] and result["control_vs_padded"]["worst"]["ratio"] > 1
+        assert result["boundaries_received"] is (True if layout == "packed_single_row" else None)
+
+
+def test_a_control_that_cannot_leak_fails_the_check_loudly(tiny):
+    """With every attention output zeroed, no token sees another: the control cannot differ from padded, so
+    the check could not have seen a leak, and it must say so instead of passing."""
+    tok, features = tiny
+    model = h.model(tok, spread=0.3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    result = check_packing(model, features, pad_token_id=tok.pad_token_id, layout="packed_rows", pack_length=200)
+    assert result["packed_vs_padded"]["passed"] and not result["control_failed"]
+    assert not result["passed"]
+    assert any("leaking control PASSED" in p for p in result["problems"])
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_folder):
+    from transformers import AutoTokenizer
+
+    from spo_align.data.tokenize import tokenize_pair
+
+    tok = AutoTokenizer.from_pretrained(smollm2_folder)
+    features = []
+    for i, (prompt, chosen, rejected) in enumerate(PAIRS):
+        pair = tokenize_pair(tok, [{"role": "user", "content": prompt}], chosen, rejected)
+        features.append(
+            {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
+             "pair_index": i}
+        )
+    return smollm2_folder, tok, features
+
+
+def _real_model(folder, attention: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attention).eval()
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_real_model_every_layout_passes_and_the_control_fails_fp32(smollm2, attention):
+    folder, tok, features = smollm2
+    model = _real_model(folder, attention)
+    for layout in LAYOUTS:
+        result = check_packing(model, features, pad_token_id=tok.pad_token_id, layout=layout, pack_length=160)
+        assert result["passed"], (attention, layout, result["problems"], result["packed_vs_padded"])
+        assert result["control_failed"]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_model_in_bf16_the_gpu_dtype_passes_and_the_control_fails(smollm2):
+    """The GPU's dtype, on CPU: bf16's tolerance is 2**16 times fp32's, and the leak still stands above it."""
+    folder, tok, features = smollm2
+    model = _real_model(folder, "sdpa", torch.bfloat16)
+    result = check_packing(model, features, pad_token_id=tok.pad_token_id, layout="packed_batch", pack_length=160)
+    assert result["dtype"] == "bfloat16" and result["passed"], (result["problems"], result["packed_vs_padded"])
+
+
+@pytest.mark.slow
+def test_flex_attention_on_cpu(tiny):
+    """flex_attention is a backend a recipe can select. torch 2.13 (CPU) cannot run it here: its backward is
+    refused on CPU ("FlexAttention does not support backward on CPU"), and the no-grad forward that the check
+    needs fails in inductor's C++ code generation (CppCompileError: 'cur_kvSplitSize3' was not declared).
+    The test tries the forward and skips with the error it met, so it runs the check once torch can."""
+    tok, features = tiny
+    model = h.model(tok, spread=0.3)
+    model.set_attn_implementation("flex_attention")
+    try:
+        result = check_packing(model, features[:2], pad_token_id=tok.pad_token_id, layout="packed_rows", pack_length=200)
+    except Exception as exc:  # noqa: BLE001 - torch's compile errors have no common type to name
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if "CppCompileError" in f"{type(exc).__name__} {exc}" or "not support" in str(exc):
+            pytest.skip(f"flex_attention does not run on this CPU torch {torch.__version__}: {first}")
+        raise
+    assert result["passed"], result["problems"]
