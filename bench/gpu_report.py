@@ -414,8 +414,8 @@ def _correctness_lines(report: dict[str, Any]) -> list[str]:
         pw, cw = pv["worst"], cv["worst"]
         lines.append(
             f"- Packed ({check['layout']}) vs padded summed log-probs per sequence, {attention}, {check['dtype']}, "
-            f"{check['sequences']} sequences / {check['scored_tokens']:,} scored tokens, bound "
-            f"{check['per_token_tolerance']:.3g} nats per scored token ({check['token_error_eps']:g} eps): "
+            f"{check['sequences']} sequences / {check['scored_tokens']:,} scored tokens, bound per token "
+            f"{check['bound_per_unit_logit']:.3g} x its largest |logit| (mean {check['mean_largest_logit']:.3g}): "
             f"{'passed' if check['passed'] else 'FAILED'}. Worst sequence {pw['sequence']}: {pw['abs_diff']:.3g} nats "
             f"over {pw['tokens']} tokens, {pw['ratio']:.2g}x its bound {pw['bound']:.3g}. Leaking control (positions "
             f"reset, boundaries withheld): {cv['sequences_over_bound']} of {check['sequences']} sequences over their "

@@ -111,7 +111,7 @@ def test_report_compares_with_trl_checks_targets_and_lists_what_failed_or_never_
     worst = {"sequence": "pair 3 rejected", "abs_diff": 0.5, "bound": 30.0, "ratio": 0.5 / 30, "tokens": 240}
     leak = {"sequence": "pair 1 chosen", "abs_diff": 90.0, "bound": 25.0, "ratio": 3.6, "tokens": 200}
     check = {"attention": "sdpa", "layout": "packed_batch", "dtype": "bfloat16", "sequences": 16, "scored_tokens": 4000,
-             "per_token_tolerance": 0.125, "token_error_eps": 16.0, "passed": True, "control_failed": True,
+             "bound_per_unit_logit": 2**-6, "mean_largest_logit": 8.0, "passed": True, "control_failed": True,
              "boundaries_received": None, "problems": [], "logps": {"padded": [1.0]},
              "packed_vs_padded": {"worst": worst, "sequences_over_bound": 0},
              "control_vs_padded": {"worst": leak, "sequences_over_bound": 9},

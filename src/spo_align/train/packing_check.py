@@ -2,7 +2,8 @@
 
 Packing is a layout change only: every sequence's summed completion log-prob must be what the padded batch
 gives, up to the rounding of the compute dtype. `check_packing` computes each sequence's sum both ways and
-holds every sequence to its own bound (`sequence_bound`), so a leak into one sequence cannot hide in the
+holds every sequence to its own bound (`sequence_bound`: 2 eps of the compute dtype times the sum over its
+scored tokens of the largest |logit|, derived in `token_bound_factor`), so a leak into one sequence cannot hide in the
 sum over a batch; it reports the worst sequence (largest difference over its bound).
 
 The control: the same sequences in one packed row with their positions reset, but the sequence boundaries
@@ -21,38 +22,58 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from spo_align.data.collate import Layout, PairCollator, flash_boundaries
+from spo_align.data.collate import IGNORE_INDEX, Layout, PairCollator, flash_boundaries
 from spo_align.train.logps import batch_logps, batch_token_counts, head_logps, model_parts
 
-TOKEN_ERROR_EPS = 16.0
-"""A token's log-prob error between two layouts, in units of the compute dtype's machine epsilon.
-
-Derivation. A token's log-prob is z_t - LSE(z) over its logits z. Both layouts apply the same weights to
-the same tokens; only the order and blocking of the floating-point sums differ (and a padded row adds
-masked keys that contribute exact zeros), so each stored activation differs by rounding alone. The final
-hidden state h and every activation before it are stored in the compute dtype, each store rounding by at
-most u = eps / 2 relative. A perturbation of relative size r in h moves each logit z_j by about r |z_j|,
-and d(z_t - LSE)/dz = onehot(t) - softmax(z), whose l1 norm is at most 2: one term for the target logit,
-one for the log-sum-exp. So |d log p_t| <= 2 r max_j |z_j|. With r = eps / 2 (the last store) and logits
-up to 16 in magnitude (trained small models' largest logits; random-weight models' are far smaller), one
-rounding gives 16 eps; the roundings of the earlier layers mostly cancel in the sum over tokens (their
-signs vary), which is why a per-token bound linear in the token count, 2 x (eps / 2) x 16 = 16 eps per
-token, still holds for a whole sequence. In fp32 (CPU) that is 1.9e-6 nats per token; in bf16 (GPU)
-0.125 nats per token. A leak changes what each leaking token sees, by far more than rounding: the
-control must exceed this bound, and the tests show it does on every backend here.
-"""
+LOGIT_ERROR_EPS = 1.0
+"""The relative difference of a token's logit vector between two layouts, in machine epsilons of the dtype."""
 
 
-def per_token_tolerance(dtype: torch.dtype) -> float:
-    """`TOKEN_ERROR_EPS` x the machine epsilon of `dtype` (the compute dtype of the model body)."""
-    return TOKEN_ERROR_EPS * torch.finfo(dtype).eps
+def token_bound_factor(dtype: torch.dtype) -> float:
+    """Bound on a token's log-prob difference between two layouts, per unit of its largest |logit|: 2 eps.
+
+    Derivation. A token's log-prob is z_t - LSE(z) over its logits z. Both layouts apply the same weights to
+    the same tokens; only the order and blocking of the floating-point sums differ (a padded row adds masked
+    keys that contribute exact zeros), so the logits differ by rounding alone. Each layout stores the final
+    hidden state, the head's input, in the compute dtype, rounding it by at most u = eps / 2 relative; the two
+    layouts' logits then differ by up to 2u = eps relative (`LOGIT_ERROR_EPS`), i.e. by at most eps x Z_t,
+    Z_t the largest |logit| at that token. Since dLSE/dz = softmax(z) sums to 1, the log-sum-exp moves by
+    at most the largest logit change, and the target logit by as much again:
+        |d log p_t| <= |dz_t| + |dLSE| <= 2 eps Z_t.
+    A sequence's bound is that summed over its scored tokens (`sequence_bound`). The roundings of the
+    earlier layers, carried to the head, mostly cancel between tokens and are not counted; the tests and the
+    GPU check measure how much of the bound honest layouts use (the worst sequence's ratio). A leak changes
+    what every leaking token attends to, which moves its logits by a share of their size, not by eps.
+    """
+    return 2.0 * LOGIT_ERROR_EPS * torch.finfo(dtype).eps
 
 
-def sequence_bound(tokens: int, dtype: torch.dtype) -> float:
-    """The largest packed-vs-padded difference allowed for a sequence of `tokens` scored tokens."""
-    return max(tokens, 1) * per_token_tolerance(dtype)
+def sequence_bound(logit_scale: float, dtype: torch.dtype) -> float:
+    """The largest packed-vs-padded difference allowed for a sequence whose scored tokens' largest |logit|
+    sum to `logit_scale` (`logit_scales`)."""
+    return token_bound_factor(dtype) * logit_scale
+
+
+def logit_scales(model: nn.Module, batch: dict[str, Any], chunk_size: int = 512) -> torch.Tensor:
+    """Per sequence of a padded batch, the sum over its scored tokens of the largest |logit| (fp32) [2B]."""
+    parts = model_parts(model)
+    hidden = parts.decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
+    mask = batch["labels"] != IGNORE_INDEX
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    scored = hidden[mask]
+    weight = parts.lm_head.weight
+    largest = torch.cat(
+        [
+            F.linear(scored[i : i + chunk_size].float(), weight.float()).abs().amax(-1)
+            for i in range(0, scored.shape[0], chunk_size)
+        ]
+    ) if scored.shape[0] else scored.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(mask.shape[0], dtype=torch.float64, device=mask.device).index_add(0, rows, largest.double())
 
 
 @dataclass(frozen=True)
@@ -62,12 +83,13 @@ class SequenceComparison:
     diffs: list[float]
     bounds: list[float]
     tokens: list[int]
+    logit_scales: list[float]
     finite: bool
 
     @property
     def worst(self) -> int:
         """Index of the sequence with the largest difference relative to its bound."""
-        return max(range(len(self.diffs)), key=lambda i: self.diffs[i] / self.bounds[i])
+        return max(range(len(self.diffs)), key=lambda i: self.diffs[i] / max(self.bounds[i], 1e-300))
 
     @property
     def passed(self) -> bool:
@@ -83,8 +105,9 @@ class SequenceComparison:
                 "sequence": labels[w] if labels is not None else w,
                 "abs_diff": self.diffs[w],
                 "bound": self.bounds[w],
-                "ratio": self.diffs[w] / self.bounds[w],
+                "ratio": self.diffs[w] / max(self.bounds[w], 1e-300),
                 "tokens": self.tokens[w],
+                "mean_largest_logit": self.logit_scales[w] / max(self.tokens[w], 1),
                 "abs_diff_per_token": self.diffs[w] / max(self.tokens[w], 1),
             },
             "max_abs_diff": max(self.diffs),
@@ -93,12 +116,17 @@ class SequenceComparison:
 
 
 def compare_sequences(
-    candidate: Sequence[float], padded: Sequence[float], tokens: Sequence[int], dtype: torch.dtype
+    candidate: Sequence[float],
+    padded: Sequence[float],
+    tokens: Sequence[int],
+    logit_scale: Sequence[float],
+    dtype: torch.dtype,
 ) -> SequenceComparison:
     """Per-sequence |candidate - padded| against `sequence_bound` (non-finite values fail)."""
     finite = all(math.isfinite(x) for x in list(candidate) + list(padded))
     diffs = [abs(a - b) if math.isfinite(a - b) else math.inf for a, b in zip(candidate, padded, strict=True)]
-    return SequenceComparison(diffs, [sequence_bound(n, dtype) for n in tokens], list(tokens), finite)
+    bounds = [sequence_bound(z, dtype) for z in logit_scale]
+    return SequenceComparison(diffs, bounds, list(tokens), list(logit_scale), finite)
 
 
 def leaking_logps(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -186,6 +214,7 @@ def check_packing(
     packed: list[float] = []
     control: list[float] = []
     tokens: list[int] = []
+    scales: list[float] = []
     labels: list[str] = []
     boundaries_received: bool | None = None
     with torch.no_grad():
@@ -194,6 +223,7 @@ def check_packing(
             base = _to(padded_c(chunk), device)
             padded += batch_logps(model, base).double().cpu().tolist()
             tokens += batch_token_counts(base).cpu().tolist()
+            scales += logit_scales(model, base).cpu().tolist()
             labels += _sequence_labels(chunk)
             batch = _to(packed_c(chunk), device)
             probe = _BoundaryProbe(model) if "cu_seq_lens_q" in batch else None
@@ -205,8 +235,8 @@ def check_packing(
             if probe is not None:
                 boundaries_received = probe.received(batch) and boundaries_received is not False
             control += leaking_logps(model, _to(control_c(chunk), device)).double().cpu().tolist()
-    packed_cmp = compare_sequences(packed, padded, tokens, dtype)
-    control_cmp = compare_sequences(control, padded, tokens, dtype)
+    packed_cmp = compare_sequences(packed, padded, tokens, scales, dtype)
+    control_cmp = compare_sequences(control, padded, tokens, scales, dtype)
     control_failed = not control_cmp.passed
     passed = packed_cmp.passed and control_failed and boundaries_received is not False
     problems = []
@@ -226,8 +256,8 @@ def check_packing(
     return {
         "layout": layout,
         "dtype": str(dtype).removeprefix("torch."),
-        "per_token_tolerance": per_token_tolerance(dtype),
-        "token_error_eps": TOKEN_ERROR_EPS,
+        "bound_per_unit_logit": token_bound_factor(dtype),
+        "mean_largest_logit": sum(scales) / max(sum(tokens), 1),
         "sequences": len(tokens),
         "scored_tokens": sum(tokens),
         "packed_vs_padded": packed_cmp.summary(labels),
@@ -236,5 +266,5 @@ def check_packing(
         "boundaries_received": boundaries_received,
         "passed": passed,
         "problems": problems,
-        "logps": {"padded": padded, "packed": packed, "control": control, "tokens": tokens},
+        "logps": {"padded": padded, "packed": packed, "control": control, "tokens": tokens, "logit_scales": scales},
     }
