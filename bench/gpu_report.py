@@ -415,7 +415,7 @@ def _correctness_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"- Packed ({check['layout']}) vs padded summed log-probs per sequence, {attention}, {check['dtype']}, "
             f"{check['sequences']} sequences / {check['scored_tokens']:,} scored tokens, bound per token "
-            f"{check['bound_per_unit_logit']:.3g} x its largest |logit| (mean {check['mean_largest_logit']:.3g}): "
+            f"{check['bound_per_unit_logit']:.3g} x (2 max|logit| + |LSE|) (mean {check['mean_logit_scale']:.3g}): "
             f"{'passed' if check['passed'] else 'FAILED'}. Worst sequence {pw['sequence']}: {pw['abs_diff']:.3g} nats "
             f"over {pw['tokens']} tokens, {pw['ratio']:.2g}x its bound {pw['bound']:.3g}. Leaking control (positions "
             f"reset, boundaries withheld): {cv['sequences_over_bound']} of {check['sequences']} sequences over their "

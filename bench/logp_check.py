@@ -1,10 +1,12 @@
 """Packed against padded log-probs on the device, in the run's dtype, sequence by sequence, with the leaking
 control and an fp32 reference beside them.
 
+The random-weight bench model is first re-drawn at unit gain (`context_sensitive`): at the default init a
+leak moves log-probs by about one bf16 rounding and no check could see it. Then
 `spo_align.train.packing_check.check_packing` does the comparison: every sequence's summed completion
 log-prob in the layout the kernel selects (packed_batch for sdpa/flex, packed_single_row with the collator's
 cu_seq_lens for flash_attention_2) against the padded batch, each within its own bound derived from the
-dtype (`packing_check.TOKEN_ERROR_EPS`), and the leaking control (positions reset, boundaries withheld)
+dtype (`packing_check.token_bound_factor`), and the leaking control (positions reset, boundaries withheld)
 that must fail the same check. Beside it, how far each layout is from the same model in fp32 (padded,
 sdpa): the size of the dtype's own rounding, for the reader.
 """
@@ -40,6 +42,35 @@ def _features(tokenizer: Any, pairs_path: Path, n: int) -> list[dict[str, Any]]:
                 }
             )
     return features
+
+
+def context_sensitive(model: Any, seed: int = 0) -> Any:
+    """Re-draw the weights of a random model at unit gain, in place, so that its predictions depend on the
+    context: every linear weight from N(0, 1 / fan_in), embeddings from N(0, 1), norms left at 1.
+
+    At transformers' default init (std 0.02) attention is near uniform, each layer adds little to the
+    residual stream and the logits are near zero, so what a token attends to barely moves its log-prob: a
+    leaking layout then moves it by about one bf16 rounding (measured on the toy shape in bf16: the leaking
+    control at 0.6 of its bound, so the check could not see a leak). At unit gain the attention logits and
+    each layer's contribution are O(1) whatever the width, and a leak moves a token's logits by a share of
+    their size. Packing must leave any weights' log-probs unchanged, so the check loses nothing."""
+    import torch
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(shape: torch.Size) -> torch.Tensor:  # fp32 draws, so a bf16 model and its fp32 twin get the same
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(draw(module.weight.shape) / module.weight.shape[1] ** 0.5)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.copy_(draw(module.weight.shape))
+    return model
 
 
 def _padded_logps(model: Any, features: list[dict[str, Any]], collator: Any, batch: int, device: str) -> list[float]:
@@ -79,7 +110,7 @@ def run_logp_check(work: Workload, check: GpuCheck, attention: str, model_dir: P
     pack_length = work.pack_length or default_pack_length(work.lengths.max_length, device)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, work.dtype), attn_implementation=attention)
-    model.to(device).eval()
+    context_sensitive(model.to(device).eval())
     result = check_packing(
         model, features, pad_token_id=tokenizer.pad_token_id, layout=packed_layout, pack_length=pack_length,
         batch_size=batch, device=device,
@@ -88,7 +119,7 @@ def run_logp_check(work: Workload, check: GpuCheck, attention: str, model_dir: P
     if device == "cuda":
         torch.cuda.empty_cache()
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    reference.to(device).eval()
+    context_sensitive(reference.to(device).eval())
     run_fp32 = _padded_logps(reference, features, PairCollator(tokenizer.pad_token_id, "padded"), batch, device)
     del reference
     for problem in result["problems"]:

@@ -35,10 +35,10 @@ PAIRS = [
 ]
 
 
-def test_bound_is_two_eps_of_the_dtype_per_unit_of_each_tokens_largest_logit_and_the_worst_is_relative_to_it():
-    assert token_bound_factor(torch.float32) == 2 * torch.finfo(torch.float32).eps
-    assert token_bound_factor(torch.bfloat16) == 2 * 2**-7
-    assert sequence_bound(40.0, torch.bfloat16) == 40.0 * 2 * 2**-7
+def test_bound_is_eps_of_the_dtype_times_the_logit_scale_and_the_worst_is_relative_to_it():
+    assert token_bound_factor(torch.float32) == torch.finfo(torch.float32).eps
+    assert token_bound_factor(torch.bfloat16) == 2**-7
+    assert sequence_bound(40.0, torch.bfloat16) == 40.0 * 2**-7
     unit = token_bound_factor(torch.float32)
     # sequence 0: the larger difference, but large logits; sequence 1: smaller difference, over its bound
     cmp = compare_sequences([-10.0 + 50 * unit, -5.0 + 2 * unit], [-10.0, -5.0], [10, 1], [100.0, 1.0], torch.float32)
@@ -48,13 +48,14 @@ def test_bound_is_two_eps_of_the_dtype_per_unit_of_each_tokens_largest_logit_and
     assert not compare_sequences([float("nan")], [-1.0], [3], [3.0], torch.float32).passed
 
 
-def test_logit_scales_sum_each_sequences_largest_logit_over_its_scored_tokens(tiny):
+def test_logit_scales_sum_two_largest_logits_and_the_log_sum_exp_over_each_sequences_scored_tokens(tiny):
     tok, features = tiny
     model = h.model(tok, spread=0.3)
     batch = PairCollator(tok.pad_token_id, "padded")(features[:2])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        want = [float(logits[i][batch["labels"][i] != -100].abs().amax(-1).sum()) for i in range(4)]
+        scored = [logits[i][batch["labels"][i] != -100] for i in range(4)]
+        want = [float((2 * z.abs().amax(-1) + torch.logsumexp(z, -1).abs()).sum()) for z in scored]
         got = logit_scales(model, batch).tolist()
     assert got == pytest.approx(want, rel=1e-5)
 
