@@ -129,13 +129,14 @@ def test_first_optimizer_step_equal_packed_vs_padded(setup, tmp_path):
     """Through Trainer.train(): after one SGD step the weights agree (sampler yields the same pairs)."""
     tok, ds = setup
     weights = {}
-    for layout in ("padded", "packed_rows"):
+    for layout in ("padded", "packed_rows", "packed_single_row"):  # single row: with its flash boundary kwargs
         trainer = _trainer(tok, ds, tmp_path, LOSSES["spo"], layout, max_steps=1, learning_rate=0.5)
         trainer.train()
         weights[layout] = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
         assert trainer.real_tokens > 0
     start = torch.cat([p.detach().reshape(-1) for p in h.model(tok, seed=0, spread=0.3).parameters()])
     assert _rel(weights["packed_rows"] - start, weights["padded"] - start) < REL
+    assert _rel(weights["packed_single_row"] - start, weights["padded"] - start) < REL
     assert float((weights["padded"] - start).abs().max()) > 0
 
 
