@@ -3,8 +3,9 @@
 Packing is a layout change only: every sequence's summed completion log-prob must be what the padded batch
 gives, up to the rounding of the compute dtype. `check_packing` computes each sequence's sum both ways and
 holds every sequence to its own bound (`sequence_bound`: eps of the compute dtype times the sum over its
-scored tokens of 2 max |logit| + |log-sum-exp|, derived in `token_bound_factor`), so a leak into one sequence cannot hide in the
-sum over a batch; it reports the worst sequence (largest difference over its bound).
+scored tokens of 2 max |logit| + |log-sum-exp|, derived in `token_bound_factor`), so a leak into one
+sequence cannot hide in the sum over a batch; it reports the worst sequence (largest difference over its
+bound).
 
 The control: the same sequences in one packed row with their positions reset, but the sequence boundaries
 withheld from the attention kernel (a causal mask over the whole row: an all-ones attention mask, and for
@@ -39,7 +40,8 @@ def token_bound_factor(dtype: torch.dtype) -> float:
     value by at most u = eps / 2 relative, so two layouts differ by up to 2u = eps relative per value:
     - the logits: |dz_j| <= eps Z, with Z = max_j |z_j| (the head's input is stored in the compute dtype);
     - the log-sum-exp: its inputs move by at most eps Z (dLSE/dz = softmax(z) sums to 1), and its own
-      value, a sum over the vocabulary taken in the compute dtype of the head, rounds by eps |LSE|;
+      value, a sum over the vocabulary (taken in fp32 or finer, so this term is generous in bf16), rounds
+      by at most eps |LSE|;
     - the target logit: eps Z again.
     So |d log p_t| <= eps (2 Z + |LSE|). In fp32 (CPU) with Z and |LSE| near 25 (SmolLM2) that is 9e-6
     nats per token; in bf16 (GPU) 0.59. The roundings of the earlier layers, carried to the head, mostly
