@@ -89,8 +89,6 @@ class GpuCheck:
     peak_repeats: int = 20
     check_pairs: int = 8
     """Pairs whose log-probs are compared between the padded and the packed layout."""
-    logp_tolerance: float = 1e-2
-    """Largest relative difference allowed between a sequence's packed and padded summed log-prob."""
     lora_r: int = 64
     lora_alpha: float = 128.0
     lora_learning_rate: float = 1e-4

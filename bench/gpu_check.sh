@@ -17,7 +17,9 @@
 #   gpu-tests  90  pytest -m gpu over the test files that hold gpu tests
 #   bench     rest python -m bench run --size gpu (bench/gpu_plan.py): the card's measured bf16 peak, TRL's
 #                  DPOTrainer, packed SPO (live reference, precomputed reference, LoRA) under sdpa, the
-#                  packed-vs-padded log-prob check, `spo eval generate`, then the other kernels, then TRL with
+#                  per-sequence packed-vs-padded log-prob check with its leaking control (bench/logp_check.py;
+#                  for flash_attention_2 the single-row layout with cu_seq_lens), `spo eval generate`, then
+#                  the other kernels, then TRL with
 #                  precompute. Each run is its own process under its own cap (45-150 s); a run that would
 #                  start with too little time left is recorded as skipped.
 #   report     30  kept back at the end: python -m bench gpu-report; logs archived

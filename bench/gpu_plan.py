@@ -10,7 +10,8 @@ so a spent budget cuts the least needed (they are recorded as skipped):
 2. trl: TRL's DPOTrainer, sigmoid loss, live reference (TRL 1.16's padding-free mode is disabled, so it pads);
 3. spo-packed-sdpa, spo-packed-precompute-sdpa, spo-lora-packed-sdpa: packed SPO with a live reference,
    with precomputed reference log-probs, and LoRA (the reference is the policy with its adapter off);
-4. check-sdpa: packed against padded log-probs on the device;
+4. check-sdpa: packed against padded log-probs on the device, per sequence, with the leaking control that
+   must fail (bench/logp_check.py);
 5. generate: `spo eval generate` speed;
 6. packed SPO and its log-prob check under every other kernel that imports (flex_attention, whose kernels
    torch compiles on first use; flash_attention_2 where flash-attn is installed);

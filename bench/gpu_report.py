@@ -410,14 +410,23 @@ def _correctness_lines(report: dict[str, Any]) -> list[str]:
         if check["status"] != "ok":
             lines.append(f"- Packed vs padded log-probs, {attention}: {check['status']}: {check['error']}")
             continue
-        pv = check["packed_vs_padded"]
+        pv, cv = check["packed_vs_padded"], check["control_vs_padded"]
+        pw, cw = pv["worst"], cv["worst"]
         lines.append(
-            f"- Packed ({check['layout']}) vs padded summed log-probs, {attention}, {check['dtype']}, {check['sequences']} "
-            f"sequences / {check['scored_tokens']:,} scored tokens: largest relative difference {pv['max_relative']:.2e} "
-            f"(tolerance {check['tolerance']:g}: {'passed' if check['passed'] else 'FAILED'}); largest absolute "
-            f"{pv['max_abs']:.3g} ({pv['max_abs_per_token']:.2e} per token). Against fp32: padded "
-            f"{check['padded_vs_fp32']['max_relative']:.2e}, packed {check['packed_vs_fp32']['max_relative']:.2e}."
+            f"- Packed ({check['layout']}) vs padded summed log-probs per sequence, {attention}, {check['dtype']}, "
+            f"{check['sequences']} sequences / {check['scored_tokens']:,} scored tokens, bound per token "
+            f"{check['bound_per_unit_logit']:.3g} x (2 max|logit| + |LSE|) (mean {check['mean_logit_scale']:.3g}): "
+            f"{'passed' if check['passed'] else 'FAILED'}. Worst sequence {pw['sequence']}: {pw['abs_diff']:.3g} nats "
+            f"over {pw['tokens']} tokens, {pw['ratio']:.2g}x its bound {pw['bound']:.3g}. Leaking control (positions "
+            f"reset, boundaries withheld): {cv['sequences_over_bound']} of {check['sequences']} sequences over their "
+            f"bound, worst {cw['sequence']} {cw['abs_diff']:.3g} nats ({cw['ratio']:.2g}x), "
+            f"{'failed as it must' if check['control_failed'] else 'PASSED: the check cannot see a leak here'}."
+            + ("" if check.get("boundaries_received") is None else
+               f" cu_seq_lens reached every attention call: {'yes' if check['boundaries_received'] else 'NO'}.")
+            + f" Per token against fp32: padded {check['padded_vs_fp32']['max_abs_per_token']:.2e}, packed "
+            f"{check['packed_vs_fp32']['max_abs_per_token']:.2e}."
         )
+        lines += [f"  - {problem}" for problem in check.get("problems", [])]
     for name, finite in c["loss_finite"].items():
         if not finite:
             lines.append(f"- {name}: a logged loss was not finite")

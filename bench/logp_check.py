@@ -1,17 +1,20 @@
-"""Packed against padded log-probs on the device, in the run's dtype, with an fp32 reference beside them.
+"""Packed against padded log-probs on the device, in the run's dtype, sequence by sequence, with the leaking
+control and an fp32 reference beside them.
 
-Packing is a layout change only: every sequence's summed completion log-prob must be what the padded
-batch gives. In bf16 the two layouts multiply matrices of different shapes, so their roundings differ;
-the check states its tolerance (largest relative difference of a sequence's summed log-prob) and shows,
-beside it, how far each bf16 layout is from the same model in fp32 (padded, sdpa): the size of bf16's own
-rounding, which a packing error would stand far above.
+The random-weight bench model is first re-drawn at unit gain (`context_sensitive`): at the default init a
+leak moves log-probs by about one bf16 rounding and no check could see it. Then
+`spo_align.train.packing_check.check_packing` does the comparison: every sequence's summed completion
+log-prob in the layout the kernel selects (packed_batch for sdpa/flex, packed_single_row with the collator's
+cu_seq_lens for flash_attention_2) against the padded batch, each within its own bound derived from the
+dtype (`packing_check.token_bound_factor`), and the leaking control (positions reset, boundaries withheld)
+that must fail the same check. Beside it, how far each layout is from the same model in fp32 (padded,
+sdpa): the size of the dtype's own rounding, for the reader.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +44,38 @@ def _features(tokenizer: Any, pairs_path: Path, n: int) -> list[dict[str, Any]]:
     return features
 
 
-def _logps(model: Any, features: list[dict[str, Any]], collator: Any, batch: int, device: str) -> list[float]:
-    """Summed completion log-probs, micro-batch by micro-batch, in pair order (chosen, then rejected)."""
+def context_sensitive(model: Any, seed: int = 0) -> Any:
+    """Re-draw the weights of a random model at unit gain, in place, so that its predictions depend on the
+    context: every linear weight from N(0, 1 / fan_in), embeddings from N(0, 1), norms left at 1.
+
+    At transformers' default init (std 0.02) attention is near uniform, each layer adds little to the
+    residual stream and the logits are near zero, so what a token attends to barely moves its log-prob: a
+    leaking layout then moves it by about one bf16 rounding (measured on the toy shape in bf16: the leaking
+    control at 0.6 of its bound, so the check could not see a leak). At unit gain the attention logits and
+    each layer's contribution are O(1) whatever the width, and a leak moves a token's logits by a share of
+    their size. Packing must leave any weights' log-probs unchanged, so the check loses nothing."""
+    import torch
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(shape: torch.Size) -> torch.Tensor:  # fp32 draws, so a bf16 model and its fp32 twin get the same
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(draw(module.weight.shape) / module.weight.shape[1] ** 0.5)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.copy_(draw(module.weight.shape))
+    return model
+
+
+def _padded_logps(model: Any, features: list[dict[str, Any]], collator: Any, batch: int, device: str) -> list[float]:
+    """Summed completion log-probs, micro-batch by micro-batch, in `check_packing`'s order (per micro-batch:
+    chosen, then rejected)."""
     import torch
 
     from spo_align.train.logps import batch_logps
@@ -56,23 +89,9 @@ def _logps(model: Any, features: list[dict[str, Any]], collator: Any, batch: int
     return out
 
 
-def _compare(a: list[float], b: list[float], tokens: list[int]) -> dict[str, float]:
+def _per_token(a: list[float], b: list[float], tokens: list[int]) -> dict[str, float]:
     diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
-    return {
-        "max_relative": max(d / max(abs(y), 1e-12) for d, y in zip(diffs, b)),
-        "max_abs": max(diffs),
-        "max_abs_per_token": max(d / max(n, 1) for d, n in zip(diffs, tokens)),
-    }
-
-
-def _scored_tokens(features: list[dict[str, Any]], batch: int) -> list[int]:
-    """Completion tokens of each sequence, in the order `_logps` returns them (per micro-batch: chosen, rejected)."""
-    out: list[int] = []
-    for start in range(0, len(features), batch):
-        chunk = features[start : start + batch]
-        out.extend(len(f["chosen_ids"]) for f in chunk)
-        out.extend(len(f["rejected_ids"]) for f in chunk)
-    return out
+    return {"max_abs": max(diffs), "max_abs_per_token": max(d / max(n, 1) for d, n in zip(diffs, tokens))}
 
 
 def run_logp_check(work: Workload, check: GpuCheck, attention: str, model_dir: Path, pairs_path: Path) -> dict[str, Any]:
@@ -81,6 +100,7 @@ def run_logp_check(work: Workload, check: GpuCheck, attention: str, model_dir: P
 
     from spo_align.data.collate import PairCollator, choose_layout
     from spo_align.recipe.resolve import default_pack_length
+    from spo_align.train.packing_check import check_packing
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -88,39 +108,31 @@ def run_logp_check(work: Workload, check: GpuCheck, attention: str, model_dir: P
     batch = work.pairs_per_device
     packed_layout = choose_layout(True, attention, device)
     pack_length = work.pack_length or default_pack_length(work.lengths.max_length, device)
-    padded = PairCollator(tokenizer.pad_token_id, "padded")
-    packed = PairCollator(tokenizer.pad_token_id, packed_layout, pack_length=pack_length)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, work.dtype), attn_implementation=attention)
-    model.to(device).eval()
-    run_padded = _logps(model, features, padded, batch, device)
-    run_packed = _logps(model, features, packed, batch, device)
+    context_sensitive(model.to(device).eval())
+    result = check_packing(
+        model, features, pad_token_id=tokenizer.pad_token_id, layout=packed_layout, pack_length=pack_length,
+        batch_size=batch, device=device,
+    )
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    reference.to(device).eval()
-    run_fp32 = _logps(reference, features, padded, batch, device)
+    context_sensitive(reference.to(device).eval())
+    run_fp32 = _padded_logps(reference, features, PairCollator(tokenizer.pad_token_id, "padded"), batch, device)
     del reference
-
-    tokens = _scored_tokens(features, batch)
-    packed_vs_padded = _compare(run_packed, run_padded, tokens)
-    finite = all(math.isfinite(x) for x in run_padded + run_packed + run_fp32)
+    for problem in result["problems"]:
+        logger.error("log-prob check (%s, %s): %s", attention, packed_layout, problem)
+    logps = result["logps"]
     return {
+        **result,
         "attention": attention,
-        "dtype": work.dtype,
         "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "layout": packed_layout,
         "pack_length": pack_length,
         "pairs": len(features),
-        "sequences": len(tokens),
-        "scored_tokens": sum(tokens),
-        "tolerance": check.logp_tolerance,
-        "packed_vs_padded": packed_vs_padded,
-        "padded_vs_fp32": _compare(run_padded, run_fp32, tokens),
-        "packed_vs_fp32": _compare(run_packed, run_fp32, tokens),
-        "finite": finite,
-        "passed": finite and packed_vs_padded["max_relative"] <= check.logp_tolerance,
-        "logps": {"padded": run_padded, "packed": run_packed, "fp32_padded": run_fp32},
+        "padded_vs_fp32": _per_token(logps["padded"], run_fp32, logps["tokens"]),
+        "packed_vs_fp32": _per_token(logps["packed"], run_fp32, logps["tokens"]),
+        "logps": {**logps, "fp32_padded": run_fp32},
     }

@@ -108,10 +108,14 @@ def test_report_compares_with_trl_checks_targets_and_lists_what_failed_or_never_
         {"name": "check-sdpa", "task": "logp_check", "attention": "sdpa"},
         {"name": "generate", "task": "generate"},
     ]
+    worst = {"sequence": "pair 3 rejected", "abs_diff": 0.5, "bound": 30.0, "ratio": 0.5 / 30, "tokens": 240}
+    leak = {"sequence": "pair 1 chosen", "abs_diff": 90.0, "bound": 25.0, "ratio": 3.6, "tokens": 200}
     check = {"attention": "sdpa", "layout": "packed_batch", "dtype": "bfloat16", "sequences": 16, "scored_tokens": 4000,
-             "tolerance": 0.01, "passed": True, "finite": True, "logps": {"padded": [1.0]},
-             "packed_vs_padded": {"max_relative": 2e-4, "max_abs": 0.5, "max_abs_per_token": 2e-3},
-             "padded_vs_fp32": {"max_relative": 3e-4}, "packed_vs_fp32": {"max_relative": 3e-4}}
+             "bound_per_unit_logit": 2**-7, "mean_logit_scale": 20.0, "passed": True, "control_failed": True,
+             "boundaries_received": None, "problems": [], "logps": {"padded": [1.0]},
+             "packed_vs_padded": {"worst": worst, "sequences_over_bound": 0},
+             "control_vs_padded": {"worst": leak, "sequences_over_bound": 9},
+             "padded_vs_fp32": {"max_abs_per_token": 3e-3}, "packed_vs_fp32": {"max_abs_per_token": 3e-3}}
     results = {
         "peak": [{"flops_per_s": 800e12, "dtype": "bfloat16", "size": 8192, "repeats": 20, "device_name": "NVIDIA H100"}],
         "trl": [_train_run([10, 1000, 1000], [1.0, 1.0, 1.0], has_reference_model=True, cuda_peak_allocated_mb=40_000)],
@@ -144,6 +148,8 @@ def test_report_compares_with_trl_checks_targets_and_lists_what_failed_or_never_
     assert "flash_attention_2: not measured: flash-attn is not installed here" in text
     assert "failed: spo-packed-flex_attention: killed after 150 s" in text
     assert "spo-packed-sdpa: 1.60x (met), memory 0.50x (met), MFU 1.6% (MISSED)" in text
+    assert "Worst sequence pair 3 rejected: 0.5 nats over 240 tokens" in text
+    assert "9 of 16 sequences over their bound, worst pair 1 chosen 90 nats (3.6x), failed as it must" in text
 
 
 def test_report_is_written_when_nothing_but_the_phases_ran(tmp_path: Path):
@@ -217,6 +223,9 @@ def test_dry_run_goes_through_every_run_of_the_plan_and_reports_them(tmp_path: P
     assert report["correctness"]["lora_adapter"]["frozen_max_abs_change"] == 0
     check = report["correctness"]["logp_checks"]["sdpa"]
     assert check["status"] == "ok" and check["passed"] and check["layout"] == "packed_rows"
+    # per sequence, each within its bound, and the leaking control over its bound, as the check requires
+    assert check["packed_vs_padded"]["sequences_over_bound"] == 0 and check["packed_vs_padded"]["worst"]["ratio"] <= 1
+    assert check["control_failed"] and check["control_vs_padded"]["worst"]["ratio"] > 1
     generation = report["generation"]
     assert generation["status"] == "ok" and len(generation["rounds"]) == 2
     assert all(r["new_tokens"] == GPU_CPU.gpu.gen_prompts * GPU_CPU.gpu.gen_new_tokens for r in generation["rounds"])
@@ -249,3 +258,33 @@ def test_generation_model_folder_makes_every_row_run_to_the_cap(tmp_path: Path):
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     new = out[:, enc["input_ids"].shape[1] :]
     assert new.shape[1] == 12 and not (new == tokenizer.eos_token_id).any()
+
+
+def test_logp_check_model_is_redrawn_so_that_a_leak_stands_above_bf16_rounding(tmp_path: Path):
+    """At the default init (std 0.02) the toy's predictions barely depend on context: in bf16 the leaking
+    control stays within its bound and the check fails as it must (it could not see a leak). Re-drawn at unit
+    gain (`context_sensitive`, what the GPU check runs), the control stands above it and the layouts pass."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.config import TOY_SHAPE, LengthModel
+    from bench.logp_check import _features, context_sensitive
+    from bench.pairs import make_pairs, write_jsonl, write_model
+    from spo_align.train.packing_check import check_packing
+
+    model_dir = write_model(tmp_path / "model", TOY_SHAPE, seed=3)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = LengthModel(prompt_median=12, response_median=24, max_length=128)
+    pairs = write_jsonl(make_pairs(8, lengths, TOY_SHAPE.vocab_size, 0), tmp_path / "pairs.jsonl")
+    features = _features(tokenizer, pairs, 8)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def check(m):
+        return check_packing(m.to(torch.bfloat16), features, pad_token_id=tokenizer.pad_token_id,
+                             layout="packed_batch", pack_length=128, batch_size=2)
+
+    default = check(model)
+    assert not default["control_failed"] and not default["passed"]
+    assert any("leaking control PASSED" in p for p in default["problems"])
+    redrawn = check(context_sensitive(model.float()))
+    assert redrawn["passed"] and redrawn["control_failed"], redrawn["problems"]

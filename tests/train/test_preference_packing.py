@@ -129,13 +129,14 @@ def test_first_optimizer_step_equal_packed_vs_padded(setup, tmp_path):
     """Through Trainer.train(): after one SGD step the weights agree (sampler yields the same pairs)."""
     tok, ds = setup
     weights = {}
-    for layout in ("padded", "packed_rows"):
+    for layout in ("padded", "packed_rows", "packed_single_row"):  # single row: with its flash boundary kwargs
         trainer = _trainer(tok, ds, tmp_path, LOSSES["spo"], layout, max_steps=1, learning_rate=0.5)
         trainer.train()
         weights[layout] = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
         assert trainer.real_tokens > 0
     start = torch.cat([p.detach().reshape(-1) for p in h.model(tok, seed=0, spread=0.3).parameters()])
     assert _rel(weights["packed_rows"] - start, weights["padded"] - start) < REL
+    assert _rel(weights["packed_single_row"] - start, weights["padded"] - start) < REL
     assert float((weights["padded"] - start).abs().max()) > 0
 
 
@@ -186,3 +187,52 @@ def test_balanced_rows_never_cost_more_than_plain_bfd():
         assert sorted(i for row in balanced.rows for i in row) == list(range(n))
         cost = [len(p.rows) * max(sum(c[i] + r[i] for i in row) for row in p.rows) for p in (balanced, plain)]
         assert cost[0] <= cost[1]
+
+
+def test_single_row_boundaries_are_the_sequence_starts(setup):
+    tok, ds = setup
+    features = [ds[i] for i in range(8)]
+    batch = PairCollator(tok.pad_token_id, "packed_single_row")(features)
+    seg, pos = batch["segment_ids"][0], batch["position_ids"][0]
+    starts = [0] + [t for t in range(1, seg.numel()) if seg[t] != seg[t - 1]] + [seg.numel()]
+    cu = batch["cu_seq_lens_q"]
+    assert cu.dtype == torch.int32 and cu.tolist() == starts and len(starts) == 17
+    assert (pos[cu[:-1].long()] == 0).all() and batch["cu_seq_lens_k"] is cu
+    longest = max(len(f["prompt_ids"]) + len(f[k]) for f in features for k in ("chosen_ids", "rejected_ids"))
+    assert batch["max_length_q"] == batch["max_length_k"] == longest and isinstance(batch["max_length_q"], int)
+    # Only the flash layout carries them: the others run kernels that read the packing from position_ids.
+    for layout in ("padded", "packed_rows", "packed_batch"):
+        assert "cu_seq_lens_q" not in PairCollator(tok.pad_token_id, layout, pack_length=200)(features)
+    # The control layout without position resets is one sequence, and its boundaries say so.
+    control = PairCollator(tok.pad_token_id, "packed_single_row", reset_positions=False)(features)
+    assert control["cu_seq_lens_q"].tolist() == [0, seg.numel()]
+
+
+def _attention_kwargs(model) -> list[dict]:
+    """Record the kwargs every self-attention module of the (real, transformers) Llama receives."""
+    seen: list[dict] = []
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(lambda _m, _a, kw: seen.append(dict(kw)), with_kwargs=True)
+    return seen
+
+
+def test_trainer_forward_passes_the_boundaries_to_every_attention_call_and_sdpa_ignores_them(setup, tmp_path):
+    tok, ds = setup
+    features = [ds[i] for i in range(8)]
+    trainer = _trainer(tok, ds, tmp_path, LOSSES["spo"], "packed_single_row")
+    batch = trainer.data_collator(features)
+    seen = _attention_kwargs(trainer.model)
+    trainer.compute_loss(trainer.model, batch)
+    policy_calls = seen[: len(trainer.model.model.layers)]
+    assert len(policy_calls) == 2
+    for kw in policy_calls:
+        assert torch.equal(kw["cu_seq_lens_q"], batch["cu_seq_lens_q"]) and kw["max_length_q"] == batch["max_length_q"]
+        assert torch.equal(kw["cu_seq_lens_k"], batch["cu_seq_lens_k"]) and kw["max_length_k"] == batch["max_length_k"]
+    # sdpa (and eager) read the packing from position_ids: with or without the kwargs, the same numbers.
+    model = h.model(tok, spread=0.3)
+    for attention in ("sdpa", "eager"):
+        model.set_attn_implementation(attention)
+        without = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+        assert torch.equal(batch_logps(model, batch), batch_logps(model, without)), attention
+        padded = batch_logps(model, PairCollator(tok.pad_token_id, "padded")(features))
+        assert _rel(batch_logps(model, batch), padded) < REL, attention

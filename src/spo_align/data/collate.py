@@ -18,7 +18,13 @@ Layouts (`Layout`):
   the longest, the row capacity (at most ``pack_length``) is chosen to minimise R x L (`balanced_rows`).
   The padding tail of a row gets positions restarting at 0: a segment of its own, attended to by no one.
 - ``packed_single_row``: all 2B sequences in one ``[1, total]`` row, for flash_attention_2, whose
-  variable-length kernel turns the position resets into cu_seqlens and wastes nothing.
+  variable-length kernel computes within sequences only and wastes nothing. The collator also emits the
+  sequence boundaries under the names transformers' flash-attention path reads from the forward's kwargs
+  (`modeling_flash_attention_utils._flash_attention_forward`, `FlashAttentionKwargs`): ``cu_seq_lens_q`` =
+  ``cu_seq_lens_k`` (int32 ``[2B + 1]``, the cumulative sequence lengths) and ``max_length_q`` =
+  ``max_length_k`` (Python ints). Given all four, transformers calls the varlen kernel with them directly;
+  without them it re-derives them from ``position_ids`` in every layer (`prepare_fa_kwargs_from_position_ids`,
+  a nonzero() and a max() that each wait on the device). sdpa, eager and flex attention ignore them.
 The flat tensors of ``packed_rows`` and ``packed_single_row`` are ``[1, total]``; ``row_lengths`` says
 how to split them.
 """
@@ -119,6 +125,7 @@ class PairCollator:
         flat_labels: list[int] = []
         flat_seg: list[int] = []
         row_lengths: list[int] = []
+        seq_lengths: list[int] = []
         for row in rows:
             start = len(flat_ids)
             for pair in row:
@@ -128,6 +135,7 @@ class PairCollator:
                     flat_labels.extend(_shifted_labels(s, prompt_lens[seq_index]))
                     flat_seg.extend([seq_index] * len(s))
                     flat_pos.extend(range(len(s)))
+                    seq_lengths.append(len(s))
             row_lengths.append(len(flat_ids) - start)
             if not self.reset_positions:
                 flat_pos[start:] = range(len(flat_ids) - start)
@@ -141,7 +149,25 @@ class PairCollator:
             segment_ids=torch.tensor([flat_seg], dtype=torch.long),
             row_lengths=torch.tensor(row_lengths, dtype=torch.long),
         )
+        if self.layout == "packed_single_row":
+            # Without the position reset (the control) the row is one sequence, and the boundaries say so.
+            out.update(flash_boundaries(seq_lengths if self.reset_positions else row_lengths))
         return out
+
+
+FLASH_BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+"""The forward kwargs transformers' flash-attention path takes as the packed boundaries (self-attention: q = k)."""
+
+
+def flash_boundaries(lengths: Sequence[int]) -> dict[str, Any]:
+    """`FLASH_BOUNDARY_KEYS` for consecutive sequences of `lengths` in one row: cumulative lengths from 0
+    as int32 (flash-attn's dtype for cu_seqlens) and the longest sequence as a Python int (no device sync)."""
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + int(n))
+    cu_seq_lens = torch.tensor(cu, dtype=torch.int32)
+    longest = max((int(n) for n in lengths), default=0)
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
 
 
 def _stacked_cost(packing: PairPacking, chosen: Sequence[int], rejected: Sequence[int]) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spo_align.data.collate import FLASH_BOUNDARY_KEYS
 from spo_align.train.sequence_logps import DEFAULT_CHUNK_SIZE, sequence_logps, token_counts
 
 
@@ -98,8 +99,17 @@ def head_logps(
         del lm_head.forward
 
 
-def _hidden(decoder: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+def _hidden(decoder: nn.Module, **inputs: Any) -> torch.Tensor:
     return decoder(**inputs, use_cache=False).last_hidden_state
+
+
+def flash_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The packed boundaries the collator emitted for flash attention (`collate.flash_boundaries`), or {}.
+
+    The decoder passes its keyword arguments on to every attention call: flash attention then runs its
+    varlen kernel on them instead of re-deriving them from ``position_ids`` in every layer; sdpa, eager and
+    flex attention ignore them (their mask comes from ``position_ids``)."""
+    return {key: batch[key] for key in FLASH_BOUNDARY_KEYS if key in batch}
 
 
 def logps_from_parts(parts: ModelParts, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
@@ -108,7 +118,8 @@ def logps_from_parts(parts: ModelParts, batch: dict[str, Any], *, chunk_size: in
     Padded batches carry an attention mask. Packed batches carry flat ``[1, total]`` tensors split by
     ``row_lengths`` (one forward per row; under ZeRO-3 padded with filler forwards to the same count on
     every rank), or ``[R, L]`` stacked rows (one forward; the padding tail of each row is a segment of its
-    own, so it is never attended to by real tokens).
+    own, so it is never attended to by real tokens). A single packed row (``packed_single_row``) also
+    carries its sequence boundaries for flash attention, passed to the decoder as kwargs (`flash_kwargs`).
     """
     num_sequences = 2 * int(batch["pair_index"].shape[0])
     if "attention_mask" in batch:
@@ -118,7 +129,7 @@ def logps_from_parts(parts: ModelParts, batch: dict[str, Any], *, chunk_size: in
     lengths = [int(n) for n in batch["row_lengths"].tolist()]
     extra = _forwards_to_match(parts, 1 if ids.shape[0] > 1 else len(lengths))
     if ids.shape[0] > 1 or len(lengths) == 1:
-        hidden = _hidden(parts.decoder, input_ids=ids, position_ids=pos)
+        hidden = _hidden(parts.decoder, input_ids=ids, position_ids=pos, **flash_kwargs(batch))
     else:
         hidden = torch.cat(
             [
