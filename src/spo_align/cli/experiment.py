@@ -61,7 +61,7 @@ def _run(experiment: object) -> None:
 
         typer.echo(f"error: {redact(str(exc))}", err=True)
         raise typer.Exit(1) from None
-    for name in ("accuracy.md", "sweep.md", "win_rates.md"):
+    for name in ("accuracy.md", "sweep.md", "win_rates.md", "summary.md"):
         table = result.output_dir / name
         if table.is_file():
             typer.echo(table.read_text(encoding="utf-8"))
