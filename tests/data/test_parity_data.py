@@ -1,4 +1,4 @@
-"""The parity task (data/parity): the shipped files are what data/parity/make_parity.py writes, byte for byte;
+"""The parity task (data/parity): the shipped files are what scripts/make_parity_data.py writes, byte for byte;
 train and held-out numbers are disjoint; chosen and rejected differ in one word; the rule judge marks every
 held-out chosen answer right and every rejected one wrong."""
 
@@ -16,7 +16,7 @@ FOLDER = ROOT / "data" / "parity"
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("make_parity", FOLDER / "make_parity.py")
+    spec = importlib.util.spec_from_file_location("make_parity_data", ROOT / "scripts" / "make_parity_data.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

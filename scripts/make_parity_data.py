@@ -1,4 +1,7 @@
-"""Write the parity preference task (data/parity/*.jsonl) from nothing but this file: `python data/parity/make_parity.py`.
+"""Write the parity preference task to data/parity/ from nothing but this file (deterministic: same bytes on every run).
+
+    python scripts/make_parity_data.py              # (re)write data/parity/
+    python scripts/make_parity_data.py OUT_FOLDER   # write elsewhere (tests/data/test_parity_data.py compares)
 
 The task: "Is 147 even or odd?" The chosen answer states the right parity, the rejected one the wrong
 parity in the same words ("147 is odd." / "147 is even."), so the two answers share every token but one:
@@ -81,6 +84,6 @@ def write_parity_data(folder: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "data" / "parity"
     for path in write_parity_data(target):
         print(path)
