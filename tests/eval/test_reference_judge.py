@@ -55,3 +55,26 @@ def test_missing_references_are_refused_before_any_judging(tmp_path: Path) -> No
     with pytest.raises(EvalInputError, match="needs a reference answer; 1 prompts have none"):
         judge_all(gen_dir, ReferenceJudge(), tmp_path / "j.jsonl")
     assert not (tmp_path / "j.jsonl").exists()
+
+
+def test_the_choice_rule_wants_exactly_one_choice_named_and_it_the_reference() -> None:
+    from spo_align.eval.reference_judge import choice_match, choices_named, comparison
+
+    rule = choice_match(["even", "odd"])
+    assert rule("147 is odd.", "odd") and rule("ODD", "odd") and rule("The number is Even!", "even")
+    assert not rule("147 is even.", "odd")
+    assert not rule("147 is not even, it is odd", "odd")  # names both: no answer
+    assert not rule("Oddly, I cannot say.", "odd") and not rule("", "odd")  # whole words only
+    assert choices_named("uneven odd-numbered", ["even", "odd"]) == {"odd"}
+    is_correct, name = comparison("choice", ("even", "odd"))
+    assert is_correct("7 is odd", "odd") and name == "reference-choice:even|odd" != comparison("exact")[1]
+    with pytest.raises(ValueError, match="at least two choices"):
+        comparison("choice", ("even",))
+
+
+def test_the_factory_builds_the_choice_judge_under_its_own_name() -> None:
+    from spo_align.eval.judge_factory import make_judge
+
+    judge = make_judge("reference", match="choice", choices=("even", "odd"))
+    assert judge.model == "reference-choice:even|odd"
+    assert judge.judge(JudgeItem("p", "Is 3 even or odd?", "3 is odd.", "3 is even.", "odd")).verdict == "A"

@@ -86,7 +86,7 @@ def _run(experiment: object, rerun_changed: bool = False) -> None:
         for line in redact(str(exc)).splitlines():  # one line per stage refused
             typer.echo(f"error: {line}", err=True)
         raise typer.Exit(1) from None
-    for name in ("accuracy.md", "sweep.md", "win_rates.md"):
+    for name in ("accuracy.md", "sweep.md", "win_rates.md", "summary.md"):
         table = result.output_dir / name
         if table.is_file():
             typer.echo(table.read_text(encoding="utf-8"))

@@ -22,13 +22,17 @@ def make_judge(
     max_attempts: int = 6,
     parse_retries: int = 2,
     max_tokens: int = 512,
+    match: str = "exact",
+    choices: tuple[str, ...] = (),
 ) -> Judge:
-    """`reference`: the offline judge against known answers (the other settings do not apply).
+    """`reference`: the offline judge against known answers, by the rule `match` ('exact', or 'choice' among
+    `choices`; the other settings do not apply).
     `openai`: `model` behind an OpenAI-compatible API (`prompt`: a shipped prompt name or a file)."""
     if kind == "reference":
-        from spo_align.eval.reference_judge import ReferenceJudge
+        from spo_align.eval.reference_judge import ReferenceJudge, comparison
 
-        return ReferenceJudge()
+        is_correct, name = comparison(match, choices)
+        return ReferenceJudge(is_correct, name)
     from spo_align.eval.judge_client import OpenAIJudge
     from spo_align.eval.judge_parse import load_judge_prompt
     from spo_align.eval.records import EvalInputError

@@ -6,7 +6,8 @@ embedded tiny task. With it, win(a, b) = 0.5 + (accuracy_a - accuracy_b) / 2 on 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
 from spo_align.eval.judge import JudgeCallError, JudgeItem, JudgeResult
 from spo_align.eval.judge_parse import Verdict
@@ -17,6 +18,34 @@ Comparison = Callable[[str, str], bool]
 def exact_match(response: str, reference: str) -> bool:
     """Correct when the answer equals the reference after stripping surrounding whitespace."""
     return response.strip() == reference.strip()
+
+
+def choices_named(response: str, choices: Sequence[str]) -> set[str]:
+    """The choices that the response names as whole words, ignoring case ("Odd." names "odd"; "oddly" does not)."""
+    return {c for c in choices if re.search(rf"(?<!\w){re.escape(c)}(?!\w)", response, flags=re.IGNORECASE)}
+
+
+def choice_match(choices: Sequence[str]) -> Comparison:
+    """Correct when the answer names exactly one of `choices` (whole words, any case) and it is the reference:
+    "147 is odd." is right for reference "odd"; "147 is even, not odd" names both and is wrong."""
+    options = tuple(choices)
+
+    def is_correct(response: str, reference: str) -> bool:
+        named = choices_named(response, options)
+        return len(named) == 1 and next(iter(named)).lower() == reference.strip().lower()
+
+    return is_correct
+
+
+def comparison(match: str, choices: Sequence[str] = ()) -> tuple[Comparison, str]:
+    """The correctness rule `match` ('exact' or 'choice' over `choices`) and the judge name its judgments carry."""
+    if match == "exact":
+        return exact_match, "reference-exact"
+    if match == "choice":
+        if len(choices) < 2:
+            raise ValueError("the 'choice' rule needs at least two choices")
+        return choice_match(choices), "reference-choice:" + "|".join(choices)
+    raise ValueError(f"unknown reference rule {match!r}: use 'exact' or 'choice'")
 
 
 class ReferenceJudge:

@@ -55,9 +55,13 @@ def read_prompt_groups(path: Path, field_name: str) -> dict[str, str]:
 
 
 def accuracy_rows(experiment: LoadedExperiment, groups: dict[str, str] | None) -> list[AccuracyRow]:
-    """Exact-match accuracy of each model, seed and group (and `all`) from the generation files."""
+    """Accuracy of each model, seed and group (and `all`) from the generation files, by the reference judge's
+    rule (`eval.judge.match`: exact match, or the one choice named)."""
     from spo_align.eval.records import read_generation_file
-    from spo_align.eval.reference_judge import exact_match
+    from spo_align.eval.reference_judge import comparison
+
+    judge = experiment.spec.eval.judge
+    is_correct, _ = comparison(judge.match, judge.choices)
 
     rows: list[AccuracyRow] = []
     for seed in experiment.spec.seeds:
@@ -67,7 +71,7 @@ def accuracy_rows(experiment: LoadedExperiment, groups: dict[str, str] | None) -
             for record in records:
                 if record.reference is None:
                     return []
-                right = int(exact_match(record.response, record.reference))
+                right = int(is_correct(record.response, record.reference))
                 labels = ["all"] + ([groups[record.prompt_id]] if groups and record.prompt_id in groups else [])
                 for label in labels:
                     tally[label][0] += right
@@ -83,7 +87,7 @@ def accuracy_markdown(rows: Sequence[AccuracyRow], models: Sequence[str], seeds:
     for row in rows:
         by_key[(row.model, row.group)].append(row)
     lines = [
-        f"Held-out exact-match accuracy (%), mean over {len(seeds)} seed(s) ({', '.join(map(str, seeds))})"
+        f"Held-out accuracy (%) by the reference rule, mean over {len(seeds)} seed(s) ({', '.join(map(str, seeds))})"
         + ("; [min, max] over seeds." if len(seeds) > 1 else "."),
         "",
         "| model | " + " | ".join(f"{g} (n={by_key[(models[0], g)][0].n})" for g in groups) + " |",
@@ -289,7 +293,7 @@ def sweep_scores(experiment: LoadedExperiment, rows: Sequence[AccuracyRow], win_
                 by_name[row.model].append(100 * row.accuracy)
         scores = {name: statistics.fmean(by_name[name]) for name in names if by_name.get(name)}
         return scores, f"held-out accuracy on all prompts (%), mean over {len(experiment.spec.seeds)} seed(s)"
-    sft = experiment.spec.sft.name
+    sft = experiment.spec.base_name
     scores = {}
     for name in names:
         cell = win_rates.cell(name, sft) if win_rates is not None else None

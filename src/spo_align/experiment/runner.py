@@ -1,8 +1,8 @@
 """`spo experiment`: one declarative file for the paper's whole experiment, resumable stage by stage.
 
-An experiment names an SFT recipe, the preference recipes that start from its output (each a single run
-or a small sweep of recipe keys, one run per point), the seeds, and how to evaluate. For each seed it
-trains SFT, then every preference run from that seed's SFT output, then generates every model's answers
+An experiment names an SFT recipe (or a `start` model), the preference recipes that start from its output
+(each a single run or a small sweep of recipe keys, one run per point), the seeds, and how to evaluate. For
+each seed it trains SFT, then every preference run from that seed's SFT output (or from the start model), then generates every model's answers
 to the test prompts and judges every pair of models; finally it writes the win-rate matrix (averaged over
 seeds) and, where the prompts have reference answers, an accuracy table broken down by a field of the
 prompt file (the tiny task's `carry`).
@@ -12,9 +12,12 @@ Layout under `output_dir`:
     seed<S>/<stage>/          one training run per stage (the recipe's output.dir is overridden)
     seed<S>/generations/      <model>.jsonl answers (eval.generate)
     seed<S>/judgments.jsonl   pairwise judgments (eval.judge)
+    seed<S>/heldout_pairs/    <model>.json log-probs of the held-out pairs (eval.pairs)
     win_rates.{md,csv,png}    the matrix pooled over seeds; win_rates_seed<S>.md per seed
     accuracy.{md,csv}         model x group accuracy, mean over seeds (reference answers only)
     log_ratios.md             end-of-training chosen/rejected log pi/pi_ref per preference run
+    summary.md                per model: log-ratios, both below reference, held-out pairwise accuracy and
+                              greedy answers right by the rule (experiment/summary.py)
     curves_seed<S>.{png,svg}  training curves of the seed's preference runs overlaid (`spo plot`)
     sweep.md                  every point of each swept stage and the best per stage (when a stage sweeps)
     runs.jsonl                one line per invocation: stages trained/skipped, wall and CPU seconds
@@ -128,7 +131,8 @@ def run_stage(step: StageStep, starts_from: Path | None = None, *, rerun_changed
 def _judge(section: JudgeSection) -> Any:
     from spo_align.eval.judge_factory import make_judge
 
-    return make_judge(section.type, section.model, base_url=section.base_url, api_key_env=section.api_key_env)
+    return make_judge(section.type, section.model, base_url=section.base_url, api_key_env=section.api_key_env,
+                      match=section.match, choices=tuple(section.choices))
 
 
 def evaluate_seed(experiment: LoadedExperiment, seed: int, prompts: Sequence[Any], judge: Any) -> Path:
@@ -143,7 +147,7 @@ def evaluate_seed(experiment: LoadedExperiment, seed: int, prompts: Sequence[Any
         seed=seed, engine=g.engine, dtype=g.dtype,
     )
     seed_dir = experiment.seed_dir(seed)
-    models = [ModelSpec(str(seed_dir / name), name) for name in experiment.stage_names]
+    models = [ModelSpec(experiment.model_path(seed, name), name) for name in experiment.stage_names]
     generate(models, prompts, settings, seed_dir / "generations")
     out = seed_dir / "judgments.jsonl"
     summary = judge_all(seed_dir / "generations", judge, out, models=experiment.stage_names,
@@ -151,6 +155,11 @@ def evaluate_seed(experiment: LoadedExperiment, seed: int, prompts: Sequence[Any
     if summary.errors:
         logger.warning("seed %d: %d judgments failed and are left out of the tables (a rerun retries them)",
                        seed, summary.errors)
+    if spec.eval.pairs is not None:
+        from spo_align.eval.pair_scores import score_models
+        from spo_align.experiment.summary import PAIR_SCORES
+
+        score_models(models, experiment.base_dir / spec.eval.pairs, spec.eval.n, seed_dir / PAIR_SCORES)
     return out
 
 
@@ -184,14 +193,23 @@ def _eval_inputs(experiment: LoadedExperiment) -> tuple[list[Any], Any]:
     judge = _judge(experiment.spec.eval.judge)
     if judge.needs_reference and any(p.reference is None for p in prompts):
         raise ExperimentError(f"{experiment.path}: eval.judge 'reference' needs a reference answer for every prompt")
+    choices = {c.lower() for c in experiment.spec.eval.judge.choices}
+    outside = [p for p in prompts if choices and (p.reference or "").strip().lower() not in choices]
+    if outside:
+        raise ExperimentError(
+            f"{experiment.spec.eval.prompts}: prompt {outside[0].id!r} has reference {outside[0].reference!r}, "
+            f"not one of eval.judge.choices ({', '.join(experiment.spec.eval.judge.choices)})"
+        )
     return prompts, judge
 
 
 def run_seed(experiment: LoadedExperiment, seed: int, rerun_changed: bool = False) -> SeedResult:
-    """One seed's chain: SFT, each preference run from it, then its answers and judgments."""
+    """One seed's chain: SFT (unless the runs start from `start`), each preference run from it, then its answers
+    and judgments."""
     result = SeedResult(seed)
     prompts, judge = _eval_inputs(experiment)
-    sft_dir = experiment.seed_dir(seed) / experiment.spec.sft.name
+    sft = experiment.spec.sft
+    sft_dir = experiment.seed_dir(seed) / sft.name if sft is not None else None
     for step in (s for s in plan_stages(experiment) if s.seed == seed):
         label = f"seed{seed}/{step.name}"
         starts_from = None if step.output_dir == sft_dir else sft_dir
@@ -305,11 +323,13 @@ def run_experiment(experiment: LoadedExperiment, *, rerun_changed: bool = False)
         result.stage_cpu_seconds.update(seed_result.stage_cpu_seconds)
     from spo_align.experiment.report import (
         accuracy_rows,
+        log_ratio_rows,
         write_accuracy,
         write_log_ratios,
         write_sweep,
         write_win_rates,
     )
+    from spo_align.experiment.summary import write_summary
     from spo_align.plots.compare import write_experiment_curves
 
     win_rates, result.files = write_win_rates(experiment, judge)
@@ -318,6 +338,7 @@ def run_experiment(experiment: LoadedExperiment, *, rerun_changed: bool = False)
     if rows:
         result.files += write_accuracy(rows, experiment)
     result.files += write_log_ratios(experiment)
+    result.files += write_summary(experiment, log_ratio_rows(experiment), rows)
     result.files += write_sweep(experiment, rows, win_rates)
     result.wall_seconds = time.perf_counter() - started
     summary = {

@@ -1,7 +1,7 @@
 """The experiment file of `spo experiment`: its schema, its loading (errors with file:line), and its plan.
 
-An experiment names an SFT recipe, the preference recipes that start from its output, the seeds, and
-how to evaluate. `load_experiment` reads the file like a recipe (duplicate keys, unknown keys with
+An experiment names an SFT recipe, or a `start` model, and the preference recipes that start from its output
+(or from that model), the seeds, and how to evaluate. `load_experiment` reads the file like a recipe (duplicate keys, unknown keys with
 did-you-mean, `--set key=value`) and raises `RecipeErrors` with `file:line:col`; `plan_stages` turns it
 into the ordered training runs (`StageStep`), every recipe validated, without importing torch.
 Running them is `experiment/runner.py`; the tables are `experiment/report.py`; a sweep's values and the keys
@@ -16,7 +16,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from spo_align.experiment.eval_section import EvalSection, GenerationSection, JudgeSection
 from spo_align.experiment.sweep import SWEEPABLE, StagePoint, SweepValue, owned_by_experiment, run_label
 from spo_align.os_errors import file_in_the_way
 from spo_align.recipe.errors import RecipeError, RecipeErrors, did_you_mean
@@ -36,6 +37,8 @@ from spo_align.recipe.paths import data_file_name, expand_path_keys
 from spo_align.recipe.yaml_positions import KeyPath, Positions, dotted, read_yaml_file
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+START_NAME = "start"
+"""The `start` model's label in the tables when an experiment has no SFT stage (reserved as a stage name)."""
 
 
 # ---------------------------------------------------------------- schema
@@ -43,6 +46,9 @@ STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+__all__ = ["EvalSection", "GenerationSection", "JudgeSection"]  # the eval section's models, read here as before
 
 
 class StageSpec(_Section):
@@ -105,63 +111,20 @@ class StageSpec(_Section):
         return points
 
 
-class GenerationSection(_Section):
-    """How every model answers the test prompts (the seed is the experiment's seed)."""
-
-    max_new_tokens: int = Field(512, gt=0)
-    batch_size: int = Field(8, gt=0)
-    temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    engine: Literal["transformers", "vllm"] = Field("transformers", description="vllm only when installed.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto")
-
-
-class JudgeSection(_Section):
-    """Who decides which of two answers is better."""
-
-    type: Literal["reference", "openai"] = Field(
-        description="reference: a right answer beats a wrong one, else a tie (needs reference answers; offline). "
-        "openai: any OpenAI-compatible chat API."
-    )
-    model: str | None = Field(None, description="openai: the judge model, e.g. gpt-4o.")
-    base_url: str | None = Field(None, description="openai: API base URL for a local or other compatible server.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
-    concurrency: int = Field(8, gt=0, description="openai: judge calls in flight at once.")
-
-    @model_validator(mode="after")
-    def _fields_match_type(self) -> JudgeSection:
-        if self.type == "openai" and not self.model:
-            raise ValueError("judge type 'openai' needs 'model' (e.g. gpt-4o)")
-        if self.type == "reference" and (self.model is not None or self.base_url is not None):
-            raise ValueError("judge type 'reference' takes no 'model' or 'base_url'")
-        return self
-
-
-class EvalSection(_Section):
-    prompts: str = Field(
-        description="Test prompts: a JSONL file (id, prompt, optional reference; relative to the experiment "
-        "file) or a hub dataset as name:split, e.g. HuggingFaceH4/ultrafeedback_binarized:test_prefs."
-    )
-    n: int | None = Field(200, gt=0, description="Use the first n prompts; null for all.")
-    generation: GenerationSection = Field(default_factory=GenerationSection)
-    judge: JudgeSection
-    accuracy_by: str | None = Field(
-        None,
-        description="Field of the JSONL prompt file to break reference accuracy down by (true/false fields "
-        "give columns '<field>' and 'no-<field>'). Needs reference answers.",
-    )
-    n_bootstrap: int = Field(1000, gt=0, description="Bootstrap resamples for the win-rate intervals.")
-
-
 class Experiment(_Section):
     """A whole experiment file."""
 
     description: str | None = Field(None, description="What this experiment is for.")
     output_dir: Path = Field(description="Where everything goes (relative to the working directory).")
     seeds: list[int] = Field(min_length=1, description="Each seed trains every stage once (training.seed).")
-    sft: StageSpec = Field(description="The SFT run every preference run starts from.")
+    sft: StageSpec | None = Field(None, description="The SFT run every preference run starts from (or give `start`).")
+    start: str | None = Field(
+        None,
+        description="Instead of `sft`: the model every preference run starts from, as it is (a hub id or a model "
+        "folder); evaluated beside them as 'start'. Offline, e.g. --set start=$(spo packaged-model smollm2-135m-instruct).",
+    )
     preference: list[StageSpec] = Field(
-        min_length=1, description="Preference runs; each starts from the same seed's SFT output."
+        min_length=1, description="Preference runs; each starts from the same seed's SFT output, or from `start`."
     )
     recipe_set: list[str] = Field(
         default_factory=list,
@@ -175,19 +138,39 @@ class Experiment(_Section):
     )
     eval: EvalSection
 
+    @field_validator("start")
+    @classmethod
+    def _start(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("start must name a model: a hub id or a model folder")
+        return value
+
     @model_validator(mode="after")
     def _distinct(self) -> Experiment:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
-        if self.sft.sweep:
+        if (self.sft is None) == (self.start is None):
+            raise ValueError(
+                "give either 'sft' (an SFT run every preference run starts from) or 'start' (a model they start "
+                "from as it is), not both" if self.sft is not None else
+                "required key 'sft' or 'start' is missing: what the preference runs start from"
+            )
+        if self.sft is not None and self.sft.sweep:
             raise ValueError("the sft stage takes no sweep: every preference run starts from its one output")
-        names = [self.sft.name, *(point.name for p in self.preference for point in p.points())]
+        names = [self.base_name, *(point.name for p in self.preference for point in p.points())]
+        if self.start is not None and START_NAME in names[1:]:
+            raise ValueError(f"'{START_NAME}' is reserved for the start model in the tables; rename that stage")
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"stage names must be distinct; repeated: {', '.join(repeated)}")
         if "generations" in names:
             raise ValueError("'generations' is reserved for the answers folder; rename that stage")
         return self
+
+    @property
+    def base_name(self) -> str:
+        """What every preference run starts from, as named in the tables: the SFT stage, or 'start'."""
+        return self.sft.name if self.sft is not None else START_NAME
 
 
 @dataclass(frozen=True)
@@ -212,8 +195,23 @@ class LoadedExperiment:
 
     @property
     def stage_names(self) -> list[str]:
-        """Every run's name: the SFT stage, then each preference stage's points."""
-        return [self.spec.sft.name, *(point.name for point in self.points)]
+        """Every evaluated model's name: the SFT stage (or the start model), then each preference stage's points."""
+        return [self.spec.base_name, *(point.name for point in self.points)]
+
+    @property
+    def start_model(self) -> str | None:
+        """The `start` model as a preference run's model.name_or_path: an existing folder (relative to the
+        working directory) made absolute, a hub id as written; None with an SFT stage."""
+        start = self.spec.start
+        if start is None:
+            return None
+        return str(Path(start).resolve()) if Path(start).is_dir() else start
+
+    def model_path(self, seed: int, name: str) -> str:
+        """Where the evaluated model `name` of `seed` is: its run folder, or the start model."""
+        if self.spec.sft is None and name == START_NAME:
+            return str(self.start_model)
+        return str(self.seed_dir(seed) / name)
 
     @property
     def points(self) -> list[StagePoint]:
@@ -269,7 +267,7 @@ def _errors_from(exc: ValidationError, positions: Positions, file: str) -> list[
 
 def _path_keys(data: dict[str, Any]) -> list[KeyPath]:
     """The keys of an experiment that hold paths; `$VAR`, `${VAR}` and `~` in them are expanded when read."""
-    keys: list[KeyPath] = [("output_dir",), ("sft", "recipe"), ("eval", "prompts")]
+    keys: list[KeyPath] = [("output_dir",), ("sft", "recipe"), ("start",), ("eval", "prompts"), ("eval", "pairs")]
     preference = data.get("preference")
     if isinstance(preference, list):
         keys += [("preference", index, "recipe") for index in range(len(preference))]
@@ -278,7 +276,9 @@ def _path_keys(data: dict[str, Any]) -> list[KeyPath]:
 
 def _owned_keys_set(spec: Experiment) -> list[tuple[KeyPath, str]]:
     """A `set` (or `recipe_set`) of a key the experiment sets itself after it, which would be overridden."""
-    lists: list[tuple[KeyPath, list[str], bool]] = [(("recipe_set",), spec.recipe_set, False), (("sft", "set"), spec.sft.set, False)]
+    lists: list[tuple[KeyPath, list[str], bool]] = [(("recipe_set",), spec.recipe_set, False)]
+    if spec.sft is not None:
+        lists.append((("sft", "set"), spec.sft.set, False))
     lists += [(("preference", i, "set"), stage.set, True) for i, stage in enumerate(spec.preference)]
     findings: list[tuple[KeyPath, str]] = []
     for where, entries, preference in lists:
@@ -318,7 +318,8 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperime
     blocker = out if out.exists() and not out.is_dir() else file_in_the_way(out)
     if blocker is not None:
         findings.append((("output_dir",), f"output_dir cannot be created: {blocker} is a file, not a folder"))
-    for key, stage in [(("sft",), spec.sft), *((("preference", i), p) for i, p in enumerate(spec.preference))]:
+    stages = [(("sft",), spec.sft)] if spec.sft is not None else []
+    for key, stage in [*stages, *((("preference", i), p) for i, p in enumerate(spec.preference))]:
         if not (loaded.base_dir / stage.recipe).is_file():
             findings.append((key + ("recipe",), f"recipe file not found: {loaded.base_dir / stage.recipe}"))
     prompts = spec.eval.prompts
@@ -326,6 +327,8 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> LoadedExperime
     if looks_local and not (loaded.base_dir / prompts).is_file():
         findings.append((("eval", "prompts"), f"prompt file not found: {loaded.base_dir / prompts}"))
     findings += _owned_keys_set(spec)
+    if spec.eval.pairs is not None and not (loaded.base_dir / spec.eval.pairs).is_file():
+        findings.append((("eval", "pairs"), f"held-out pair file not found: {loaded.base_dir / spec.eval.pairs}"))
     if spec.eval.accuracy_by is not None and not looks_local:
         findings.append((("eval", "accuracy_by"), "accuracy_by reads a field of a local JSONL prompt file"))
     if findings:
@@ -363,17 +366,17 @@ def plan_stages(experiment: LoadedExperiment) -> list[StageStep]:
     spec = experiment.spec
     steps: list[StageStep] = []
     errors: list[RecipeError] = []
-    runs = [(spec.sft, StagePoint(spec.sft.name, spec.sft.name))]
+    runs = [(spec.sft, StagePoint(spec.sft.name, spec.sft.name))] if spec.sft is not None else []
     runs += [(stage, point) for stage in spec.preference for point in stage.points()]
     for seed in spec.seeds:
-        sft_dir = experiment.seed_dir(seed) / spec.sft.name
+        starts_from = str(experiment.seed_dir(seed) / spec.sft.name) if spec.sft is not None else experiment.start_model
         for stage, point in runs:
             out = experiment.seed_dir(seed) / point.name
             # The experiment's seed, then the stage's own keys (a `set` or `sweep` of training.seed wins), then
             # the keys the experiment owns (refused in `set` and `sweep` when the file is read).
             overrides = [*spec.recipe_set, f"training.seed={seed}", *stage.set, *point.overrides, f"output.dir={out}"]
             if stage is not spec.sft:
-                overrides.append(f"model.name_or_path={sft_dir}")
+                overrides.append(f"model.name_or_path={starts_from}")
             recipe_path = (experiment.base_dir / stage.recipe).resolve()
             try:
                 recipe = load_recipe(recipe_path, overrides)

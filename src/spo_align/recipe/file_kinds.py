@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_EXPERIMENT_KEYS = ("sft", "preference", "seeds", "recipe_set")
+_EXPERIMENT_KEYS = ("sft", "start", "preference", "seeds", "recipe_set")
 _DEEPSPEED_KEYS = ("zero_optimization", "train_micro_batch_size_per_gpu", "train_batch_size", "gradient_clipping")
 
 
