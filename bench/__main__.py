@@ -1,8 +1,8 @@
 """`python -m bench`: the performance bench of spo-align.
 
-    python -m bench run [--size full|toy|gpu|gpu-cpu] [--parts preference,sft,logp] [--rounds N]
+    python -m bench run [--size real|full|toy|gpu|gpu-cpu] [--parts preference,sft,logp] [--rounds N]
                         [--work-dir DIR] [--results-dir DIR] [--budget-s S]
-    python -m bench profile RUN [--size full|toy]   (one preference run under torch.profiler)
+    python -m bench profile RUN [--size real|full|toy]   (one preference run under torch.profiler)
     python -m bench gemm [--threads 2] [--width 256]   (matrix-product rate against row count)
     python -m bench env OUT.json         (the machine's facts, for the GPU check)
     python -m bench gpu-report --size gpu --work-dir DIR --results-dir DIR [--command TEXT]
@@ -38,11 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--size",
         choices=sorted(SIZES),
-        default="full",
-        help="full: the CPU bench; toy: seconds; gpu: the GPU check's runs; gpu-cpu: the same pipeline on CPU at toy size",
+        default="real",
+        help="real: SmolLM2-135M-Instruct with LoRA vs TRL (the main case); full: a random 5M-parameter model, "
+        "full fine-tuning; toy: seconds; gpu: the GPU check's runs; gpu-cpu: the same pipeline on CPU at toy size",
     )
     run.add_argument(
-        "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)"
+        "--parts", default=None, help=f"comma-separated subset of {','.join(PARTS)} (default: the size's own)"
     )
     run.add_argument("--rounds", type=int, default=None, help="fresh-process repetitions per run (default: size's)")
     run.add_argument("--work-dir", type=Path, default=None, help="scratch folder (model, data, run outputs)")
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     prof = sub.add_parser("profile", help="one preference run under torch.profiler: top operators by self CPU time")
     prof.add_argument("run", help="trl | spo-padded | spo-packed | spo-packed-precompute")
-    prof.add_argument("--size", choices=sorted(SIZES), default="full")
+    prof.add_argument("--size", choices=sorted(SIZES), default="real")
     prof.add_argument("--rows", type=int, default=25, help="operators to list")
     prof.add_argument("--work-dir", type=Path, default=None)
     prof.add_argument("--out", type=Path, default=None, help="file for the table (default: bench/results/profile-RUN.txt)")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if SIZES[args.size].gpu is not None:
         return _run_gpu_check(args, argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    parts = list(SIZES[args.size].parts) if args.parts is None else [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         logger.error("unknown part(s) %s; choose from %s", ", ".join(unknown), ", ".join(PARTS))

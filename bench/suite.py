@@ -17,6 +17,8 @@ from bench.pairs import (
     make_conversations,
     make_pairs,
     pair_token_counts,
+    real_pair_tokens,
+    single_token_words,
     write_jsonl,
     write_model,
 )
@@ -52,6 +54,8 @@ def _init_device(work: Workload) -> str:
 def prepare(config: BenchConfig) -> WorkloadFiles:
     work = config.workload
     root = Path(config.work_dir).resolve()
+    if work.model is not None:
+        return _prepare_real(config, root)
     model_dir = write_model(root / "model", work.shape, seed=work.seed, device=_init_device(work), dtype=work.dtype)
     pairs = make_pairs(work.n_pairs, work.lengths, work.shape.vocab_size, seed=work.seed)
     rows = make_conversations(work.sft_rows, work.lengths, work.shape.vocab_size, seed=work.seed + 1000)
@@ -64,6 +68,26 @@ def prepare(config: BenchConfig) -> WorkloadFiles:
     )
 
 
+def _prepare_real(config: BenchConfig, root: Path) -> WorkloadFiles:
+    """A packaged real model (converted once into the cache) and pairs written in its own tokens' words."""
+    from transformers import AutoTokenizer
+
+    from spo_align.packaged_model import materialise
+
+    work = config.workload
+    assert work.model is not None
+    model_dir = materialise(work.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = single_token_words(tokenizer)
+    pairs = make_pairs(work.n_pairs, work.lengths, len(vocab), seed=work.seed, vocab=vocab)
+    return WorkloadFiles(
+        model_dir=model_dir,
+        pairs=write_jsonl(pairs, root / f"pairs-{work.model}.jsonl"),
+        sft_rows=write_jsonl([], root / f"sft-{work.model}.jsonl"),
+        pair_tokens=real_pair_tokens(tokenizer, pairs),
+    )
+
+
 def preference_jobs(config: BenchConfig, files: WorkloadFiles) -> list[Job]:
     """(a) TRL, (b) padded, (c) packed, (d) packed + precompute (the GPU check has its own plan: gpu_plan)."""
     root = Path(config.work_dir).resolve() / "runs"
@@ -72,9 +96,14 @@ def preference_jobs(config: BenchConfig, files: WorkloadFiles) -> list[Job]:
     def job(name: str, task: str, **extra: Any) -> Job:
         return Job(name, task, {"workload": config.workload.to_json(), **paths, "out_dir": str(root / name), **extra})
 
-    jobs = [job("trl", "trl")]
-    for variant in ("padded", "packed", "packed_precompute"):
-        jobs.append(job("spo-" + variant.replace("_", "-"), "spo", variant=variant))
+    jobs = []
+    for name in config.runs:
+        if name == "trl":
+            jobs.append(job("trl", "trl"))
+        elif name.startswith("spo-"):
+            jobs.append(job(name, "spo", variant=name[len("spo-") :].replace("-", "_")))
+        else:
+            raise ValueError(f"unknown bench run {name!r}")
     return jobs
 
 

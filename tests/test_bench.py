@@ -153,15 +153,18 @@ def test_trl_and_spo_train_on_exactly_the_same_tokens(tmp_path: Path):
     from bench.suite import prepare
     from bench.trl_baseline import run_trl
 
-    # 2 pairs per micro-batch x 2 accumulation steps: tokens are counted per micro-batch, steps per update
-    work = dataclasses.replace(TOY.workload, pairs_per_device=2, grad_accum=2)
+    # 2 pairs per micro-batch x 2 accumulation steps: tokens are counted per micro-batch, steps per update;
+    # LoRA on both sides, checkpointing set off on both (TRL's default is on), as in the real-model case
+    work = dataclasses.replace(TOY.workload, pairs_per_device=2, grad_accum=2, lora_r=4, lora_alpha=8.0)
     config = dataclasses.replace(TOY, work_dir=tmp_path, workload=work)
     files = prepare(config)
     trl = run_trl(work, files.model_dir, files.pairs, tmp_path / "trl")
     spo = run_spo(dataclasses.replace(work, loss="spo"), "packed", files.model_dir, files.pairs, tmp_path / "spo")
     assert trl["real_tokens"] == spo["real_tokens"] == files.pair_tokens
     assert trl["steps"] == spo["steps"] == work.steps == 2
-    assert trl["has_reference_model"]
+    assert not trl["has_reference_model"]  # peft model: TRL's reference is the adapter-off policy, as spo's
+    assert trl["gradient_checkpointing"] is False and spo["gradient_checkpointing"] is False
+    assert trl["lora_r"] == spo["lora_r"] == 4
     assert trl["padding_share"] > 0.05
     assert spo["padding_share"] == 0.0
     assert spo["loop_s"] > 0 and trl["loop_s"] > 0
