@@ -52,9 +52,10 @@ def _parser() -> argparse.ArgumentParser:
         "--budget-s", type=float, default=None, help="stop starting jobs after this many seconds (they are listed as skipped)"
     )
     prof = sub.add_parser("profile", help="one preference run under torch.profiler: top operators by self CPU time")
-    prof.add_argument("run", help="trl | spo-padded | spo-packed | spo-packed-precompute")
+    prof.add_argument("run", help="one of the size's runs: trl | spo-padded | spo-packed | spo-packed-precompute")
     prof.add_argument("--size", choices=sorted(SIZES), default="real")
     prof.add_argument("--rows", type=int, default=25, help="operators to list")
+    prof.add_argument("--steps", type=int, default=None, help="profile only the first N optimizer steps' pairs")
     prof.add_argument("--work-dir", type=Path, default=None)
     prof.add_argument("--out", type=Path, default=None, help="file for the table (default: bench/results/profile-RUN.txt)")
     gemm = sub.add_parser("gemm", help="matrix-product rate against row count (explains row-by-row costs)")
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.profile import profile_run, write_profile
 
         config = with_dirs(SIZES[args.size], args.work_dir, None, None)
-        text = profile_run(config, args.run, args.rows)
+        text = profile_run(config, args.run, args.rows, args.steps)
         out = write_profile(text, args.out or config.results_dir / f"profile-{args.run}.txt")
         print(text)
         logger.info("wrote %s", out)

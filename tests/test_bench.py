@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.clock import LoopTimes, batch_tokens
+from bench.clock import LoopTimes, batch_tokens, batch_work
 from bench.config import TOY
 from bench.harness import BenchJobError, Job, run_job
 from bench.pairs import LengthModel, make_pairs, pair_token_counts, sample_lengths
@@ -57,6 +57,15 @@ def test_batch_tokens_counts_padding_from_the_mask_and_none_in_packed_rows():
     assert batch_tokens(packed) == (37, 37)
     packed["num_real_tokens"] = torch.tensor(30)
     assert batch_tokens(packed) == (30, 37)
+
+
+def test_batch_work_counts_scored_tokens_and_the_attention_each_layout_computes():
+    torch = pytest.importorskip("torch")
+    labels = torch.tensor([[-100, 1, 2, -100, -100], [1, 1, 1, 1, -100]])
+    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5), "labels": labels}
+    assert batch_work(padded) == (6, 2 * 5 * 5)  # a mask is given: the kernel computes every row whole
+    packed = {"input_ids": torch.zeros(1, 7, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])}
+    assert batch_work(packed) == (7, 6 + 3 + 3)  # per sequence, causal: s(s+1)/2 each; no labels: every slot
 
 
 def test_loop_summary_ignores_the_batch_fetched_ahead_and_the_pre_loop_pass():
