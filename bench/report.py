@@ -37,6 +37,8 @@ REAL_TARGETS = {
     "spo-padded": {"speed_min": 1.0, "peak_rss_ratio_max": None},
 }
 LOGP_TARGET_RATIO_MAX = 0.25
+MATMUL_PEAK = "matmul-peak"
+"""The job that measures the CPU's dense fp32 matrix-product rate at the bench's threads, once per round."""
 PACKED_PADDING_SHARE_MAX = 0.05
 
 
@@ -81,6 +83,10 @@ def _training_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "loop_s": med("loop_s"),
         "wall_s": med("wall_s"),
         "per_round_wall_s": [r["wall_s"] for r in ok],
+        "executed_tflop": _median([r["executed_flops"]["total"] / 1e12 if "executed_flops" in r else None for r in ok]),
+        "executed_terms_tflop": {k: v / 1e12 for k, v in ok[0]["executed_flops"].items()} if ok and "executed_flops" in ok[0] else None,
+        "gflop_per_s": med("gflop_per_s"),
+        "share_of_matmul_peak": med("share_of_matmul_peak"),
         "precompute_s": med("precompute_s"),
         "real_tokens": med("real_tokens"),
         "steps": med("steps"),
@@ -100,9 +106,35 @@ def _paired(results: dict[str, list[dict[str, Any]]], name: str, key: str) -> li
     return out
 
 
+def _add_flops(results: dict[str, list[dict[str, Any]]], dims: Any, lora_r: int | None) -> float | None:
+    """Executed FLOPs and GFLOP/s of every training run (bench/flops.py); returns the median matrix-product
+    peak (FLOP/s) of the rounds' `matmul-peak` jobs, if any ran."""
+    from bench.flops import executed_flops
+
+    peaks = [r["flops_per_s"] for r in results.get(MATMUL_PEAK, []) if "error" not in r]
+    peak = statistics.median(peaks) if peaks else None
+    for name, runs in results.items():
+        if name == MATMUL_PEAK:
+            continue
+        for run in runs:
+            if "error" in run or "labelled_tokens" not in run or dims is None:
+                continue
+            terms = executed_flops(dims, run, engine="trl" if name.startswith("trl") else "spo", lora_r=lora_r)
+            run["executed_flops"] = terms
+            run["gflop_per_s"] = terms["total"] / run["loop_s"] / 1e9 if run["loop_s"] > 0 else None
+            run["share_of_matmul_peak"] = terms["total"] / run["loop_s"] / peak if peak and run["loop_s"] > 0 else None
+    return peak
+
+
 def summarize_preference(
-    results: dict[str, list[dict[str, Any]]], pair_tokens: int, real_targets: bool = False
+    results: dict[str, list[dict[str, Any]]],
+    pair_tokens: int,
+    real_targets: bool = False,
+    dims: Any = None,
+    lora_r: int | None = None,
 ) -> dict[str, Any]:
+    peak = _add_flops(results, dims, lora_r)
+    results = {name: runs for name, runs in results.items() if name != MATMUL_PEAK}
     rows = [_training_row(name, runs) for name, runs in results.items()]
     checks = []
     base = next((row for row in rows if row["name"] == "trl"), None)
@@ -153,7 +185,7 @@ def summarize_preference(
                     and row["padding_share"] < PACKED_PADDING_SHARE_MAX,
                 }
             )
-    return {"rows": rows, "targets": checks, "pair_tokens": pair_tokens}
+    return {"rows": rows, "targets": checks, "pair_tokens": pair_tokens, "matmul_peak_flops_per_s": peak}
 
 
 def summarize_sft(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -236,8 +268,17 @@ def build_report(config: BenchConfig, raw: dict[str, Any], command: str) -> dict
     }
     parts = {name: part for name, part in parts.items() if part["results"]}
     if "preference" in parts:
+        dims = None
+        if raw.get("model_dir"):
+            from bench.flops import Dims
+
+            dims = Dims.from_folder(Path(raw["model_dir"]))
         report["preference"] = summarize_preference(
-            parts["preference"]["results"], raw["pair_tokens"], real_targets=config.workload.model is not None
+            parts["preference"]["results"],
+            raw["pair_tokens"],
+            real_targets=config.workload.model is not None,
+            dims=dims,
+            lora_r=config.workload.lora_r,
         )
         report["preference"]["seconds"] = parts["preference"]["seconds"]
     if "sft" in parts:
@@ -389,6 +430,26 @@ def _cpu_preference_lines(pref: dict[str, Any]) -> list[str]:
             + ", ".join(_f(v, 1) for v in row.get("per_round_wall_s", []))
             + " |"
         )
+    if any(row.get("executed_tflop") for row in pref["rows"]):
+        peak = pref.get("matmul_peak_flops_per_s")
+        lines += [
+            "",
+            "Executed FLOPs (bench/flops.py: linear layers over every forwarded slot, attention over the score "
+            "entries each layout computes, the LM head over the tokens it is applied to; backward and the "
+            "reference forward included). Share of peak = GFLOP/s over the loop / the CPU's dense fp32 "
+            "matrix-product rate measured at the same threads in every round (`matmul-peak`, 2048^3, median"
+            + (f": {peak / 1e9:,.1f} GFLOP/s" if peak else ": not measured")
+            + "). No published peak is used: the machine's CPU model and clocks are not published for this VM.",
+            "",
+            "| run | TFLOP (epoch) | of which attention | of which LM head (incl. recompute) | GFLOP/s | share of measured peak |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in pref["rows"]:
+            terms = row.get("executed_terms_tflop") or {}
+            lines.append(
+                f"| {row['label']} | {_f(row.get('executed_tflop'), 2)} | {_f(terms.get('attention_all'), 2)} | "
+                f"{_f(terms.get('head_all'), 2)} | {_f(row.get('gflop_per_s'), 1)} | {_pct(row.get('share_of_matmul_peak'))} |"
+            )
     lines += ["", "Per-round real tokens/s: " + "; ".join(
         f"{row['name']} " + ", ".join(_f(v) for v in row["per_round_tokens_per_s"]) for row in pref["rows"]
     ), ""]

@@ -22,6 +22,7 @@ from bench.pairs import (
     write_jsonl,
     write_model,
 )
+from bench.report import MATMUL_PEAK
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ def preference_jobs(config: BenchConfig, files: WorkloadFiles) -> list[Job]:
         return Job(name, task, {"workload": config.workload.to_json(), **paths, "out_dir": str(root / name), **extra})
 
     jobs = []
+    if config.workload.model is not None:  # the CPU's measured matrix-product rate, once per round
+        spec = {"size": 2048, "repeats": 10, "dtype": "float32"}
+        jobs.append(Job(MATMUL_PEAK, "peak", spec))
     for name in config.runs:
         if name == "trl":
             jobs.append(job("trl", "trl"))
@@ -144,6 +148,7 @@ def run_bench(
         "started": started,
         "seconds": 0.0,
         "pair_tokens": files.pair_tokens,
+        "model_dir": str(files.model_dir),
         "parts": {},
         "load_average_start": os.getloadavg()[0],
     }
