@@ -261,7 +261,7 @@ REAL = BenchConfig(
     runs=("trl", "spo-padded", "spo-packed"),
     parts=("preference",),
     name="real",
-    job_timeout_s=1200.0,
+    job_timeout_s=3600.0,
 )
 
 
