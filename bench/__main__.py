@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--size", choices=sorted(SIZES), default="real")
     prof.add_argument("--rows", type=int, default=25, help="operators to list")
     prof.add_argument("--steps", type=int, default=None, help="profile only the first N optimizer steps' pairs")
+    prof.add_argument("--memory", action="store_true", help="also record allocations (slower) and list operators by memory")
     prof.add_argument("--work-dir", type=Path, default=None)
     prof.add_argument("--out", type=Path, default=None, help="file for the table (default: bench/results/profile-RUN.txt)")
     gemm = sub.add_parser("gemm", help="matrix-product rate against row count (explains row-by-row costs)")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.profile import profile_run, write_profile
 
         config = with_dirs(SIZES[args.size], args.work_dir, None, None)
-        text = profile_run(config, args.run, args.rows, args.steps)
+        text = profile_run(config, args.run, args.rows, args.steps, args.memory)
         out = write_profile(text, args.out or config.results_dir / f"profile-{args.run}.txt")
         print(text)
         logger.info("wrote %s", out)

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -39,9 +40,17 @@ PHASES = (
 )
 
 
+def current_rss_mb() -> float:
+    """This process's resident set now, in MB (10^6 bytes), from /proc (0 where it cannot be read)."""
+    from bench.harness import rss_mb
+
+    return rss_mb(os.getpid()) or 0.0
+
+
 @contextlib.contextmanager
-def labelled_phases(clock: dict[str, list[float]]) -> Iterator[None]:
-    """Wrap the phase functions with `record_function` labels and a wall clock (restored afterwards)."""
+def labelled_phases(clock: dict[str, list[float]], resident: dict[str, float]) -> Iterator[None]:
+    """Wrap the phase functions with `record_function` labels, a wall clock and the resident set at each
+    phase's end (largest over its calls), restored afterwards."""
     import importlib
 
     from torch.profiler import record_function
@@ -60,6 +69,7 @@ def labelled_phases(clock: dict[str, list[float]]) -> Iterator[None]:
                     return __original(*args, **kwargs)
                 finally:
                     clock[__label].append(time.perf_counter() - began)
+                    resident[__label] = max(resident.get(__label, 0.0), current_rss_mb())
 
         setattr(owner, attr, functools.wraps(original)(wrapped))
         undo.append((owner, attr, original))
@@ -70,7 +80,9 @@ def labelled_phases(clock: dict[str, list[float]]) -> Iterator[None]:
             setattr(owner, attr, original)
 
 
-def profile_run(config: BenchConfig, run: str, rows: int = 25, steps: int | None = None) -> str:
+def profile_run(
+    config: BenchConfig, run: str, rows: int = 25, steps: int | None = None, memory: bool = False
+) -> str:
     """Run one preference job under the profiler; return the phase table and the operator tables as text."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -87,7 +99,8 @@ def profile_run(config: BenchConfig, run: str, rows: int = 25, steps: int | None
     job = jobs[run]
     set_threads(config.workload.threads)
     clock: dict[str, list[float]] = defaultdict(list)
-    with labelled_phases(clock), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    resident: dict[str, float] = {}
+    with labelled_phases(clock, resident), profile(activities=[ProfilerActivity.CPU], profile_memory=memory) as prof:
         result: dict[str, Any] = run_spec({"task": job.task, **job.spec})
     averages = prof.key_averages()
     header = (
@@ -96,17 +109,23 @@ def profile_run(config: BenchConfig, run: str, rows: int = 25, steps: int | None
         f"loop {result['loop_s']:.1f} s under the profiler, peak RSS {peak_rss_mb():,.0f} MB\n"
     )
     phase_lines = ["", "Phases (wall seconds under the profiler; nested: the loss forward holds decoder, head and reference):", ""]
-    phase_lines += ["| phase | calls | seconds | per step |", "| --- | ---: | ---: | ---: |"]
+    phase_lines += [
+        "| phase | calls | calls per step | seconds | per step | largest RSS at its end (MB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    steps_run = max(1, result["steps"])
     for _, _, label in PHASES:
         values = clock.get(label, [])
         if values:
-            per_step = sum(values) / max(1, result["steps"])
-            phase_lines.append(f"| {label} | {len(values)} | {sum(values):.2f} | {per_step:.2f} |")
+            phase_lines.append(
+                f"| {label} | {len(values)} | {len(values) / steps_run:g} | {sum(values):.2f} | "
+                f"{sum(values) / steps_run:.2f} | {resident.get(label, 0.0):,.0f} |"
+            )
     by_time = averages.table(sort_by="self_cpu_time_total", row_limit=rows)
-    by_memory = averages.table(sort_by="self_cpu_memory_usage", row_limit=rows)
-    return "\n".join(
-        [header, *phase_lines, "", "Top operators by self CPU time:", by_time, "", "Top operators by memory allocated:", by_memory]
-    )
+    tables = [header, *phase_lines, "", "Top operators by self CPU time:", by_time]
+    if memory:
+        tables += ["", "Top operators by memory allocated:", averages.table(sort_by="self_cpu_memory_usage", row_limit=rows)]
+    return "\n".join(tables)
 
 
 def write_profile(text: str, out: Path) -> Path:
