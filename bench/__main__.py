@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
         "--parts", default=None, help=f"comma-separated subset of {','.join(PARTS)} (default: the size's own)"
     )
     run.add_argument("--rounds", type=int, default=None, help="fresh-process repetitions per run (default: size's)")
+    run.add_argument(
+        "--runs", default=None, help="comma-separated preference runs, in the order each round runs them (default: the size's)"
+    )
+    run.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="an earlier report (JSON) of the same size whose results are kept for the runs not run now",
+    )
     run.add_argument("--work-dir", type=Path, default=None, help="scratch folder (model, data, run outputs)")
     run.add_argument("--results-dir", type=Path, default=None, help="where the JSON and Markdown go")
     run.add_argument(
@@ -131,12 +140,24 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("--rounds must be >= 1")
         return 2
     config = with_dirs(SIZES[args.size], args.work_dir, args.results_dir, args.rounds)
+    if args.runs is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, runs=tuple(r.strip() for r in args.runs.split(",") if r.strip()))
     command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+    reused = None
+    if args.reuse is not None:
+        earlier = json.loads(args.reuse.read_text(encoding="utf-8"))
+        if earlier.get("size") != config.name:
+            logger.error("--reuse %s holds a %s report, not %s", args.reuse, earlier.get("size"), config.name)
+            return 2
+        reused = earlier["raw"]
+        command += f"  (kept from the earlier report, runs not run now: {earlier['command']})"
 
     def interim(raw: dict) -> None:  # keep what was measured if the run is interrupted
         write_report(build_report(config, raw, command + "  (interrupted: partial results)"), config.results_dir)
 
-    raw = run_bench(config, parts, budget_s=args.budget_s, progress=interim)  # type: ignore[arg-type]
+    raw = run_bench(config, parts, budget_s=args.budget_s, progress=interim, reused=reused)  # type: ignore[arg-type]
     report = build_report(config, raw, command)
     json_path, md_path = write_report(report, config.results_dir)
     print(md_path.read_text(encoding="utf-8"))

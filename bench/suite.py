@@ -136,10 +136,13 @@ def run_bench(
     parts: Iterable[Part],
     budget_s: float | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    reused: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
 ) -> dict[str, Any]:
     """Run the chosen parts; returns the raw results per part and when each ran. With `budget_s`, jobs
     that would start after the budget is spent are recorded as skipped (the report still gets written).
-    `progress` gets the raw results so far after every job."""
+    `progress` gets the raw results so far after every job. `reused` (part -> run -> results, from an
+    earlier report's ``raw``) adds the earlier results of runs this invocation does not run, with their
+    round numbers, so that a round cut short can be completed by a second invocation."""
     parts = tuple(parts)
     started = time.time()
     deadline = None if budget_s is None else time.monotonic() + budget_s
@@ -163,8 +166,14 @@ def run_bench(
         entry: dict[str, Any] = {"started": part_started, "seconds": 0.0, "results": {}}
         raw["parts"][part] = entry
 
-        def seen(results: dict[str, list[dict[str, Any]]], entry: dict[str, Any] = entry) -> None:
-            entry["results"] = results
+        earlier = {
+            name: runs for name, runs in (reused or {}).get(part, {}).items() if name not in {j.name for j in jobs}
+        }
+
+        def seen(
+            results: dict[str, list[dict[str, Any]]], entry: dict[str, Any] = entry, earlier: dict = earlier
+        ) -> None:
+            entry["results"] = {**earlier, **results}
             entry["seconds"] = time.time() - entry["started"]
             raw["seconds"] = time.time() - started
             raw["load_average_end"] = os.getloadavg()[0]
