@@ -187,3 +187,27 @@ def test_a_spent_budget_skips_jobs_but_still_returns_results(tmp_path: Path):
     jobs = [Job("never-started", "logp", {"logp": TOY.logp.to_json(), "method": "full"})]
     results = run_rounds(jobs, 1, tmp_path, 1, 60, deadline=time.monotonic() + 1)
     assert results["never-started"][0]["error"].startswith("skipped")
+
+
+def test_executed_flops_count_what_each_engine_runs():
+    from bench.flops import Dims, executed_flops
+
+    dims = Dims(hidden=4, layers=2, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10)
+    # per layer: q 4x4, k 4x2, v 4x2, o 4x4, gate/up 4x8 each, down 8x4 = 16+8+8+16+32+32+32
+    assert dims.linear_params() == 2 * 144
+    run = {"token_slots": 10, "labelled_tokens": 4, "score_entries": 30}
+    linear, attention = 2 * 288 * 10, 4 * 2 * 2 * 2 * 30
+    spo = executed_flops(dims, run, engine="spo", lora_r=None)
+    head = 2 * 4 * 10 * 4  # spo's head runs on the 4 scored tokens only
+    assert spo["forward"] == linear + attention + head
+    assert spo["backward"] == 2 * (linear + attention + head)
+    assert spo["head_recompute"] == head  # the chunked head recomputes its logits in the backward
+    assert spo["reference"] == linear + attention + head
+    assert spo["total"] == 4 * (linear + attention + head) + head
+    trl = executed_flops(dims, run, engine="trl", lora_r=None)
+    assert trl["head_recompute"] == 0 and trl["forward"] == linear + attention + 2 * 4 * 10 * 10  # every slot
+    lora = executed_flops(dims, run, engine="spo", lora_r=1)
+    adapters = 2 * dims.lora_params(1) * 10
+    assert lora["backward"] == linear + 2 * adapters + 2 * attention + head  # frozen base and head: input grads
+    precompute = executed_flops(dims, {**run, "variant": "packed_precompute"}, engine="spo", lora_r=None)
+    assert precompute["reference"] == 0
