@@ -1,8 +1,8 @@
 """`python -m bench`: the performance bench of spo-align.
 
-    python -m bench run [--size full|toy|gpu|gpu-cpu] [--parts preference,sft,logp] [--rounds N]
+    python -m bench run [--size real|full|toy|gpu|gpu-cpu] [--parts preference,sft,logp] [--rounds N]
                         [--work-dir DIR] [--results-dir DIR] [--budget-s S]
-    python -m bench profile RUN [--size full|toy]   (one preference run under torch.profiler)
+    python -m bench profile RUN [--size real|full|toy]   (one preference run under torch.profiler)
     python -m bench gemm [--threads 2] [--width 256]   (matrix-product rate against row count)
     python -m bench env OUT.json         (the machine's facts, for the GPU check)
     python -m bench gpu-report --size gpu --work-dir DIR --results-dir DIR [--command TEXT]
@@ -38,22 +38,34 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--size",
         choices=sorted(SIZES),
-        default="full",
-        help="full: the CPU bench; toy: seconds; gpu: the GPU check's runs; gpu-cpu: the same pipeline on CPU at toy size",
+        default="real",
+        help="real: SmolLM2-135M-Instruct with LoRA vs TRL (the main case); full: a random 5M-parameter model, "
+        "full fine-tuning; toy: seconds; gpu: the GPU check's runs; gpu-cpu: the same pipeline on CPU at toy size",
     )
     run.add_argument(
-        "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)"
+        "--parts", default=None, help=f"comma-separated subset of {','.join(PARTS)} (default: the size's own)"
     )
     run.add_argument("--rounds", type=int, default=None, help="fresh-process repetitions per run (default: size's)")
+    run.add_argument(
+        "--runs", default=None, help="comma-separated preference runs, in the order each round runs them (default: the size's)"
+    )
+    run.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="an earlier report (JSON) of the same size whose results are kept for the runs not run now",
+    )
     run.add_argument("--work-dir", type=Path, default=None, help="scratch folder (model, data, run outputs)")
     run.add_argument("--results-dir", type=Path, default=None, help="where the JSON and Markdown go")
     run.add_argument(
         "--budget-s", type=float, default=None, help="stop starting jobs after this many seconds (they are listed as skipped)"
     )
     prof = sub.add_parser("profile", help="one preference run under torch.profiler: top operators by self CPU time")
-    prof.add_argument("run", help="trl | spo-padded | spo-packed | spo-packed-precompute")
-    prof.add_argument("--size", choices=sorted(SIZES), default="full")
+    prof.add_argument("run", help="one of the size's runs: trl | spo-padded | spo-packed | spo-packed-precompute")
+    prof.add_argument("--size", choices=sorted(SIZES), default="real")
     prof.add_argument("--rows", type=int, default=25, help="operators to list")
+    prof.add_argument("--steps", type=int, default=None, help="profile only the first N optimizer steps' pairs")
+    prof.add_argument("--memory", action="store_true", help="also record allocations (slower) and list operators by memory")
     prof.add_argument("--work-dir", type=Path, default=None)
     prof.add_argument("--out", type=Path, default=None, help="file for the table (default: bench/results/profile-RUN.txt)")
     gemm = sub.add_parser("gemm", help="matrix-product rate against row count (explains row-by-row costs)")
@@ -112,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.profile import profile_run, write_profile
 
         config = with_dirs(SIZES[args.size], args.work_dir, None, None)
-        text = profile_run(config, args.run, args.rows)
+        text = profile_run(config, args.run, args.rows, args.steps, args.memory)
         out = write_profile(text, args.out or config.results_dir / f"profile-{args.run}.txt")
         print(text)
         logger.info("wrote %s", out)
         return 0
     if SIZES[args.size].gpu is not None:
         return _run_gpu_check(args, argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    parts = list(SIZES[args.size].parts) if args.parts is None else [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         logger.error("unknown part(s) %s; choose from %s", ", ".join(unknown), ", ".join(PARTS))
@@ -128,12 +140,24 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("--rounds must be >= 1")
         return 2
     config = with_dirs(SIZES[args.size], args.work_dir, args.results_dir, args.rounds)
+    if args.runs is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, runs=tuple(r.strip() for r in args.runs.split(",") if r.strip()))
     command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+    reused = None
+    if args.reuse is not None:
+        earlier = json.loads(args.reuse.read_text(encoding="utf-8"))
+        if earlier.get("size") != config.name:
+            logger.error("--reuse %s holds a %s report, not %s", args.reuse, earlier.get("size"), config.name)
+            return 2
+        reused = earlier["raw"]
+        command += f"  (kept from the earlier report, runs not run now: {earlier['command']})"
 
     def interim(raw: dict) -> None:  # keep what was measured if the run is interrupted
         write_report(build_report(config, raw, command + "  (interrupted: partial results)"), config.results_dir)
 
-    raw = run_bench(config, parts, budget_s=args.budget_s, progress=interim)  # type: ignore[arg-type]
+    raw = run_bench(config, parts, budget_s=args.budget_s, progress=interim, reused=reused)  # type: ignore[arg-type]
     report = build_report(config, raw, command)
     json_path, md_path = write_report(report, config.results_dir)
     print(md_path.read_text(encoding="utf-8"))

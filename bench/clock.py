@@ -63,6 +63,29 @@ def batch_tokens(batch: Any) -> tuple[int, int]:
     return slots, slots
 
 
+def batch_work(batch: Any) -> tuple[int, int]:
+    """(labelled tokens, attention score entries per head and layer) of one collated batch, for counting
+    executed FLOPs. Labelled = positions whose label is scored (no labels: every slot). Score entries: a
+    padded batch (a mask is given, the kernel computes it whole) costs rows x width^2; packed rows cost
+    each sequence's causal triangle s(s+1)/2, as per-sequence attention (`sdpa_segments`) computes them."""
+    ids = batch["input_ids"]
+    labels = batch.get("labels")
+    labelled = int((labels != -100).sum()) if labels is not None else int(ids.numel())
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        rows, width = ids.shape
+        return labelled, int(rows) * int(width) ** 2
+    positions = batch.get("position_ids")
+    if positions is None:
+        rows, width = ids.shape
+        return labelled, int(rows) * int(width) * (int(width) + 1) // 2
+    entries = 0
+    for row in positions.reshape(-1, positions.shape[-1]):
+        starts = [0, *((row[1:] != row[:-1] + 1).nonzero().flatten() + 1).tolist(), int(row.numel())]
+        entries += sum((b - a) * (b - a + 1) // 2 for a, b in zip(starts[:-1], starts[1:]))
+    return labelled, entries
+
+
 @dataclass
 class LoopTimes:
     """What a Trainer's loop did: wall-clock marks (start, end of each optimizer step, end) and, per
@@ -80,6 +103,8 @@ class LoopTimes:
     """Distinct parameters of the trained model (tied embeddings counted once), for MFU."""
     batch_real: list[int] = field(default_factory=list)
     batch_slots: list[int] = field(default_factory=list)
+    batch_labelled: list[int] = field(default_factory=list)
+    batch_score_entries: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     """The training loss of every logged step, as the Trainer logged it."""
 
@@ -134,6 +159,9 @@ class LoopTimes:
                 sum(self.batch_real[i * micro_batches_per_step : (i + 1) * micro_batches_per_step]) for i in range(steps)
             ],
             "losses": list(self.losses),
+            # For executed-FLOP counts (bench/flops.py): labelled tokens and attention score entries trained on.
+            "labelled_tokens": sum(self.batch_labelled[:used]),
+            "score_entries": sum(self.batch_score_entries[:used]),
         }
 
 
@@ -166,6 +194,9 @@ def step_clock(times: LoopTimes) -> Any:
                 real, slots = batch_tokens(batch)
                 times.batch_real.append(real)
                 times.batch_slots.append(slots)
+                labelled, entries = batch_work(batch)
+                times.batch_labelled.append(labelled)
+                times.batch_score_entries.append(entries)
                 return batch
 
             loader.collate_fn = counting_collate

@@ -35,6 +35,15 @@ class Workload:
     attention: str = "sdpa"
     pack_length: int | None = None
     """Tokens per packed row; None: the recipe's default for the device (see `data.pack_length`)."""
+    model: str | None = None
+    """A packaged real model (`spo packaged-model NAME`, e.g. smollm2-135m-instruct) with its own tokenizer;
+    None: the random-weight model of `shape` with the bench's word-level tokenizer."""
+    lora_r: int | None = None
+    """LoRA rank on every linear layer of both engines (None: full fine-tuning). With LoRA the reference is
+    the policy with its adapter disabled on both sides (TRL does so for a peft model, spo for adapter runs)."""
+    lora_alpha: float = 32.0
+    gradient_checkpointing: bool = False
+    """Set explicitly on both sides: TRL 1.x turns it on by default, spo recipes leave it off."""
 
     @property
     def pairs_per_step(self) -> int:
@@ -125,6 +134,10 @@ class GpuCheck:
 @dataclass(frozen=True)
 class BenchConfig:
     workload: Workload = field(default_factory=Workload)
+    runs: tuple[str, ...] = ("trl", "spo-padded", "spo-packed", "spo-packed-precompute")
+    """Preference runs of `python -m bench run`, in the order each round runs them (TRL first, then spo's)."""
+    parts: tuple[str, ...] = ("logp", "preference", "sft")
+    """Parts `python -m bench run` runs when --parts is not given."""
     logp: LogpWork = field(default_factory=LogpWork)
     rounds: int = 3
     """Fresh-process repetitions of every run; the table shows medians."""
@@ -227,7 +240,30 @@ GPU_CPU = BenchConfig(
     ),
 )
 
-SIZES = {"full": FULL, "toy": TOY, "gpu": GPU, "gpu-cpu": GPU_CPU}
+# The main case (issue 17, item 5): the real SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49,152) as a
+# user fine-tunes it on a CPU: LoRA r 16 on all linear layers, DPO sigmoid beta 0.1, 16 UltraFeedback-layout
+# pairs with answers of about 300 tokens, 4 pairs per step, no gradient checkpointing on either side, 2
+# threads; TRL, spo padded and spo packed alternate in every round.
+REAL = BenchConfig(
+    workload=Workload(
+        model="smollm2-135m-instruct",
+        lengths=LengthModel(
+            prompt_median=60.0, prompt_sigma=0.5, response_median=300.0, response_sigma=0.2, max_length=1024
+        ),
+        n_pairs=16,
+        pairs_per_device=4,
+        learning_rate=2e-4,
+        lora_r=16,
+        lora_alpha=32.0,
+    ),
+    runs=("trl", "spo-padded", "spo-packed"),
+    parts=("preference",),
+    name="real",
+    job_timeout_s=3600.0,
+)
+
+
+SIZES = {"real": REAL, "full": FULL, "toy": TOY, "gpu": GPU, "gpu-cpu": GPU_CPU}
 
 
 def with_dirs(config: BenchConfig, work_dir: Path | None, results_dir: Path | None, rounds: int | None) -> BenchConfig:

@@ -115,10 +115,43 @@ def words(vocab_size: int) -> list[str]:
     return [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
 
 
-def make_pairs(n: int, lengths: LengthModel, vocab_size: int, seed: int) -> list[dict[str, Any]]:
-    """Conversational pairs: prompt = [user message], chosen/rejected = [assistant message]."""
+def single_token_words(tokenizer: Any, limit: int = 4000) -> list[str]:
+    """Plain lower-case words (3+ letters) that a real tokenizer encodes as one token after a space, in
+    vocabulary order: text made of them has about as many tokens as words (the exact count is taken from
+    the tokenizer, `real_pair_tokens`)."""
+    out: list[str] = []
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        word = text[1:]
+        if text.startswith(" ") and len(word) >= 3 and word.isascii() and word.isalpha() and word.islower():
+            if len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1:
+                out.append(word)
+                if len(out) >= limit:
+                    break
+    if len(out) < 100:
+        raise ValueError(f"the tokenizer has only {len(out)} single-token words; the bench needs at least 100")
+    return out
+
+
+def real_pair_tokens(tokenizer: Any, rows: list[dict[str, Any]]) -> int:
+    """Real tokens of one epoch over `rows` (prompt + chosen and prompt + rejected) through the model's own
+    chat template, as `spo train` tokenizes them (TRL must see the same count: the report checks it)."""
+    from spo_align.data.tokenize import tokenize_pair
+
+    total = 0
+    for row in rows:
+        pair = tokenize_pair(tokenizer, row["prompt"], row["chosen"][0]["content"], row["rejected"][0]["content"])
+        total += 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+    return total
+
+
+def make_pairs(
+    n: int, lengths: LengthModel, vocab_size: int, seed: int, vocab: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Conversational pairs: prompt = [user message], chosen/rejected = [assistant message]. Words are
+    drawn from `vocab` (a real tokenizer's single-token words), else from the synthetic vocabulary."""
     rng = random.Random(seed + 1)
-    vocab = words(vocab_size)
+    vocab = words(vocab_size) if vocab is None else vocab
 
     def text(count: int) -> str:
         return " ".join(rng.choice(vocab) for _ in range(count))

@@ -52,6 +52,7 @@ def _training(work: Workload, batch: int, accum: int) -> dict[str, Any]:
         "save_steps": 1_000_000,
         "save_total_limit": 1,
         "cpu_threads": work.threads,
+        "gradient_checkpointing": work.gradient_checkpointing,
     }
 
 
@@ -97,6 +98,8 @@ def preference_recipe(
         "training": _training(work, work.pairs_per_device, work.grad_accum),
         "output": {"dir": str(Path(out_dir).resolve()), "report_to": ["none"]},
     }
+    if work.lora_r is not None:
+        recipe["adapter"] = {"type": "lora", "r": work.lora_r, "alpha": work.lora_alpha, "dropout": 0.0, "target_modules": "all-linear"}
     if variant == "lora_packed":
         if lora is None:
             raise ValueError("the lora_packed variant needs LoRA settings")
@@ -209,7 +212,9 @@ def run_spo(
         "setup_s": setup_s,
         # The precomputed-reference pass runs at train begin, before the first batch.
         "precompute_s": times.pre_loop_s if variant == "packed_precompute" else None,
-        "has_reference_model": variant != "packed_precompute",
+        "has_reference_model": variant != "packed_precompute" and work.lora_r is None,
+        "lora_r": work.lora_r,
+        "gradient_checkpointing": work.gradient_checkpointing,
         "peak_rss_mb": peak_rss_mb(),
         "run_info": _reported(run_info),
     }

@@ -17,9 +17,12 @@ from bench.pairs import (
     make_conversations,
     make_pairs,
     pair_token_counts,
+    real_pair_tokens,
+    single_token_words,
     write_jsonl,
     write_model,
 )
+from bench.report import MATMUL_PEAK
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ def _init_device(work: Workload) -> str:
 def prepare(config: BenchConfig) -> WorkloadFiles:
     work = config.workload
     root = Path(config.work_dir).resolve()
+    if work.model is not None:
+        return _prepare_real(config, root)
     model_dir = write_model(root / "model", work.shape, seed=work.seed, device=_init_device(work), dtype=work.dtype)
     pairs = make_pairs(work.n_pairs, work.lengths, work.shape.vocab_size, seed=work.seed)
     rows = make_conversations(work.sft_rows, work.lengths, work.shape.vocab_size, seed=work.seed + 1000)
@@ -64,6 +69,26 @@ def prepare(config: BenchConfig) -> WorkloadFiles:
     )
 
 
+def _prepare_real(config: BenchConfig, root: Path) -> WorkloadFiles:
+    """A packaged real model (converted once into the cache) and pairs written in its own tokens' words."""
+    from transformers import AutoTokenizer
+
+    from spo_align.packaged_model import materialise
+
+    work = config.workload
+    assert work.model is not None
+    model_dir = materialise(work.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = single_token_words(tokenizer)
+    pairs = make_pairs(work.n_pairs, work.lengths, len(vocab), seed=work.seed, vocab=vocab)
+    return WorkloadFiles(
+        model_dir=model_dir,
+        pairs=write_jsonl(pairs, root / f"pairs-{work.model}.jsonl"),
+        sft_rows=write_jsonl([], root / f"sft-{work.model}.jsonl"),
+        pair_tokens=real_pair_tokens(tokenizer, pairs),
+    )
+
+
 def preference_jobs(config: BenchConfig, files: WorkloadFiles) -> list[Job]:
     """(a) TRL, (b) padded, (c) packed, (d) packed + precompute (the GPU check has its own plan: gpu_plan)."""
     root = Path(config.work_dir).resolve() / "runs"
@@ -72,9 +97,17 @@ def preference_jobs(config: BenchConfig, files: WorkloadFiles) -> list[Job]:
     def job(name: str, task: str, **extra: Any) -> Job:
         return Job(name, task, {"workload": config.workload.to_json(), **paths, "out_dir": str(root / name), **extra})
 
-    jobs = [job("trl", "trl")]
-    for variant in ("padded", "packed", "packed_precompute"):
-        jobs.append(job("spo-" + variant.replace("_", "-"), "spo", variant=variant))
+    jobs = []
+    if config.workload.model is not None:  # the CPU's measured matrix-product rate, once per round
+        spec = {"size": 2048, "repeats": 10, "dtype": "float32"}
+        jobs.append(Job(MATMUL_PEAK, "peak", spec))
+    for name in config.runs:
+        if name == "trl":
+            jobs.append(job("trl", "trl"))
+        elif name.startswith("spo-"):
+            jobs.append(job(name, "spo", variant=name[len("spo-") :].replace("-", "_")))
+        else:
+            raise ValueError(f"unknown bench run {name!r}")
     return jobs
 
 
@@ -103,10 +136,13 @@ def run_bench(
     parts: Iterable[Part],
     budget_s: float | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    reused: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
 ) -> dict[str, Any]:
     """Run the chosen parts; returns the raw results per part and when each ran. With `budget_s`, jobs
     that would start after the budget is spent are recorded as skipped (the report still gets written).
-    `progress` gets the raw results so far after every job."""
+    `progress` gets the raw results so far after every job. `reused` (part -> run -> results, from an
+    earlier report's ``raw``) adds the earlier results of runs this invocation does not run, with their
+    round numbers, so that a round cut short can be completed by a second invocation."""
     parts = tuple(parts)
     started = time.time()
     deadline = None if budget_s is None else time.monotonic() + budget_s
@@ -115,6 +151,7 @@ def run_bench(
         "started": started,
         "seconds": 0.0,
         "pair_tokens": files.pair_tokens,
+        "model_dir": str(files.model_dir),
         "parts": {},
         "load_average_start": os.getloadavg()[0],
     }
@@ -129,8 +166,14 @@ def run_bench(
         entry: dict[str, Any] = {"started": part_started, "seconds": 0.0, "results": {}}
         raw["parts"][part] = entry
 
-        def seen(results: dict[str, list[dict[str, Any]]], entry: dict[str, Any] = entry) -> None:
-            entry["results"] = results
+        earlier = {
+            name: runs for name, runs in (reused or {}).get(part, {}).items() if name not in {j.name for j in jobs}
+        }
+
+        def seen(
+            results: dict[str, list[dict[str, Any]]], entry: dict[str, Any] = entry, earlier: dict = earlier
+        ) -> None:
+            entry["results"] = {**earlier, **results}
             entry["seconds"] = time.time() - entry["started"]
             raw["seconds"] = time.time() - started
             raw["load_average_end"] = os.getloadavg()[0]

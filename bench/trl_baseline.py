@@ -69,7 +69,16 @@ def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path, *,
         dataloader_num_workers=0,
         disable_tqdm=True,
         precompute_ref_log_probs=precompute,
+        # Explicit: TRL 1.x defaults to True, the spo runs get the same value.
+        gradient_checkpointing=work.gradient_checkpointing,
     )
+    peft_config = None
+    if work.lora_r is not None:  # TRL wraps the model with peft and uses the adapter-off model as reference
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=work.lora_r, lora_alpha=work.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     times = LoopTimes()
     precompute_s: list[float] = []
 
@@ -90,6 +99,7 @@ def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path, *,
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[step_clock(times)],
+        peft_config=peft_config,
     )
     setup_s = time.perf_counter() - started
     if precompute and not precompute_s:
@@ -106,5 +116,7 @@ def run_trl(work: Workload, model_dir: Path, pairs_path: Path, out_dir: Path, *,
         "precompute_s": sum(precompute_s) if precompute else 0.0,
         "peak_rss_mb": peak_rss_mb(),
         "has_reference_model": trainer.ref_model is not None,
+        "lora_r": work.lora_r,
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "loss_finite": bool(summary["losses"]) and all(math.isfinite(x) for x in summary["losses"]),
     }

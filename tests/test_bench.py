@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.clock import LoopTimes, batch_tokens
+from bench.clock import LoopTimes, batch_tokens, batch_work
 from bench.config import TOY
 from bench.harness import BenchJobError, Job, run_job
 from bench.pairs import LengthModel, make_pairs, pair_token_counts, sample_lengths
@@ -57,6 +57,15 @@ def test_batch_tokens_counts_padding_from_the_mask_and_none_in_packed_rows():
     assert batch_tokens(packed) == (37, 37)
     packed["num_real_tokens"] = torch.tensor(30)
     assert batch_tokens(packed) == (30, 37)
+
+
+def test_batch_work_counts_scored_tokens_and_the_attention_each_layout_computes():
+    torch = pytest.importorskip("torch")
+    labels = torch.tensor([[-100, 1, 2, -100, -100], [1, 1, 1, 1, -100]])
+    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5), "labels": labels}
+    assert batch_work(padded) == (6, 2 * 5 * 5)  # a mask is given: the kernel computes every row whole
+    packed = {"input_ids": torch.zeros(1, 7, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])}
+    assert batch_work(packed) == (7, 6 + 3 + 3)  # per sequence, causal: s(s+1)/2 each; no labels: every slot
 
 
 def test_loop_summary_ignores_the_batch_fetched_ahead_and_the_pre_loop_pass():
@@ -153,15 +162,18 @@ def test_trl_and_spo_train_on_exactly_the_same_tokens(tmp_path: Path):
     from bench.suite import prepare
     from bench.trl_baseline import run_trl
 
-    # 2 pairs per micro-batch x 2 accumulation steps: tokens are counted per micro-batch, steps per update
-    work = dataclasses.replace(TOY.workload, pairs_per_device=2, grad_accum=2)
+    # 2 pairs per micro-batch x 2 accumulation steps: tokens are counted per micro-batch, steps per update;
+    # LoRA on both sides, checkpointing set off on both (TRL's default is on), as in the real-model case
+    work = dataclasses.replace(TOY.workload, pairs_per_device=2, grad_accum=2, lora_r=4, lora_alpha=8.0)
     config = dataclasses.replace(TOY, work_dir=tmp_path, workload=work)
     files = prepare(config)
     trl = run_trl(work, files.model_dir, files.pairs, tmp_path / "trl")
     spo = run_spo(dataclasses.replace(work, loss="spo"), "packed", files.model_dir, files.pairs, tmp_path / "spo")
     assert trl["real_tokens"] == spo["real_tokens"] == files.pair_tokens
     assert trl["steps"] == spo["steps"] == work.steps == 2
-    assert trl["has_reference_model"]
+    assert not trl["has_reference_model"]  # peft model: TRL's reference is the adapter-off policy, as spo's
+    assert trl["gradient_checkpointing"] is False and spo["gradient_checkpointing"] is False
+    assert trl["lora_r"] == spo["lora_r"] == 4
     assert trl["padding_share"] > 0.05
     assert spo["padding_share"] == 0.0
     assert spo["loop_s"] > 0 and trl["loop_s"] > 0
@@ -175,3 +187,27 @@ def test_a_spent_budget_skips_jobs_but_still_returns_results(tmp_path: Path):
     jobs = [Job("never-started", "logp", {"logp": TOY.logp.to_json(), "method": "full"})]
     results = run_rounds(jobs, 1, tmp_path, 1, 60, deadline=time.monotonic() + 1)
     assert results["never-started"][0]["error"].startswith("skipped")
+
+
+def test_executed_flops_count_what_each_engine_runs():
+    from bench.flops import Dims, executed_flops
+
+    dims = Dims(hidden=4, layers=2, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10)
+    # per layer: q 4x4, k 4x2, v 4x2, o 4x4, gate/up 4x8 each, down 8x4 = 16+8+8+16+32+32+32
+    assert dims.linear_params() == 2 * 144
+    run = {"token_slots": 10, "labelled_tokens": 4, "score_entries": 30}
+    linear, attention = 2 * 288 * 10, 4 * 2 * 2 * 2 * 30
+    spo = executed_flops(dims, run, engine="spo", lora_r=None)
+    head = 2 * 4 * 10 * 4  # spo's head runs on the 4 scored tokens only
+    assert spo["forward"] == linear + attention + head
+    assert spo["backward"] == 2 * (linear + attention + head)
+    assert spo["head_recompute"] == head  # the chunked head recomputes its logits in the backward
+    assert spo["reference"] == linear + attention + head
+    assert spo["total"] == 4 * (linear + attention + head) + head
+    trl = executed_flops(dims, run, engine="trl", lora_r=None)
+    assert trl["head_recompute"] == 0 and trl["forward"] == linear + attention + 2 * 4 * 10 * 10  # every slot
+    lora = executed_flops(dims, run, engine="spo", lora_r=1)
+    adapters = 2 * dims.lora_params(1) * 10
+    assert lora["backward"] == linear + 2 * adapters + 2 * attention + head  # frozen base and head: input grads
+    precompute = executed_flops(dims, {**run, "variant": "packed_precompute"}, engine="spo", lora_r=None)
+    assert precompute["reference"] == 0

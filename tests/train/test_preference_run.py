@@ -91,6 +91,7 @@ def test_run_preference_lora_packed_precomputed(tmp_path, monkeypatch):
     counts = info["row_policy"]["train"]["total"]
     assert counts["rows_in"] == 40 and counts["rows_kept"] <= 40
     assert info["layout"]["layout"] == "packed_rows" and info["layout"]["padding_share_packed"] == 0.0
+    assert info["layout"]["attention"] == "sdpa_segments"  # CPU packing attends per sequence
     assert info["layout"]["packed_rows"] < counts["rows_kept"]  # rows hold several pairs
     assert info["reference"] == "precomputed"
     assert info["real_tokens"] > 0 and info["real_tokens_per_second"] > 0

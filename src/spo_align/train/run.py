@@ -90,7 +90,10 @@ def execute(plan: RunPlan, resume_from_checkpoint: str | None, extra_callbacks: 
     stage = stage_function(plan)
     ctx = build_context(plan, resume_from_checkpoint, extra_callbacks)
     logger.info("running %s into %s", stage_name(plan), ctx.output_dir)
-    stage(plan, ctx)
+    from spo_align.train.no_deepspeed import without_deepspeed
+
+    with without_deepspeed(plan.deepspeed_config is not None):
+        stage(plan, ctx)
     return ctx.output_dir
 
 
