@@ -89,10 +89,10 @@ def refusal(step: StageStep, state: StageState) -> str:
 def stage_states(experiment: LoadedExperiment) -> list[tuple[StageStep, StageState]]:
     """Every stage in order, with its state (a preference stage is stale when its seed's SFT stage will train)."""
     states: dict[tuple[int, str], StageState] = {}
-    sft_name = experiment.spec.sft.name
+    sft_name = experiment.spec.sft.name if experiment.spec.sft is not None else None
     out = []
     for step in plan_stages(experiment):
-        if step.name == sft_name:
+        if sft_name is None or step.name == sft_name:  # a `start:` model is an input: a change shows in its recipe
             state = stage_state(step)
         else:
             state = stage_state(step, experiment.seed_dir(step.seed) / sft_name, states[(step.seed, sft_name)])
