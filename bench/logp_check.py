@@ -3,7 +3,7 @@ control and an fp32 reference beside them.
 
 The random-weight bench model is first re-drawn at unit gain (`context_sensitive`): at the default init a
 leak moves log-probs by about one bf16 rounding and no check could see it. Then
-`spo_align.train.packing_check.check_packing` does the comparison: every sequence's summed completion
+`bench.packing_check.check_packing` does the comparison: every sequence's summed completion
 log-prob in the layout the kernel selects (packed_batch for sdpa/flex, packed_single_row with the collator's
 cu_seq_lens for flash_attention_2) against the padded batch, each within its own bound derived from the
 dtype (`packing_check.token_bound_factor`), and the leaking control (positions reset, boundaries withheld)
@@ -98,9 +98,9 @@ def run_logp_check(work: Workload, check: GpuCheck, attention: str, model_dir: P
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bench.packing_check import check_packing
     from spo_align.data.collate import PairCollator, choose_layout
     from spo_align.recipe.resolve import default_pack_length
-    from spo_align.train.packing_check import check_packing
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

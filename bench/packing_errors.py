@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from spo_align.train.packing_check import check_packing
+from bench.packing_check import check_packing
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = ("packed_rows", "packed_batch", "packed_single_row")

@@ -269,8 +269,8 @@ def test_logp_check_model_is_redrawn_so_that_a_leak_stands_above_bf16_rounding(t
 
     from bench.config import TOY_SHAPE, LengthModel
     from bench.logp_check import _features, context_sensitive
+    from bench.packing_check import check_packing
     from bench.pairs import make_pairs, write_jsonl, write_model
-    from spo_align.train.packing_check import check_packing
 
     model_dir = write_model(tmp_path / "model", TOY_SHAPE, seed=3)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -7,14 +7,14 @@ import preference_helpers as h
 import pytest
 import torch
 
-from spo_align.data.collate import PairCollator
-from spo_align.train.packing_check import (
+from bench.packing_check import (
     check_packing,
     compare_sequences,
     logit_scales,
     sequence_bound,
     token_bound_factor,
 )
+from spo_align.data.collate import PairCollator
 
 torch.set_num_threads(1)
 LAYOUTS = ("packed_rows", "packed_batch", "packed_single_row")

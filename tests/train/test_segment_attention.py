@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from spo_align.data.collate import PairCollator
-from spo_align.train.logps import batch_logps, batch_token_counts
-from spo_align.train.segment_attention import SEGMENT_SDPA, segment_bounds, use_segment_attention
+from spo_align.train.logps import (
+    SEGMENT_SDPA,
+    batch_logps,
+    batch_token_counts,
+    segment_bounds,
+    use_segment_attention,
+)
 
 torch.set_num_threads(1)
 ULPS = 1000

@@ -11,7 +11,7 @@ Layouts (`Layout`):
   (a pair is never split), and every row is forwarded on its own, unpadded. Each sequence's
   ``position_ids`` restart at 0 and no attention mask is passed, so transformers derives a per-sequence
   causal mask (sdpa/eager: `masking_utils.find_packed_sequence_indices`). The choice on CPU, where the
-  preference stage switches sdpa to per-sequence attention without a mask (`train/segment_attention`);
+  preference stage switches sdpa to per-sequence attention without a mask (`train/logps`);
   with eager the packed mask is applied densely over a row, so short rows keep the wasted attention small.
   Nothing is padded. (Under ZeRO-3 ranks add one-token filler forwards so they all run as many: `logps`.)
 - ``packed_batch``: rows padded to the longest row and stacked ``[R, L]`` for one forward: the choice for

@@ -96,7 +96,7 @@ def checkpoint_step(folder: Path) -> tuple[int, int | None]:
 
 # The files one rank writes carry its number: the Trainer's `rng_state_{process_index}.pth` and DeepSpeed's
 # `[bf16_]zero_pp_rank_{dp_rank}_mp_rank_XX_{model,optim}_states.pt` (data parallel only: dp rank = global rank),
-# and spo-align's `logging_window_{process_index}.json` (train/log_window.py).
+# and spo-align's `logging_window_{process_index}.json` (train/callbacks.py).
 # Every other file of a checkpoint (weights, trainer state, scheduler, tokenizer, DeepSpeed's `latest` and
 # `mp_rank_00_model_states.pt`) is written by the main process alone.
 RANK_FILE = re.compile(r"(?:^|_)(?:rng_state|zero_pp_rank|logging_window)_(\d+)[._]")

@@ -6,7 +6,7 @@ Every stage (`stages.py`) is handed a `RunContext` (by `run.py`), builds its Tra
 
 A SIGTERM stops training after a checkpoint at the end of the current step (`train/preemption.py`); the
 run is then not finished and `RunStopped` says where to continue from. Each checkpoint carries the steps not yet
-logged (`train/log_window.py`), so the continued run's metrics.jsonl equals an uninterrupted run's.
+logged (`train/callbacks.py`), so the continued run's metrics.jsonl equals an uninterrupted run's.
 
 A run continued from a checkpoint taken at its last step (killed during the final save) does not train:
 the Trainer would take one more step before it checks the step count. `train` then loads the checkpoint
@@ -90,9 +90,9 @@ def train(trainer: Any, ctx: RunContext, *, restore_tokens: bool = False) -> Any
         restore_token_count(trainer, ctx.resume_from_checkpoint)
     checkpoint = ctx.resume_from_checkpoint
     if not reached_the_end(checkpoint):
-        from spo_align.train.log_window import install
+        from spo_align.train.callbacks import install_logging_window
 
-        install(trainer, checkpoint)  # the unlogged steps' sums travel in each checkpoint
+        install_logging_window(trainer, checkpoint)  # the unlogged steps' sums travel in each checkpoint
         return _train_until_done_or_stopped(trainer, ctx, checkpoint)
     step, _ = run_folder.checkpoint_step(checkpoint)  # type: ignore[arg-type]
     logger.info("%s was taken at the last step (%d): finishing the run without training", checkpoint, step)

@@ -135,7 +135,7 @@ class PreferenceTrainer(Trainer):
         """Non-pad tokens of the policy's training forwards on this rank."""
         self._total_train_tokens = 0
         """Real tokens trained by all ranks since the run began, counted at every micro-batch and logged as
-        `num_tokens` like TRL's trainers (a continued run restores it: `log_window`, `callbacks.restore_token_count`)."""
+        `num_tokens` like TRL's trainers (a continued run restores it: `callbacks.LoggingWindow`, `callbacks.restore_token_count`)."""
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._tables: dict[str, torch.Tensor] = {}
         self._keys: dict[str, CacheKey] = {}

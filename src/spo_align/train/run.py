@@ -9,9 +9,12 @@ handed are `finish.py`.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import shlex
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,8 +93,6 @@ def execute(plan: RunPlan, resume_from_checkpoint: str | None, extra_callbacks: 
     stage = stage_function(plan)
     ctx = build_context(plan, resume_from_checkpoint, extra_callbacks)
     logger.info("running %s into %s", stage_name(plan), ctx.output_dir)
-    from spo_align.train.no_deepspeed import without_deepspeed
-
     with without_deepspeed(plan.deepspeed_config is not None):
         stage(plan, ctx)
     return ctx.output_dir
@@ -114,3 +115,40 @@ def run(
             plan, resume=resume, overwrite=overwrite, command=command, accept_data_change=accept_data_change
         )
         return execute(plan, checkpoint, extra_callbacks)
+
+
+# ---------------------------------------------------------------- no DeepSpeed import without a DeepSpeed config
+# Keep DeepSpeed out of runs that do not use it.
+#
+# accelerate's `extract_model_from_parallel` (called by every `Accelerator.unwrap_model`, so by the Trainer's
+# constructor and its saves) runs ``from deepspeed import DeepSpeedEngine`` whenever the package is installed,
+# only to add that class to an `isinstance` check. Importing DeepSpeed costs seconds and memory and prints
+# "Setting accelerator to CPU" to stdout on machines without a GPU. A run without a DeepSpeed config cannot hold a
+# `DeepSpeedEngine`, so for its duration `without_deepspeed` makes that check see DeepSpeed as absent; runs
+# with a DeepSpeed config, and processes that already imported it, are left as they are.
+#
+_PATCHED = (("accelerate.utils.other", "is_deepspeed_available"),)
+"""(module, function name) pairs whose module-level binding decides whether DeepSpeed is imported."""
+
+
+def _absent() -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def without_deepspeed(uses_deepspeed: bool) -> Iterator[None]:
+    """For a run that does not use DeepSpeed (`uses_deepspeed` False), keep accelerate from importing it."""
+    if uses_deepspeed or "deepspeed" in sys.modules:
+        yield
+        return
+    saved = []
+    for module_name, attribute in _PATCHED:
+        module = importlib.import_module(module_name)
+        if hasattr(module, attribute):
+            saved.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, _absent)
+    try:
+        yield
+    finally:
+        for module, attribute, original in saved:
+            setattr(module, attribute, original)

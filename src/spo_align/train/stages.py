@@ -321,8 +321,7 @@ def run_preference(plan: RunPlan, ctx: RunContext) -> None:
         reference = ReferenceSpec(kind="model", model=load_model(plan, plan.reference_model_path, for_training=False))
     ctx.run_info["reference"] = reference.kind
     if layout == "packed_rows" and attention == "sdpa":  # CPU packing: attention per sequence, no row-long mask
-        from spo_align.train.logps import unwrap_causal_lm
-        from spo_align.train.segment_attention import SEGMENT_SDPA, use_segment_attention
+        from spo_align.train.logps import SEGMENT_SDPA, unwrap_causal_lm, use_segment_attention
 
         for loaded in (model, reference.model):
             if loaded is not None:
