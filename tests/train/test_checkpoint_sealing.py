@@ -27,6 +27,29 @@ def test_a_checkpoint_file_is_flushed_by_the_rank_whose_number_it_carries():
     assert file_writer("rng_state_5.pth", 2) == 0  # no such rank: the main process
 
 
+def test_a_file_another_rank_is_still_writing_is_not_rank_0s_to_flush(tmp_path: Path):
+    """Rank 1 writes its logging window durably (a hidden temporary file, then a rename) while rank 0 lists the
+    folder to flush its own files: the temporary file is nobody's checkpoint file, so rank 0 neither sums it (it
+    would be gone by the time it is read: a crash on rank 0 in CI) nor seals it."""
+    from spo_align.run_folder import flush_own_files, seal
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "logging_window_0.json").write_text("{}\n")
+    being_written = folder / f".logging_window_1.json.tmp-{os.getpid()}"
+    being_written.write_text("{")
+    flush_own_files(folder, 0, 2)
+    sums = json.loads((folder / ".spo-sums-0.json").read_text())["checksums"]
+    assert set(sums) == {"model.safetensors", "logging_window_0.json"}
+    being_written.rename(folder / "logging_window_1.json")
+    flush_own_files(folder, 1, 2)
+    seal(folder, files_flushed=True)
+    assert is_sealed(folder)
+    assert set(json.loads((folder / "spo_checkpoint.json").read_text())["files"]) == {
+        "model.safetensors", "logging_window_0.json", "logging_window_1.json"}
+
+
 @pytest.mark.slow
 def test_each_rank_flushes_its_own_files_and_rank_0_seals_after_both(tmp_path: Path):
     with socket.socket() as sock:

@@ -44,12 +44,25 @@ def checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+"""A file `write_durably` is writing (renamed over its target when whole): never part of a checkpoint."""
+
+
 def _files(folder: Path) -> dict[str, int]:
-    return {
-        str(path.relative_to(folder)): path.stat().st_size
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != SEAL and ".spo-sums-" not in path.name  # the sums, or their tmp file
-    }
+    """Each file of checkpoint `folder` and its size, without the seal, the sums and files still being written.
+
+    Ranks list the folder while the other ranks may still write theirs (`flush_own_files`): a temporary file another
+    rank renames away between the listing and its `stat` is skipped, not an error."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.name == SEAL or ".spo-sums-" in path.name or TEMPORARY.match(path.name):
+            continue
+        try:
+            if path.is_file():
+                files[str(path.relative_to(folder))] = path.stat().st_size
+        except FileNotFoundError:
+            continue
+    return files
 
 
 def is_sealed(folder: Path) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from spo_align.run_folder.checkpoints import CHECKPOINT
+from spo_align.run_folder.checkpoints import CHECKPOINT, TEMPORARY
 from spo_align.run_folder.recipe_hash import HASH_FILE
 
 COMPLETE_MARKER = "COMPLETE"
@@ -43,7 +43,7 @@ _TOOL_PATTERNS = (
     CHECKPOINT,
     re.compile(r"^model-\d+-of-\d+\.safetensors$"),
     re.compile(r"^pytorch_model-\d+-of-\d+\.bin$"),
-    re.compile(r"^\..+\.tmp-\d+$"),  # checkpoints.write_durably
+    TEMPORARY,  # checkpoints.write_durably
     re.compile(r"^.+\.tmp$"),  # recipe.load.save_resolved
     re.compile(r"^\.spo-lock(\.dead-.+)?$"),  # run_folder.lock
 )
