@@ -327,15 +327,18 @@ class PreferenceTrainer(Trainer):
         pairs = PairInputs(policy[:b], policy[b:], tokens[:b], tokens[b:], ref_chosen, ref_rejected)
         out = self.pair_loss(pairs)
         loss = out.losses.mean()
+        real_tokens = None
         if split == "train":
-            self.real_tokens += int(inputs["num_real_tokens"])
-            count = torch.tensor([int(inputs["num_real_tokens"])], device=policy.device)
-            self._total_train_tokens += int(self.accelerator.gather(count).sum().item())
-        self._record(split, pairs, out)
+            real_tokens = int(inputs["num_real_tokens"])
+            self.real_tokens += real_tokens
+        self._record(split, pairs, out, real_tokens)
         return (loss, {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards}) if return_outputs else loss
 
-    def _record(self, split: str, pairs: PairInputs, out: PairLoss) -> None:
-        """The step's metrics (`losses.registry.logged_metrics`); both_below_ref only where a reference exists."""
+    def _record(self, split: str, pairs: PairInputs, out: PairLoss, real_tokens: int | None = None) -> None:
+        """The step's metrics (`losses.registry.logged_metrics`); both_below_ref only where a reference exists.
+
+        One gather per micro-batch carries every metric (averaged over the ranks) and, in training, this rank's
+        real tokens (summed over the ranks into `num_tokens`; exact in fp32 below 2**24 tokens per micro-batch)."""
         pc, pr = pairs.policy_chosen.detach(), pairs.policy_rejected.detach()
         values = {
             "rewards/chosen": out.chosen_rewards,
@@ -350,9 +353,13 @@ class PreferenceTrainer(Trainer):
         for name, term in out.terms.items():
             values[name] = term
         names = sorted(values)
-        stacked = torch.stack([values[n].detach().float().mean() for n in names])
-        stacked = self.accelerator.gather(stacked.unsqueeze(0)).mean(dim=0)  # one row per rank, never truncated
-        for name, value in zip(names, stacked.tolist()):
+        row = [values[n].detach().float().mean() for n in names]
+        if real_tokens is not None:
+            row.append(torch.tensor(float(real_tokens), device=row[0].device))
+        rows = self.accelerator.gather(torch.stack(row).unsqueeze(0))  # one row per rank, never truncated
+        if real_tokens is not None:
+            self._total_train_tokens += int(rows[:, -1].sum().round().item())
+        for name, value in zip(names, rows[:, : len(names)].mean(dim=0).tolist()):
             self._metrics[split][name].append(value)
 
     def prediction_step(
