@@ -15,7 +15,8 @@ instead. Here `n_gpu` is at most 1: an in-process run trains on ``cuda:0`` (the 
 several GPUs are used through ``distributed.num_processes`` (one process per GPU).
 
 The classes live at module level so that the ``training_args.bin`` the Trainer pickles into every
-checkpoint loads back.
+checkpoint loads back; the TRL ones are made when first asked for (a module ``__getattr__``, which pickle goes
+through too), so that a preference run, which does not use TRL, does not import it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from transformers import TrainingArguments
-from trl import KTOConfig, SFTConfig
 
 if TYPE_CHECKING:
     from spo_align.recipe.resolve import RunPlan
@@ -157,25 +157,35 @@ class OneDeviceTrainingArguments(_OneDevice, TrainingArguments):
     """`TrainingArguments` for one device per process."""
 
 
-class OneDeviceSFTConfig(_OneDevice, SFTConfig):
-    """TRL's `SFTConfig` for one device per process."""
+_TRL_CONFIGS = {"OneDeviceSFTConfig": "SFTConfig", "OneDeviceKTOConfig": "KTOConfig"}
+"""The one-device variants of TRL's configs, by name: made on first use (`__getattr__`)."""
+
+_ONE_DEVICE: dict[type, type] = {TrainingArguments: OneDeviceTrainingArguments}
 
 
-class OneDeviceKTOConfig(_OneDevice, KTOConfig):
-    """TRL's `KTOConfig` for one device per process."""
+def __getattr__(name: str) -> type:
+    """`OneDeviceSFTConfig` / `OneDeviceKTOConfig`: TRL's config for one device per process, made once."""
+    base_name = _TRL_CONFIGS.get(name)
+    if base_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import trl
 
-
-_ONE_DEVICE: dict[type, type] = {
-    TrainingArguments: OneDeviceTrainingArguments,
-    SFTConfig: OneDeviceSFTConfig,
-    KTOConfig: OneDeviceKTOConfig,
-}
+    base = getattr(trl, base_name)
+    made = type(name, (_OneDevice, base), {
+        "__module__": __name__, "__qualname__": name, "__doc__": f"TRL's `{base_name}` for one device per process.",
+    })
+    globals()[name] = made  # later look-ups find it without coming here
+    _ONE_DEVICE[base] = made
+    return made
 
 
 def one_device_class(cls: type[T]) -> type[T]:
     """The one-device variant of `TrainingArguments` or of a TRL config the stages use."""
     if issubclass(cls, _OneDevice):
         return cls
+    if cls not in _ONE_DEVICE and cls.__module__.split(".")[0] == "trl":
+        for name in _TRL_CONFIGS:
+            globals().get(name) or __getattr__(name)
     try:
         return _ONE_DEVICE[cls]
     except KeyError:

@@ -26,9 +26,8 @@ learns about the run (row-policy counts, sizes, the batch layout, the reference 
 from __future__ import annotations
 
 import logging
+from functools import cache
 from typing import TYPE_CHECKING, Any
-
-from trl import KTOTrainer
 
 from spo_align.data.collate import Layout, LayoutStats, PairCollator, choose_layout, layout_stats
 from spo_align.data.pairs import pair_columns, prepare_pairs
@@ -107,35 +106,51 @@ def is_tokenized(dataset: Any) -> bool:
     return all(c in columns for c in TOKENIZED) and "prompt" not in columns
 
 
-class PretokenizedKTOTrainer(KTOTrainer):
-    """TRL's KTOTrainer, fed examples this project has already tokenized.
+@cache
+def _pretokenized_kto_trainer() -> type:
+    """`PretokenizedKTOTrainer`, made on first use: TRL is imported by the stages that use it, not by preference
+    runs (`__getattr__` below gives it its name here)."""
+    from trl import KTOTrainer
 
-    TRL 1.16 tokenizes KTO examples itself and, where tokens merge across the prompt/completion boundary, moves
-    the prompt's last tokens into the completion (a warning says the model then trains on a context it never
-    sees at inference). Examples here are tokenized by `spo_align.data.tokenize`, the rule every stage shares,
-    so this subclass takes rows that already hold ``prompt_ids``/``completion_ids``/``label`` and runs only the
-    step TRL does after tokenizing: the KL completions, each example's completion rotated by one within its
-    batch of ``per_device_train_batch_size`` (TRL's mismatched pairs for the KL reference point). Rows in any
-    other shape go through TRL's own preparation. `tests/train/test_train_kto.py` checks that both paths give
-    TRL's columns for rows that tokenize the same either way, and fails if TRL changes how it prepares them.
-    """
+    class PretokenizedKTOTrainer(KTOTrainer):
+        """TRL's KTOTrainer, fed examples this project has already tokenized.
 
-    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-        if not is_tokenized(dataset):
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if not getattr(self, "calculate_KL", False):
-            return dataset
+        TRL 1.16 tokenizes KTO examples itself and, where tokens merge across the prompt/completion boundary, moves
+        the prompt's last tokens into the completion (a warning says the model then trains on a context it never
+        sees at inference). Examples here are tokenized by `spo_align.data.tokenize`, the rule every stage shares,
+        so this subclass takes rows that already hold ``prompt_ids``/``completion_ids``/``label`` and runs only the
+        step TRL does after tokenizing: the KL completions, each example's completion rotated by one within its
+        batch of ``per_device_train_batch_size`` (TRL's mismatched pairs for the KL reference point). Rows in any
+        other shape go through TRL's own preparation. `tests/train/test_train_kto.py` checks that both paths give
+        TRL's columns for rows that tokenize the same either way, and fails if TRL changes how it prepares them.
+        """
 
-        def add_kl_completions(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-            completions = batch["completion_ids"]
-            return {"KL_completion_ids": [completions[-1], *completions[:-1]]}
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            if not is_tokenized(dataset):
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if not getattr(self, "calculate_KL", False):
+                return dataset
 
-        return dataset.map(
-            add_kl_completions,
-            batched=True,
-            batch_size=args.per_device_train_batch_size,
-            desc=f"KL completions of the {dataset_name} dataset",
-        )
+            def add_kl_completions(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+                completions = batch["completion_ids"]
+                return {"KL_completion_ids": [completions[-1], *completions[:-1]]}
+
+            return dataset.map(
+                add_kl_completions,
+                batched=True,
+                batch_size=args.per_device_train_batch_size,
+                desc=f"KL completions of the {dataset_name} dataset",
+            )
+
+    PretokenizedKTOTrainer.__module__ = __name__
+    PretokenizedKTOTrainer.__qualname__ = "PretokenizedKTOTrainer"
+    return PretokenizedKTOTrainer
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PretokenizedKTOTrainer":
+        return _pretokenized_kto_trainer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def kto_config_kwargs(plan: RunPlan) -> dict[str, Any]:
@@ -190,7 +205,7 @@ def run_kto(plan: RunPlan, ctx: RunContext) -> None:
         # and no other reference, TRL disables the adapter instead of holding a second copy.
         ref_model = load_model(plan, plan.reference_model_path or plan.model_path, for_training=False)
     with quiet_checkpointing_aliases():  # TRL reads and toggles checkpointing by its deprecated names
-        trainer = PretokenizedKTOTrainer(
+        trainer = _pretokenized_kto_trainer()(
             model=model,
             ref_model=ref_model,
             args=args,
