@@ -16,63 +16,35 @@ recomputes its logits in the backward: one more head forward.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+from spo_align.recipe.model_shapes import ModelShape, shape_from_config
 
 
-@dataclass(frozen=True)
-class Dims:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-    @staticmethod
-    def from_config(config: dict[str, Any]) -> Dims:
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        return Dims(
-            hidden=hidden,
-            layers=int(config["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            intermediate=int(config["intermediate_size"]),
-            vocab=int(config["vocab_size"]),
-        )
-
-    @staticmethod
-    def from_folder(folder: Path) -> Dims:
-        return Dims.from_config(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")))
-
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder layer."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
-
-    def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linear_shapes())
-
-    def lora_params(self, r: int) -> int:
-        return self.layers * sum(r * (a + b) for a, b in self.linear_shapes())
+def model_shape(folder: Path) -> ModelShape:
+    """The shape of the model in `folder` (its config.json), as the recipe's memory estimate reads it."""
+    config = Path(folder) / "config.json"
+    return shape_from_config(json.loads(config.read_text(encoding="utf-8")), str(config))
 
 
-def executed_flops(dims: Dims, run: dict[str, Any], *, engine: str, lora_r: int | None) -> dict[str, float]:
+def _per_token(shape: ModelShape, lora_r: int | None) -> tuple[int, int]:
+    """(weights of the decoder's linear layers, weights of a LoRA adapter of rank `lora_r` on all of them)."""
+    base = shape.num_layers * sum(fan_in * fan_out for fan_in, fan_out in shape.linears().values())
+    return base, shape.lora_params(lora_r, "all-linear") if lora_r else 0
+
+
+def executed_flops(shape: ModelShape, run: dict[str, Any], *, engine: str, lora_r: int | None) -> dict[str, float]:
     """FLOPs of the run's trained batches (`run`: a bench result with token_slots, labelled_tokens and
     score_entries), by term, and their total. A precomputed reference (variant packed_precompute) runs
     before the loop: its forward is not part of the loop's work."""
     slots = float(run["token_slots"])
     head_tokens = slots if engine == "trl" else float(run["labelled_tokens"])
-    base = 2.0 * dims.linear_params() * slots
-    lora = 2.0 * dims.lora_params(lora_r) * slots if lora_r else 0.0
-    attention = 4.0 * dims.layers * dims.heads * dims.head_dim * float(run["score_entries"])
-    head = 2.0 * dims.hidden * dims.vocab * head_tokens
+    linear_weights, adapter_weights = _per_token(shape, lora_r)
+    base = 2.0 * linear_weights * slots
+    lora = 2.0 * adapter_weights * slots
+    attention = 4.0 * shape.num_layers * shape.num_heads * shape.head_dim * float(run["score_entries"])
+    head = 2.0 * shape.hidden_size * shape.vocab_size * head_tokens
     forward = base + lora + attention + head
     grad = 1.0 if lora_r else 2.0  # frozen base and head: input gradients only; trained: input and weight
     backward = grad * base + 2.0 * lora + 2.0 * attention + grad * head

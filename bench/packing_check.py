@@ -270,3 +270,35 @@ def check_packing(
         "problems": problems,
         "logps": {"padded": padded, "packed": packed, "control": control, "tokens": tokens, "logit_scales": scales},
     }
+
+
+# Four short chat pairs whose answers differ in length and wording: the real model's packing check runs on them
+# (tests/train/test_packing_check.py and bench/packing_errors.py), each rendered with the model's own template.
+CHAT_PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris, a city on the Seine.", "France's capital is Lyon."),
+    (
+        "Give me a tip for sleeping better.",
+        "Keep a regular schedule: go to bed and get up at the same time every day, even at weekends.",
+        "Drink coffee before bed.",
+    ),
+    ("Translate 'good morning' into Spanish.", "Buenos días.", "Buenas noches, which is what you say in the evening."),
+    (
+        "Why is the sky blue?",
+        "Air molecules scatter short (blue) wavelengths of sunlight far more than long (red) ones.",
+        "Because it reflects the ocean.",
+    ),
+]
+
+
+def chat_features(tokenizer: Any) -> list[dict[str, Any]]:
+    """`CHAT_PAIRS` tokenized as preference pairs with `tokenizer`'s chat template, in collator features."""
+    from spo_align.data.tokenize import tokenize_pair
+
+    features = []
+    for i, (prompt, chosen, rejected) in enumerate(CHAT_PAIRS):
+        pair = tokenize_pair(tokenizer, [{"role": "user", "content": prompt}], chosen, rejected)
+        features.append(
+            {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
+             "pair_index": i}
+        )
+    return features

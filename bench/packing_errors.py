@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bench.packing_check import check_packing
+from bench.packing_check import chat_features, check_packing
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = ("packed_rows", "packed_batch", "packed_single_row")
@@ -84,19 +84,8 @@ def _unit() -> None:
 def _smollm2(folder: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spo_align.data.tokenize import tokenize_pair
-
-    sys.path.insert(0, str(REPO / "tests" / "train"))
-    from test_packing_check import PAIRS
-
     tok = AutoTokenizer.from_pretrained(folder)
-    features = []
-    for i, (prompt, chosen, rejected) in enumerate(PAIRS):
-        pair = tokenize_pair(tok, [{"role": "user", "content": prompt}], chosen, rejected)
-        features.append(
-            {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
-             "pair_index": i}
-        )
+    features = chat_features(tok)
     for attention in ("sdpa", "eager"):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
         report(f"smollm2 {attention}", model.eval(), features, tok.pad_token_id, 160)

@@ -270,9 +270,9 @@ def build_report(config: BenchConfig, raw: dict[str, Any], command: str) -> dict
     if "preference" in parts:
         dims = None
         if raw.get("model_dir"):
-            from bench.flops import Dims
+            from bench.flops import model_shape
 
-            dims = Dims.from_folder(Path(raw["model_dir"]))
+            dims = model_shape(Path(raw["model_dir"]))
         report["preference"] = summarize_preference(
             parts["preference"]["results"],
             raw["pair_tokens"],

@@ -190,11 +190,12 @@ def test_a_spent_budget_skips_jobs_but_still_returns_results(tmp_path: Path):
 
 
 def test_executed_flops_count_what_each_engine_runs():
-    from bench.flops import Dims, executed_flops
+    from bench.flops import executed_flops
+    from spo_align.recipe.model_shapes import ModelShape
 
-    dims = Dims(hidden=4, layers=2, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10)
-    # per layer: q 4x4, k 4x2, v 4x2, o 4x4, gate/up 4x8 each, down 8x4 = 16+8+8+16+32+32+32
-    assert dims.linear_params() == 2 * 144
+    dims = ModelShape(source="test", model_type="llama", hidden_size=4, num_layers=2, num_heads=2, num_kv_heads=1,
+                      head_dim=2, intermediate_size=8, vocab_size=10, tie_word_embeddings=True)
+    # per layer: q 4x4, k 4x2, v 4x2, o 4x4, gate/up 4x8 each, down 8x4 = 16+8+8+16+32+32+32 = 144 weights
     run = {"token_slots": 10, "labelled_tokens": 4, "score_entries": 30}
     linear, attention = 2 * 288 * 10, 4 * 2 * 2 * 2 * 30
     spo = executed_flops(dims, run, engine="spo", lora_r=None)
@@ -207,7 +208,8 @@ def test_executed_flops_count_what_each_engine_runs():
     trl = executed_flops(dims, run, engine="trl", lora_r=None)
     assert trl["head_recompute"] == 0 and trl["forward"] == linear + attention + 2 * 4 * 10 * 10  # every slot
     lora = executed_flops(dims, run, engine="spo", lora_r=1)
-    adapters = 2 * dims.lora_params(1) * 10
+    per_layer = (4 + 4) + (4 + 2) + (4 + 2) + (4 + 4) + (4 + 8) + (4 + 8) + (8 + 4)  # r 1 x (in + out)
+    adapters = 2 * 2 * per_layer * 10  # 2 FLOPs per weight, 2 layers, 10 token slots
     assert lora["backward"] == linear + 2 * adapters + 2 * attention + head  # frozen base and head: input grads
     precompute = executed_flops(dims, {**run, "variant": "packed_precompute"}, engine="spo", lora_r=None)
     assert precompute["reference"] == 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench.packing_check import (
+    chat_features,
     check_packing,
     compare_sequences,
     logit_scales,
@@ -18,21 +19,6 @@ from spo_align.data.collate import PairCollator
 
 torch.set_num_threads(1)
 LAYOUTS = ("packed_rows", "packed_batch", "packed_single_row")
-
-PAIRS = [
-    ("What is the capital of France?", "The capital of France is Paris, a city on the Seine.", "France's capital is Lyon."),
-    (
-        "Give me a tip for sleeping better.",
-        "Keep a regular schedule: go to bed and get up at the same time every day, even at weekends.",
-        "Drink coffee before bed.",
-    ),
-    ("Translate 'good morning' into Spanish.", "Buenos días.", "Buenas noches, which is what you say in the evening."),
-    (
-        "Why is the sky blue?",
-        "Air molecules scatter short (blue) wavelengths of sunlight far more than long (red) ones.",
-        "Because it reflects the ocean.",
-    ),
-]
 
 
 def test_bound_is_eps_of_the_dtype_times_the_logit_scale_and_the_worst_is_relative_to_it():
@@ -102,16 +88,8 @@ def test_a_control_that_cannot_leak_fails_the_check_loudly(tiny):
 def smollm2(smollm2_folder):
     from transformers import AutoTokenizer
 
-    from spo_align.data.tokenize import tokenize_pair
-
     tok = AutoTokenizer.from_pretrained(smollm2_folder)
-    features = []
-    for i, (prompt, chosen, rejected) in enumerate(PAIRS):
-        pair = tokenize_pair(tok, [{"role": "user", "content": prompt}], chosen, rejected)
-        features.append(
-            {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids,
-             "pair_index": i}
-        )
+    features = chat_features(tok)
     return smollm2_folder, tok, features
 
 
