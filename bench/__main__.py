@@ -4,6 +4,7 @@
                         [--work-dir DIR] [--results-dir DIR] [--budget-s S]
     python -m bench profile RUN [--size real|full|toy]   (one preference run under torch.profiler)
     python -m bench gemm [--threads 2] [--width 256]   (matrix-product rate against row count)
+    python -m bench rows [--repeats 3] [--threads 2]    (real model: rows of one pair vs one row)
     python -m bench env OUT.json         (the machine's facts, for the GPU check)
     python -m bench gpu-report --size gpu --work-dir DIR --results-dir DIR [--command TEXT]
     python -m bench worker SPEC OUT      (internal: one job in a fresh process)
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     gemm = sub.add_parser("gemm", help="matrix-product rate against row count (explains row-by-row costs)")
     gemm.add_argument("--threads", type=int, default=2)
     gemm.add_argument("--width", type=int, default=256)
+    rows = sub.add_parser("rows", help="real model: a micro-batch forwarded as rows of one pair vs one row")
+    rows.add_argument("--repeats", type=int, default=3)
+    rows.add_argument("--threads", type=int, default=2)
     env = sub.add_parser("env", help="write the machine's facts (device, versions) as JSON")
     env.add_argument("out", type=Path)
     report = sub.add_parser("gpu-report", help="write the GPU check's report from its work folder")
@@ -93,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench.gemm import gemm_table
 
         print(gemm_table(args.threads, args.width))
+        return 0
+    if args.command == "rows":
+        from bench.row_split import row_split_table
+
+        print(row_split_table(args.repeats, args.threads))
         return 0
     if args.command == "worker":
         from bench.worker import main as worker_main
