@@ -154,3 +154,31 @@ def test_of_launchers_racing_for_a_dead_holders_folder_exactly_one_wins(tmp_path
     outputs = [proc.communicate(timeout=120)[0].strip() for proc in procs]
     assert sorted(outputs) == ["refused", "refused", "refused", "took"], outputs
     assert not (out / LOCK).exists() and list(out.iterdir()) == []
+
+
+def test_a_launcher_that_judged_a_lock_dead_never_moves_the_live_lock_that_replaced_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The takeover deletes a dead holder's lock only while it is still there; the lock of a live launcher that took
+    the folder meanwhile is never moved, not even for a moment (a lock moved aside and put back left the folder
+    without one, and a third launcher took it beside the live one: two runs in one folder, seen in CI)."""
+    from spo_align.run_folder.lock import FolderLock, _read
+
+    out = tmp_path / "run"
+    path = _write_lock(out, host=socket.gethostname(), pid=_dead_pid(), boot_id=_boot_id(), pid_ns=_pid_namespace())
+    judged_dead = _read(path)
+    assert judged_dead is not None and judged_dead.dead_because(300.0)
+    path.unlink()  # released: a live launcher takes the folder before the late one acts on its judgement
+    with hold(out) as live:
+        inode = path.stat().st_ino
+        moves: list[tuple] = []
+        real_rename, real_unlink = os.rename, os.unlink
+        monkeypatch.setattr(os, "rename", lambda *a, **k: moves.append(a) or real_rename(*a, **k))
+        monkeypatch.setattr(os, "unlink", lambda *a, **k: moves.append(a) or real_unlink(*a, **k))
+        FolderLock(out)._take_over(judged_dead, "its pid no longer runs")
+        monkeypatch.undo()
+        assert [m for m in moves if str(m[0]) == str(path)] == []
+        assert path.stat().st_ino == inode and json.loads(path.read_text())["token"] == live.token
+        with pytest.raises(FolderInUse):  # and the late launcher is refused
+            with hold(out):
+                pass

@@ -45,7 +45,7 @@ _TOOL_PATTERNS = (
     re.compile(r"^pytorch_model-\d+-of-\d+\.bin$"),
     TEMPORARY,  # checkpoints.write_durably
     re.compile(r"^.+\.tmp$"),  # recipe.load.save_resolved
-    re.compile(r"^\.spo-lock(\.dead-.+)?$"),  # run_folder.lock
+    re.compile(r"^\.spo-lock(\.dead-.+)?$"),  # run_folder.lock (.dead-*: a lock moved aside by older versions)
 )
 
 

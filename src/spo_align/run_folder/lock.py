@@ -13,12 +13,17 @@ A second launch is refused with one line naming the holder, unless the holder is
   (pid reused);
 - on any host, its heartbeat is older than `stale_seconds()` (`SPO_LOCK_STALE_S`, default 300 s): a node lost
   with its process, whose pid cannot be asked about.
-A lock taken over is renamed aside first and checked to still be the one judged dead, so two launchers that both
-find a dead holder do not both take the folder.
+A dead holder's lock is judged again and deleted under a kernel lock on the output folder (`flock` on the folder
+itself, released by the kernel if the process dies), and only if it still carries the token judged dead: the
+launchers that found it dead then race for the one `O_EXCL` create, so exactly one takes the folder. (A lock
+moved aside and put back, as before, left a moment without any lock, in which a third launcher took the folder
+beside the first.) Where the filesystem refuses `flock` on a folder (some network filesystems), the takeover runs
+unguarded and a race between launchers that find the same dead holder within milliseconds is not excluded.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -172,25 +177,35 @@ class FolderLock:
             os.close(fd)
         return True
 
-    def _take_over(self, holder: Holder, why: str) -> bool:
-        """Move a dead holder's lock aside, if it is still the one judged dead; True when it was moved."""
-        aside = self.path.with_name(f"{LOCK}.dead-{os.getpid()}-{self.token}")
+    @contextmanager
+    def _takeover_guard(self) -> Iterator[None]:
+        """Exclusive among launchers of this folder while held: `flock` on the folder (see the module)."""
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return True  # gone already: try to create ours
-        moved = _read(aside)
-        if moved is None or moved.body.get("token") != holder.body.get("token"):
-            # another launcher replaced it meanwhile: put that live lock back (never over a newer one)
+            fd = os.open(self.output_dir, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+        try:
             try:
-                os.link(aside, self.path)
-            except OSError:
-                pass
-            aside.unlink(missing_ok=True)
-            return False
-        aside.unlink(missing_ok=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                logger.debug("no flock on %s (%s): taking over unguarded", self.output_dir, reason(exc))
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _take_over(self, holder: Holder, why: str) -> None:
+        """Delete a dead holder's lock if it is still the one judged dead (under the guard: no launcher can replace
+        it meanwhile, since a lock is only created where none is and only deleted by its owner or here)."""
+        with self._takeover_guard():
+            current = _read(self.path)
+            if current is None or current.body.get("token") != holder.body.get("token"):
+                return  # gone, or already replaced by a live launcher: the create decides
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                return
         logger.warning("taking over %s from a run that is gone (%s; %s)", self.output_dir, holder.describe(), why)
-        return True
 
     def acquire(self) -> FolderLock:
         """Take the lock or raise `FolderInUse` (one line: who holds it, since when, what to do)."""
