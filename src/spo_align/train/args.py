@@ -185,7 +185,8 @@ def one_device_class(cls: type[T]) -> type[T]:
         return cls
     if cls not in _ONE_DEVICE and cls.__module__.split(".")[0] == "trl":
         for name in _TRL_CONFIGS:
-            globals().get(name) or __getattr__(name)
+            if name not in globals():
+                __getattr__(name)  # makes the variant and registers it in _ONE_DEVICE
     try:
         return _ONE_DEVICE[cls]
     except KeyError:
