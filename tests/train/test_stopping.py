@@ -78,12 +78,38 @@ def test_spo_waits_for_what_the_launcher_leaves_running(tmp_path: Path):
     assert time.monotonic() - started >= 1.4 and not running(int(pid_file.read_text()))
 
 
-def test_what_outlives_the_launcher_too_long_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_what_outlives_the_launcher_too_long_is_killed_and_gone_when_spo_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setattr(stopping, "LINGER_S", 0.5)
-    pid_file = tmp_path / "child"
+    pid_file = tmp_path / "children"
     started = time.monotonic()
-    run_launcher(["sh", "-c", f'sleep 60 & echo $! > "{pid_file}"; exit 0'], _notice)
-    assert time.monotonic() - started < 10 and not running(int(pid_file.read_text()))
+    run_launcher(["sh", "-c", f'for i in 1 2 3 4 5 6 7 8; do sleep 60 & echo $! >> "{pid_file}"; done; exit 0'], _notice)
+    pids = [int(line) for line in pid_file.read_text().split()]
+    assert len(pids) == 8 and time.monotonic() - started < 20
+    assert [pid for pid in pids if running(pid)] == []  # killed, and their end awaited, not merely signalled
+
+
+def test_waiting_for_killed_processes_ends_when_they_are_gone_or_after_its_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])
+    threading.Timer(0.3, child.kill).start()  # the kill lands while spo already waits
+    stopping._wait_until_gone([child.pid])
+    assert not running(child.pid)
+    child.wait()
+
+    monkeypatch.setattr(stopping, "KILLED_S", 0.3)
+    stubborn = subprocess.Popen(["sleep", "60"])
+    try:
+        with caplog.at_level("WARNING"):
+            stopping._wait_until_gone([stubborn.pid])  # never killed: the wait gives up at its bound
+        assert running(stubborn.pid) and f"[{stubborn.pid}]" in caplog.text
+    finally:
+        stubborn.kill()
+        stubborn.wait()
 
 
 def test_a_missing_launcher_leaves_no_stop_folder_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

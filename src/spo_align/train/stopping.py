@@ -257,8 +257,27 @@ def _wait_for_the_rest(pgid: int, folder: Path) -> None:
             _send(pgid, signal.SIGKILL, group=True)
             for pid in left:
                 _send(pid, signal.SIGKILL)
+            _wait_until_gone(left)
             return
         time.sleep(0.2)
+
+
+KILLED_S = 10.0
+"""How long `spo` waits for SIGKILLed processes to be gone (a kill is delivered when the process is next
+scheduled, and a rank in uninterruptible I/O ends only when that I/O returns)."""
+
+
+def _wait_until_gone(pids: Sequence[int]) -> None:
+    """Return once none of `pids` runs (their memory, a GPU's included, is free again), at most KILLED_S."""
+    deadline = time.monotonic() + KILLED_S
+    while True:
+        left = [pid for pid in pids if running(pid)]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            logger.warning("processes %s of the launch still run %.0f s after SIGKILL", left, KILLED_S)
+            return
+        time.sleep(0.02)
 
 
 def _read_record(path: Path) -> tuple[int, str] | None:
