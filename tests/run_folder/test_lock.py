@@ -134,10 +134,13 @@ from spo_align.run_folder import FolderInUse, hold
 start = float(sys.argv[2])
 while time.time() < start:
     time.sleep(0.001)
+release = Path(sys.argv[3])
 try:
     with hold(Path(sys.argv[1])):
         print("took", flush=True)
-        time.sleep(3)
+        deadline = time.monotonic() + 120
+        while not release.exists() and time.monotonic() < deadline:  # held until every racer has tried
+            time.sleep(0.01)
 except FolderInUse:
     print("refused", flush=True)
 """
@@ -147,11 +150,17 @@ def test_of_launchers_racing_for_a_dead_holders_folder_exactly_one_wins(tmp_path
     out = tmp_path / "run"
     _write_lock(out, host=socket.gethostname(), pid=_dead_pid(), boot_id=_boot_id(), pid_ns=_pid_namespace())
     start = time.time() + 4  # every racer imported and waiting
+    release = tmp_path / "release"
     procs = [
-        subprocess.Popen([sys.executable, "-c", RACER, str(out), str(start)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(out), str(start), str(release)], stdout=subprocess.PIPE, text=True
+        )
         for _ in range(4)
     ]
-    outputs = [proc.communicate(timeout=120)[0].strip() for proc in procs]
+    outputs = [proc.stdout.readline().strip() for proc in procs]  # each racer has tried, the winner still holds
+    release.touch()
+    for proc in procs:
+        proc.communicate(timeout=120)
     assert sorted(outputs) == ["refused", "refused", "refused", "took"], outputs
     assert not (out / LOCK).exists() and list(out.iterdir()) == []
 
