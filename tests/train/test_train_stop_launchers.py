@@ -22,8 +22,11 @@ TESTS = Path(__file__).resolve().parents[1]
 RECIPES = TESTS / "data" / "recipes"
 HOOK = TESTS / "data" / "signal_parent"
 STEPS = 12
-# `spo train` in this process, its pid in the environment, so that rank 0's hook can signal it.
-SPO = "import os, sys; os.environ['SPO_TEST_PARENT_PID'] = str(os.getpid()); sys.argv[0] = 'spo'; " \
+# `spo train` in this process, its pid in the environment, so that rank 0's hook can signal it. A test runner
+# started in the background (no job control) passes SIGINT on as ignored, and `spo` rightly leaves an ignored
+# SIGINT ignored; a terminal's Ctrl-C reaches a process with Python's own handler, which this restores.
+SPO = "import os, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+    "os.environ['SPO_TEST_PARENT_PID'] = str(os.getpid()); sys.argv[0] = 'spo'; " \
     "from spo_align.cli import main; main()"
 
 
