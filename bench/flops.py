@@ -28,7 +28,7 @@ def model_shape(folder: Path) -> ModelShape:
     return shape_from_config(json.loads(config.read_text(encoding="utf-8")), str(config))
 
 
-def _per_token(shape: ModelShape, lora_r: int | None) -> tuple[int, int]:
+def _linear_weights(shape: ModelShape, lora_r: int | None) -> tuple[int, int]:
     """(weights of the decoder's linear layers, weights of a LoRA adapter of rank `lora_r` on all of them)."""
     base = shape.num_layers * sum(fan_in * fan_out for fan_in, fan_out in shape.linears().values())
     return base, shape.lora_params(lora_r, "all-linear") if lora_r else 0
@@ -40,7 +40,7 @@ def executed_flops(shape: ModelShape, run: dict[str, Any], *, engine: str, lora_
     before the loop: its forward is not part of the loop's work."""
     slots = float(run["token_slots"])
     head_tokens = slots if engine == "trl" else float(run["labelled_tokens"])
-    linear_weights, adapter_weights = _per_token(shape, lora_r)
+    linear_weights, adapter_weights = _linear_weights(shape, lora_r)
     base = 2.0 * linear_weights * slots
     lora = 2.0 * adapter_weights * slots
     attention = 4.0 * shape.num_layers * shape.num_heads * shape.head_dim * float(run["score_entries"])
