@@ -31,7 +31,7 @@ def test_killed_run_resumes_with_one_judgment_per_key(
     judge_server: FakeJudgeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(KEY_ENV, judge_server.expected_key)
-    judge_server.delay_s = 0.04
+    judge_server.delay_s = 0.1  # 48 calls two at a time: ~2.4 s, ample for the kill to land midway
     questions = {f"p{i}": f"question {i}" for i in range(8)}
     answers = {m: {p: m * (k + 1) for p in questions} for k, m in enumerate(["x", "y", "z"])}
     gen_dir = write_generations(tmp_path / "gen", answers, questions)
