@@ -48,7 +48,7 @@ class FakeJudgeServer:
     """
 
     expected_key: str
-    slow_s: float = 1.0
+    slow_s: float = 5.0  # far beyond any client timeout the tests set
     delay_s: float = 0.0
     attempts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     verdicts_served: Counter[tuple[str, str, str]] = field(default_factory=Counter)

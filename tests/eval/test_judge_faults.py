@@ -27,7 +27,7 @@ ANSWERS = {
 
 
 def _judge(server: FakeJudgeServer, **overrides: float) -> OpenAIJudge:
-    settings = {"timeout_s": 0.4, "max_attempts": 4, "parse_retries": 1, "backoff_s": 0.01, "backoff_max_s": 0.05}
+    settings = {"timeout_s": 2.0, "max_attempts": 4, "parse_retries": 1, "backoff_s": 0.01, "backoff_max_s": 0.05}
     settings.update(overrides)
     return OpenAIJudge("judge-x", base_url=server.url, api_key_env=KEY_ENV, **settings)  # type: ignore[arg-type]
 
