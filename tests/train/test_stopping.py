@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,8 +96,6 @@ def test_what_outlives_the_launcher_too_long_is_killed_and_gone_when_spo_returns
 def test_waiting_for_killed_processes_ends_when_they_are_gone_or_after_its_bound(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
-    import subprocess
-
     child = subprocess.Popen(["sleep", "60"])
     threading.Timer(0.3, child.kill).start()  # the kill lands while spo already waits
     stopping._wait_until_gone([child.pid])
@@ -122,30 +123,28 @@ def test_a_missing_launcher_leaves_no_stop_folder_behind(tmp_path: Path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
-def _with_sigint(handler):
-    """Run the test body with SIGINT's disposition set to `handler` (restored after)."""
+@contextmanager
+def _sigint(handler) -> Iterator[None]:
+    """SIGINT's disposition set to `handler` while the block runs, restored after."""
     previous = signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, previous)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_ctrl_c_goes_to_the_launch_and_is_raised_once_the_launch_has_ended(tmp_path: Path):
     pid_file = tmp_path / "child"
-    restore = _with_sigint(signal.default_int_handler)
-    try:
-        started = time.monotonic()
-        with pytest.raises(KeyboardInterrupt):  # the launcher's group got the SIGINT: its `sleep 60` ended with it
-            run_launcher(["sh", "-c", f'echo $$ > "{pid_file}"; kill -INT $PPID; exec sleep 60'], _notice)
-        assert time.monotonic() - started < 30 and not running(int(pid_file.read_text()))
-    finally:
-        restore()
+    started = time.monotonic()
+    with _sigint(signal.default_int_handler), pytest.raises(KeyboardInterrupt):
+        # the launcher's group got the SIGINT: its `sleep 60` ended with it
+        run_launcher(["sh", "-c", f'echo $$ > "{pid_file}"; kill -INT $PPID; exec sleep 60'], _notice)
+    assert time.monotonic() - started < 30 and not running(int(pid_file.read_text()))
 
 
 def test_a_sigint_ignored_by_whoever_started_spo_stays_ignored(tmp_path: Path):
     """`nohup`, or a background job of a shell without job control: no Ctrl-C is meant for this run."""
-    restore = _with_sigint(signal.SIG_IGN)
-    try:
+    with _sigint(signal.SIG_IGN):
         outcome = run_launcher(["sh", "-c", "kill -INT $PPID; sleep 0.5; exit 3"], _notice)
         assert outcome.returncode == 3 and not outcome.told_to_stop
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        restore()

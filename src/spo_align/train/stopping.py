@@ -243,23 +243,26 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def _left_after(find: Callable[[], list[int]], seconds: float, poll_s: float) -> list[int]:
+    """Poll `find` (the pids still running) until it finds none or `seconds` have passed; what is left then."""
+    deadline = time.monotonic() + seconds
+    while (left := find()) and time.monotonic() <= deadline:
+        time.sleep(poll_s)
+    return left
+
+
 def _wait_for_the_rest(pgid: int, folder: Path) -> None:
     """After the launcher's own exit, wait for whatever it started (its node launcher, ranks in its group, ranks
     in sessions of their own) to end, at most LINGER_S, then SIGKILL what is left: a launcher that exits before its
     ranks (DeepSpeed's runner on a SIGINT) must not leave them running."""
-    deadline = time.monotonic() + LINGER_S
-    while True:
-        left = sorted(set(_group_members(pgid)) | set(ready_ranks(folder)))
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            logger.warning("processes %s of the launch still run %.0f s after the launcher ended: killing them", left, LINGER_S)
-            _send(pgid, signal.SIGKILL, group=True)
-            for pid in left:
-                _send(pid, signal.SIGKILL)
-            _wait_until_gone(left)
-            return
-        time.sleep(0.2)
+    left = _left_after(lambda: sorted(set(_group_members(pgid)) | set(ready_ranks(folder))), LINGER_S, 0.2)
+    if not left:
+        return
+    logger.warning("processes %s of the launch still run %.0f s after the launcher ended: killing them", left, LINGER_S)
+    _send(pgid, signal.SIGKILL, group=True)
+    for pid in left:
+        _send(pid, signal.SIGKILL)
+    _wait_until_gone(left)
 
 
 KILLED_S = 10.0
@@ -269,15 +272,9 @@ scheduled, and a rank in uninterruptible I/O ends only when that I/O returns).""
 
 def _wait_until_gone(pids: Sequence[int]) -> None:
     """Return once none of `pids` runs (their memory, a GPU's included, is free again), at most KILLED_S."""
-    deadline = time.monotonic() + KILLED_S
-    while True:
-        left = [pid for pid in pids if running(pid)]
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            logger.warning("processes %s of the launch still run %.0f s after SIGKILL", left, KILLED_S)
-            return
-        time.sleep(0.02)
+    left = _left_after(lambda: [pid for pid in pids if running(pid)], KILLED_S, 0.02)
+    if left:
+        logger.warning("processes %s of the launch still run %.0f s after SIGKILL", left, KILLED_S)
 
 
 def _read_record(path: Path) -> tuple[int, str] | None:
